@@ -1,0 +1,69 @@
+"""A linear layer that adds the step's LoRA deltas to one or several fused projections."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loramux.kernels import LoraBackend, LoraPlan
+
+
+class LoraLinear(nn.Module):
+    """y = x @ W.T (+ b) + the LoRA deltas the plan assigns to each token.
+
+    `sub_names` / `sub_sizes` describe the projections fused into W along its
+    output dimension (q, k, v or gate, up; one name for o_proj and down_proj).
+    Slot tensors, allocated by `allocate_slots`:
+      lora_a: [S, n_sub * r_max, d_in]  the sub-projections' A matrices stacked,
+              so one shrink serves the whole fused projection
+      lora_b: n_sub tensors [S, d_out_i, r_max]
+    An adapter that does not target a sub-projection leaves zeros there.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 sub_names: tuple[str, ...], sub_sizes: tuple[int, ...], backend: LoraBackend):
+        super().__init__()
+        assert sum(sub_sizes) == weight.shape[0], (sub_names, sub_sizes, weight.shape)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.sub_names = sub_names
+        self.sub_sizes = sub_sizes
+        self.sub_offsets = tuple(sum(sub_sizes[:i]) for i in range(len(sub_sizes)))
+        self.backend = backend
+        self.r_max = 0
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: list[torch.Tensor] = []
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def allocate_slots(self, num_slots: int, r_max: int) -> None:
+        w = self.weight
+        self.r_max = r_max
+        self.lora_a = torch.zeros(num_slots, len(self.sub_names) * r_max, w.shape[1], dtype=w.dtype, device=w.device)
+        self.lora_b = [torch.zeros(num_slots, size, r_max, dtype=w.dtype, device=w.device) for size in self.sub_sizes]
+
+    def set_slot(self, slot: int, sub_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Write one sub-projection's A [r, d_in] and B [d_out, r] into `slot` (zero-padded to r_max)."""
+        i = self.sub_names.index(sub_name)
+        rank = a.shape[0]
+        block = self.lora_a[slot, i * self.r_max:(i + 1) * self.r_max]
+        block.zero_()
+        block[:rank].copy_(a)
+        self.lora_b[i][slot].zero_()
+        self.lora_b[i][slot, :, :rank].copy_(b)
+
+    def reset_slot(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        for b in self.lora_b:
+            b[slot].zero_()
+
+    def forward(self, x: torch.Tensor, plan: LoraPlan) -> torch.Tensor:
+        """x: [T, d_in] -> y: [T, d_out_total]."""
+        y = nn.functional.linear(x, self.weight, self.bias)
+        for layer in plan.layers:
+            h = self.backend.shrink(x, self.lora_a, layer)
+            for i, lora_b in enumerate(self.lora_b):
+                self.backend.expand(y, lora_b, h, layer, h_offset=i * self.r_max, y_offset=self.sub_offsets[i])
+        return y

@@ -1,0 +1,38 @@
+"""LoRA kernels: `lora_shrink` / `lora_expand` behind one backend chosen at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from loramux.kernels import torch_ref
+from loramux.kernels.plan import EMPTY_PLAN, LoraPlan, LoraPlanLayer, build_lora_plan
+
+
+@dataclass(frozen=True)
+class LoraBackend:
+    name: str
+    shrink: Callable[..., torch.Tensor]
+    expand: Callable[..., None]
+
+
+TORCH_BACKEND = LoraBackend("torch", torch_ref.lora_shrink, torch_ref.lora_expand)
+
+
+def select_lora_backend(requested: str, device: torch.device) -> LoraBackend:
+    """Pick the backend once: Triton on CUDA (when installed), torch otherwise."""
+    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
+        return TORCH_BACKEND
+    try:
+        from loramux.kernels import triton_lora
+    except ImportError as exc:
+        if requested == "triton":
+            raise ValueError(f"--lora-backend triton needs the triton package: {exc}") from exc
+        return TORCH_BACKEND
+    return LoraBackend("triton", triton_lora.lora_shrink, triton_lora.lora_expand)
+
+
+__all__ = ["EMPTY_PLAN", "LoraBackend", "LoraPlan", "LoraPlanLayer", "TORCH_BACKEND",
+           "build_lora_plan", "select_lora_backend"]
