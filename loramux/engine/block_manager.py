@@ -27,6 +27,7 @@ class BlockManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.block_key: list[BlockKey | None] = [None] * num_blocks
         self.cached: dict[BlockKey, int] = {}
+        self.prefix_hit_tokens = 0  # tokens served from the prefix cache, for metrics
 
     @property
     def num_free(self) -> int:
@@ -76,6 +77,7 @@ class BlockManager:
             self._share(block)
             seq.block_table.append(block)
             seq.block_keys.append(key)
+        self.prefix_hit_tokens += len(seq.block_table) * self.block_size
         return len(seq.block_table) * self.block_size
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:

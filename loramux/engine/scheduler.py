@@ -29,11 +29,7 @@ from loramux.engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
-
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the sequence, so its next token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+    samples: bool  # this step reaches the end of the sequence, so its next token is sampled
 
 
 @dataclass
@@ -115,7 +111,7 @@ class Scheduler:
 
         def take(seq: Sequence, n: int, into: list[ScheduledSeq]) -> None:
             nonlocal budget
-            into.append(ScheduledSeq(seq, n))
+            into.append(ScheduledSeq(seq, n, samples=seq.num_computed_tokens + n == len(seq)))
             scheduled.add(seq.seq_id)
             adapters.update(seq.adapter_names)
             budget -= n

@@ -1,0 +1,73 @@
+"""Adapter-popularity patterns and a per-token float32 loop: the ground truth for LoRA ops."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from loramux.kernels import build_lora_plan
+
+POPULARITY = ("all_distinct", "uniform", "zipf", "all_same", "one_dominant", "with_base_tokens")
+
+
+def random_runs(pattern: str, num_tokens: int, num_slots: int, ranks: list[int], depth: int, run_len: int,
+                seed: int):
+    """Runs of `run_len` tokens (1 = decode) with slots drawn by `pattern`; K = `depth` assignments each."""
+    rng = random.Random(seed)
+    weights = {
+        "all_distinct": None, "uniform": [1.0] * num_slots, "zipf": [1 / (i + 1) for i in range(num_slots)],
+        "all_same": [1.0] + [0.0] * (num_slots - 1), "one_dominant": [20.0] + [1.0] * (num_slots - 1),
+        "with_base_tokens": [1.0] * num_slots,
+    }[pattern]
+    runs, start, counter = [], 0, 0
+    while start < num_tokens:
+        count = min(run_len, num_tokens - start)
+        if pattern == "with_base_tokens" and rng.random() < 0.3:
+            start += count
+            continue
+        slots = []
+        for _ in range(depth):
+            if weights is None:
+                slot = counter % num_slots
+                counter += 1
+            else:
+                slot = rng.choices(range(num_slots), weights)[0]
+            if slot not in slots:
+                slots.append(slot)
+        assignments = []
+        for slot in slots:
+            lo = rng.randrange(0, ranks[slot] // 2) if rng.random() < 0.3 else 0
+            hi = rng.randrange(lo + 1, ranks[slot] + 1) if rng.random() < 0.3 else ranks[slot]
+            assignments.append((slot, rng.uniform(0.2, 1.0), lo, hi))
+        runs.append((start, count, assignments))
+        start += count
+    return runs
+
+
+def random_pool(num_slots: int, ranks: list[int], r_max: int, d_in: int, d_out: int, seed: int):
+    """Stacked A [S, r_max, d_in], B [S, d_out, r_max] zero-padded above each slot's rank, and scales [S]."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.zeros(num_slots, r_max, d_in)
+    b = torch.zeros(num_slots, d_out, r_max)
+    for s, r in enumerate(ranks):
+        a[s, :r] = torch.randn(r, d_in, generator=g) / d_in ** 0.5
+        b[s, :, :r] = torch.randn(d_out, r, generator=g) / r ** 0.5
+    scales = torch.rand(num_slots, generator=g) + 0.5
+    return a, b, scales
+
+
+def loop_reference(x, a, b, scales, runs, y_offset=0, d_total=None):
+    """y[t, off:off+d_out] = sum_k w * scale * B[s][:, lo:hi] @ (A[s][lo:hi] @ x[t]), one token at a time, float32."""
+    d_out = b.shape[1]
+    y = torch.zeros(x.shape[0], d_total or d_out, dtype=torch.float32)
+    for start, count, assignments in runs:
+        for t in range(start, start + count):
+            for slot, w, lo, hi in assignments:
+                delta = b[slot, :, lo:hi].float() @ (a[slot, lo:hi].float() @ x[t].float())
+                y[t, y_offset:y_offset + d_out] += w * float(scales[slot]) * delta
+    return y
+
+
+def plan_for(runs, scales, r_max, device="cpu"):
+    return build_lora_plan(runs, scales, r_max, device)
