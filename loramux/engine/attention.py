@@ -16,15 +16,18 @@ import torch.nn.functional as F
 
 @dataclass
 class PrefillSpan:
-    """One sequence's chunk of new tokens: rows [start, start + length) of the batch.
+    """Prefill chunks of `num_seqs` sequences, each `length` new tokens, in consecutive batch rows from `start`.
 
-    gather_idx: [ctx] cache slots of the sequence's whole context (cached + new)
+    gather_idx: [ctx] cache slots of the sequence's whole context (cached + new),
+      for a single sequence with cached context; None when the chunks start at
+      position 0, so their own K/V are the whole context (batched, no gather).
     mask: [length, ctx] bool (True = attend), or None for plain causal attention
     """
 
     start: int
     length: int
-    gather_idx: torch.Tensor
+    num_seqs: int
+    gather_idx: torch.Tensor | None
     mask: torch.Tensor | None
 
 
@@ -81,11 +84,16 @@ def paged_attention(
             q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=gqa
         ).squeeze(2)
     for span in meta.prefills:
-        rows = slice(span.start, span.start + span.length)
-        keys = k_cache[span.gather_idx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-        values = v_cache[span.gather_idx].transpose(0, 1).unsqueeze(0)
-        out[rows] = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1).unsqueeze(0), keys, values,
-            attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=gqa,
-        )[0].transpose(0, 1)
+        rows = slice(span.start, span.start + span.length * span.num_seqs)
+
+        def heads_first(t: torch.Tensor) -> torch.Tensor:  # [B * L, H, D] -> [B, H, L, D]
+            return t.view(span.num_seqs, -1, *t.shape[1:]).transpose(1, 2)
+
+        if span.gather_idx is None:
+            keys, values = heads_first(k[rows]), heads_first(v[rows])
+        else:
+            keys, values = heads_first(k_cache[span.gather_idx]), heads_first(v_cache[span.gather_idx])
+        attended = F.scaled_dot_product_attention(
+            heads_first(q[rows]), keys, values, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=gqa)
+        out[rows] = attended.transpose(1, 2).reshape(-1, *q.shape[1:])
     return out

@@ -76,6 +76,7 @@ class Engine:
         checkpoint = load_checkpoint(config.model.model, config.model.cache_dir)
         self.model_id = config.model.served_model_name or checkpoint.model_id
         self.tokenizer = checkpoint.tokenizer
+        self.checkpoint_folder = checkpoint.folder
         hf_config = checkpoint.config
         self.lora_backend = select_lora_backend(config.store.lora_backend, self.device)
         model_max = config.model.max_model_len or hf_config.max_position_embeddings
@@ -197,6 +198,9 @@ class Engine:
                 self.scheduler.finish(seq, "abort")
             self._detokenizers.pop(seq.seq_id, None)
 
+    def is_request_active(self, request_id: str) -> bool:
+        return request_id in self._sequences
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
@@ -236,12 +240,21 @@ class Engine:
         row = num_decode
         for i, item in enumerate(plan.prefill, start=num_decode):
             start, n = item.seq.num_computed_tokens, item.num_new_tokens
-            key_pos = torch.arange(start + n)
-            mask = None
-            if start > 0 or (window is not None and start + n > window):
-                mask = window_mask(pos[row:row + n, None], key_pos[None, :], window)
-                mask = mask.to(self.device)
-            prefills.append(PrefillSpan(row, n, context_slots(tables[i], key_pos, bs).to(self.device), mask))
+            if start == 0:
+                # A chunk from position 0 attends only to itself: batch it with the previous one if same length.
+                last = prefills[-1] if prefills else None
+                if last is not None and last.gather_idx is None and last.length == n:
+                    last.num_seqs += 1
+                else:
+                    mask = None
+                    if window is not None and n > window:
+                        key_pos = torch.arange(n)
+                        mask = window_mask(key_pos[:, None], key_pos[None, :], window).to(self.device)
+                    prefills.append(PrefillSpan(row, n, 1, None, mask))
+            else:
+                key_pos = torch.arange(start + n)
+                mask = window_mask(pos[row:row + n, None], key_pos[None, :], window).to(self.device)
+                prefills.append(PrefillSpan(row, n, 1, context_slots(tables[i], key_pos, bs).to(self.device), mask))
             row += n
 
         attention = AttentionMetadata(

@@ -29,7 +29,8 @@ DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 @dataclass
 class Checkpoint:
     model_id: str
-    path: Path
+    path: Path  # what the user named (a GGUF file or an HF folder)
+    folder: Path  # the HF folder the weights were read from (a converted GGUF's cache folder)
     config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     weights: dict[str, torch.Tensor]  # Hugging Face tensor names
@@ -121,4 +122,4 @@ def load_checkpoint(model: str | None, cache_dir: str | Path | None = None) -> C
     tokenizer = AutoTokenizer.from_pretrained(folder)
     weights = _read_hf_folder_weights(folder)
     logger.info("loaded %s from %s (%s)", model_id, path, config.model_type)
-    return Checkpoint(model_id=model_id, path=path, config=config, tokenizer=tokenizer, weights=weights)
+    return Checkpoint(model_id=model_id, path=path, folder=folder, config=config, tokenizer=tokenizer, weights=weights)

@@ -8,27 +8,34 @@ For a step with `T` tokens every token has up to `K` assignments
 The plan stores the k-th assignment of every token in its own `LoraPlanLayer`
 so that, inside one layer, a token appears at most once: the expand kernels
 then scatter into `y` without atomics, and the K layers are applied one after
-the other. Inside a layer the assignments are sorted by slot into segments.
+the other. Inside a layer the rows are sorted by slot; each segment is a run
+of consecutive tokens with the same slot (a prefill chunk, or one decode token).
+
+The plan also says which formulation suits the layer (`mode`):
+- "segments": one dense GEMM per segment (SGMV); long segments (prefill).
+- "slots": one batched GEMM over a contiguous range of pool slots, reading the
+  slot tensors in place; rows are packed per slot and padded to the busiest
+  slot's count. Decode where most slots in the range are in use.
+- "gather": gather each row's A/B and run one batched GEMV (BGMV); decode
+  with scattered slots or very uneven popularity.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-# A layer whose segments average at least this many tokens runs the segmented
-# (SGMV) formulation; shorter segments (decode) run the gathered (BGMV) one.
-# Measured on the CPU with loadtest/bench_lora_ops.py: gathering beats a Python
-# loop over segments until segments are about this long.
-SEGMENTED_MIN_AVG_TOKENS = 8
+# Thresholds measured on the CPU with loadtest/bench_lora_ops.py (see docs/benchmarks.md).
+SEGMENTED_MIN_AVG_TOKENS = 8  # below this a Python loop over segments costs more than gathering
+SLOTS_MAX_PADDING = 16  # "slots" may compute at most this many padded rows per real row
 
 
 @dataclass(frozen=True)
 class LoraPlanLayer:
     """One assignment per token at most; rows sorted by slot.
 
-    Tensors (N = number of assignments in this layer, S = segments):
+    Tensors (N = rows in this layer, S = segments):
       token_idx:  [N] int64    row of x / y the assignment reads and writes
       slot_idx:   [N] int64    slot of the adapter in the pool
       coeff:      [N] float32  weight * scale[slot]
@@ -37,7 +44,10 @@ class LoraPlanLayer:
       rank_coeff: [N, r_max]   coeff where lo <= j < hi, else 0 (the torch path's mask)
       seg_starts: [S + 1] int64  segment boundaries into the N rows
       seg_slots:  [S] int64      slot of each segment
-    `segments` repeats (slot, start, end) as Python ints for host-side loops.
+    `segments` repeats (slot, first row, end row, first token) as Python ints.
+    For mode "slots": slots slot_range[0]..slot_range[1]-1 are computed as a
+    batch of `slot_rows` [num_slots_in_range, m] row indices (N = padding),
+    and `packed_pos` [N] gives each row's place in that packed layout.
     """
 
     token_idx: torch.Tensor
@@ -48,8 +58,11 @@ class LoraPlanLayer:
     rank_coeff: torch.Tensor
     seg_starts: torch.Tensor
     seg_slots: torch.Tensor
-    segments: tuple[tuple[int, int, int], ...]
-    use_segments: bool
+    segments: tuple[tuple[int, int, int, int], ...]
+    mode: str
+    slot_range: tuple[int, int] = (0, 0)
+    slot_rows: torch.Tensor | None = None
+    packed_pos: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -69,8 +82,24 @@ class LoraPlan:
 
 EMPTY_PLAN = LoraPlan(layers=())
 
-
 Assignment = tuple[int, float, int, int]  # (slot, weight, rank_lo, rank_hi)
+
+
+def _slot_packing(slot_idx: torch.Tensor, max_padding: float = SLOTS_MAX_PADDING
+                  ) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None:
+    """Pack rows (sorted by slot) per slot for the "slots" mode, or None when padding would cost too much."""
+    lo, hi = int(slot_idx[0]), int(slot_idx[-1]) + 1
+    counts = torch.bincount(slot_idx - lo, minlength=hi - lo)
+    m = int(counts.max())
+    n = slot_idx.shape[0]
+    if (hi - lo) * m > max_padding * n:
+        return None
+    first_row = torch.cumsum(counts, 0) - counts
+    within = torch.arange(n) - first_row[slot_idx - lo]
+    packed_pos = (slot_idx - lo) * m + within
+    slot_rows = torch.full(((hi - lo) * m,), n, dtype=torch.int64)
+    slot_rows[packed_pos] = torch.arange(n)
+    return (lo, hi), slot_rows.view(hi - lo, m), packed_pos
 
 
 def build_lora_plan(
@@ -81,14 +110,14 @@ def build_lora_plan(
 ) -> LoraPlan:
     """Build the plan from runs of consecutive tokens that share their assignments.
 
-    runs: (first row, number of rows, [(slot, weight, rank_lo, rank_hi), ...]);
+    runs: (first token row, number of rows, [(slot, weight, rank_lo, rank_hi), ...]);
     rows not covered by any run, or with an empty list, use the base model alone.
     slot_scales: [num_slots] alpha/rank (or alpha/sqrt(rank)) of each slot's adapter.
     """
     depth = max((len(a) for _, _, a in runs), default=0)
     layers = []
     for k in range(depth):
-        # Stable sort by slot keeps each slot's rows in batch order: one segment per slot.
+        # A stable sort by slot keeps each slot's runs in batch order.
         chosen = sorted(((a[k], start, count) for start, count, a in runs if len(a) > k), key=lambda c: c[0][0])
         counts = torch.tensor([c for _, _, c in chosen], dtype=torch.int64)
         token_idx = torch.cat([torch.arange(start, start + count) for _, start, count in chosen])
@@ -104,12 +133,15 @@ def build_lora_plan(
         in_range = (ranks[None, :] >= lo[:, None]) & (ranks[None, :] < hi[:, None])
         segments = []
         row = 0
-        for (slot, *_), _, count in chosen:
-            if segments and segments[-1][0] == slot:
-                segments[-1] = (slot, segments[-1][1], row + count)
-            else:
-                segments.append((slot, row, row + count))
+        for (slot, *_), start, count in chosen:
+            segments.append((slot, row, row + count, start))
             row += count
+        packing = None
+        if row >= SEGMENTED_MIN_AVG_TOKENS * len(segments):
+            mode = "segments"
+        else:
+            packing = _slot_packing(slot_idx)
+            mode = "gather" if packing is None else "slots"
         layers.append(LoraPlanLayer(
             token_idx=token_idx.to(device),
             slot_idx=slot_idx.to(device),
@@ -120,6 +152,19 @@ def build_lora_plan(
             seg_starts=torch.tensor([s[1] for s in segments] + [row], dtype=torch.int64, device=device),
             seg_slots=torch.tensor([s[0] for s in segments], dtype=torch.int64, device=device),
             segments=tuple(segments),
-            use_segments=row >= SEGMENTED_MIN_AVG_TOKENS * len(segments),
+            mode=mode,
+            slot_range=packing[0] if packing else (0, 0),
+            slot_rows=packing[1].to(device) if packing else None,
+            packed_pos=packing[2].to(device) if packing else None,
         ))
     return LoraPlan(layers=tuple(layers))
+
+
+def with_mode(layer: LoraPlanLayer, mode: str) -> LoraPlanLayer:
+    """The same layer run with another formulation (for tests and benchmarks)."""
+    if mode != "slots":
+        return replace(layer, mode=mode)
+    (lo, hi), slot_rows, packed_pos = _slot_packing(layer.slot_idx.cpu(), max_padding=float("inf"))
+    device = layer.slot_idx.device
+    return replace(layer, mode=mode, slot_range=(lo, hi), slot_rows=slot_rows.to(device),
+                   packed_pos=packed_pos.to(device))

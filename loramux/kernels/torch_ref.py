@@ -1,10 +1,7 @@
 """Pure-torch LoRA shrink/expand: the reference backend and the CPU backend.
 
-Two formulations of the same math, picked by the plan layer:
-- gathered (BGMV-like): gather every row's A/B matrix and run one `bmm`;
-  best when segments are short (decode), where a Python loop would dominate.
-- segmented (SGMV-like): one dense matmul per (slot, token run); best for
-  prefill, where gathering per-token weight copies would cost T * r * d memory.
+Three formulations of the same math; the plan layer's `mode` picks one
+(see `loramux.kernels.plan` for when each wins).
 """
 
 from __future__ import annotations
@@ -14,19 +11,28 @@ import torch
 from loramux.kernels.plan import LoraPlanLayer
 
 
+def _packed_rows(rows: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:
+    """[N, d] rows -> [num_slots_in_range, m, d], zero where a slot has fewer rows."""
+    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    return padded[layer.slot_rows]
+
+
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:
     """Semantics: h[n] = A[slot[n]] @ x[token[n]] for every row n of the plan layer.
 
     x: [T, d_in]; lora_a: [S, R, d_in] (R = r_max, or several r_max blocks
     stacked for fused projections); returns h: [N, R] in x's dtype.
     """
-    if layer.use_segments:
+    if layer.mode == "segments":
         h = x.new_empty(layer.num_rows, lora_a.shape[1])
-        for slot, start, end in layer.segments:
-            h[start:end] = x[layer.token_idx[start:end]] @ lora_a[slot].T
+        for slot, start, end, token in layer.segments:
+            torch.matmul(x[token:token + end - start], lora_a[slot].T, out=h[start:end])
         return h
-    x_rows = x[layer.token_idx].unsqueeze(2)  # [N, d_in, 1]
-    return torch.bmm(lora_a[layer.slot_idx], x_rows).squeeze(2)
+    if layer.mode == "slots":
+        lo, hi = layer.slot_range
+        packed = torch.bmm(_packed_rows(x[layer.token_idx], layer), lora_a[lo:hi].transpose(1, 2))
+        return packed.reshape(-1, lora_a.shape[1])[layer.packed_pos]
+    return torch.bmm(lora_a[layer.slot_idx], x[layer.token_idx].unsqueeze(2)).squeeze(2)
 
 
 def lora_expand(
@@ -42,13 +48,17 @@ def lora_expand(
     y: [T, d_total] (updated in place); lora_b: [S, d_out, r_max];
     h: [N, R] from `lora_shrink`; coeff, lo and hi come from the plan layer.
     """
-    r_max = lora_b.shape[2]
-    d_out = lora_b.shape[1]
+    d_out, r_max = lora_b.shape[1], lora_b.shape[2]
+    y_cols = y[:, y_offset:y_offset + d_out]
     h_scaled = (h[:, h_offset:h_offset + r_max] * layer.rank_coeff).to(y.dtype)
-    if layer.use_segments:
-        delta = y.new_empty(layer.num_rows, d_out)
-        for slot, start, end in layer.segments:
-            delta[start:end] = h_scaled[start:end] @ lora_b[slot].T
+    if layer.mode == "segments":
+        for slot, start, end, token in layer.segments:
+            y_cols[token:token + end - start].addmm_(h_scaled[start:end], lora_b[slot].T)
+        return
+    if layer.mode == "slots":
+        lo, hi = layer.slot_range
+        packed = torch.bmm(_packed_rows(h_scaled, layer), lora_b[lo:hi].transpose(1, 2))
+        delta = packed.reshape(-1, d_out)[layer.packed_pos]
     else:
         delta = torch.bmm(lora_b[layer.slot_idx], h_scaled.unsqueeze(2)).squeeze(2)
-    y[:, y_offset:y_offset + d_out].index_add_(0, layer.token_idx, delta)
+    y_cols.index_add_(0, layer.token_idx, delta)

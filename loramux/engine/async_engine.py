@@ -1,0 +1,129 @@
+"""An asyncio front for the engine: one background thread runs the step loop.
+
+The engine is not thread-safe, so every call that touches it (adding,
+aborting, adapter changes) is queued as a command and run by the loop thread
+between steps; results come back through futures and per-request queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from typing import AsyncIterator, Callable, TypeVar
+
+from loramux.engine.engine import Engine, RequestOutput
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; in-flight requests were aborted."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ public API
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run fn(engine) on the engine thread between steps and return its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    async def generate(self, request_id: str, prompt, sampling, lora_mix=()) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iterator early aborts the request."""
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+
+        def add(engine: Engine) -> None:
+            engine.add_request(request_id, prompt, sampling, lora_mix)
+            self._streams[request_id] = (loop, stream)
+
+        await self.call(add)
+        remaining = sampling.n
+        try:
+            while remaining:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    raise item
+                remaining -= item.finished
+                yield item
+        finally:
+            if remaining:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        def run(engine: Engine) -> None:
+            self._streams.pop(request_id, None)
+            engine.abort(request_id)
+
+        self._commands.put((run, None))
+        self._wake.set()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort what is in flight and stop the loop thread."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # --------------------------------------------------------- engine thread
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn(self.engine)
+            except Exception as exc:  # reported to the caller, the loop goes on
+                if future is not None:
+                    future.set_exception(exc)
+                continue
+            if future is not None:
+                future.set_result(result)
+
+    def _deliver(self, request_id: str, item) -> None:
+        loop, stream = self._streams[request_id]
+        loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._run_commands()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:
+                logger.exception("engine step failed; aborting in-flight requests")
+                self._fail_all(EngineDeadError("the engine failed while running this request"))
+                continue
+            for out in outputs:
+                if out.request_id in self._streams:
+                    self._deliver(out.request_id, out)
+                    if out.finished and not self.engine.is_request_active(out.request_id):
+                        del self._streams[out.request_id]
+        self._fail_all(EngineDeadError("the server is shutting down"))
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._streams):
+            self._deliver(request_id, error)
+            self.engine.abort(request_id)
+        self._streams.clear()

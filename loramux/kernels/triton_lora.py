@@ -1,0 +1,192 @@
+"""Triton LoRA kernels: SGMV (segments) for prefill, BGMV (one row per program) for decode.
+
+Same signatures and semantics as `loramux.kernels.torch_ref`. The plan layer's
+mode picks the variant: "segments" runs the segmented GEMM kernels, every
+other mode the gathered GEMV kernels.
+
+Block sizes come from `block_sizes()`, a fixed table by rank and width (no
+autotuning at request time):
+- rank tiles are the padded rank itself (r_max ≤ 64 fits one tile), at least
+  16 because `tl.dot` needs 16-wide operands;
+- SGMV uses 32-row tiles (16 for short segments) and 64-wide d tiles: a
+  rank-16 adapter's A tile is then 16 x 64, small enough to keep several
+  programs per SM busy while reusing it across 32 tokens;
+- BGMV reads the adapter once per row, so it uses wide 128-column tiles over
+  d_in (shrink) and d_out (expand) to make each load long and coalesced.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from loramux.kernels.plan import LoraPlanLayer
+
+
+def block_sizes(kind: str, width: int, r_max: int, max_seg_len: int = 1) -> dict[str, int]:
+    """The tile table. kind: sgmv or bgmv; width: d_in (shrink) or d_out (expand)."""
+    block_r = max(16, triton.next_power_of_2(r_max))
+    if kind == "sgmv":
+        return {"BLOCK_M": 16 if max_seg_len <= 16 else 32, "BLOCK_D": 64, "BLOCK_R": block_r}
+    return {"BLOCK_D": 128 if width >= 128 else max(16, triton.next_power_of_2(width)), "BLOCK_R": block_r}
+
+
+@triton.jit
+def _sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_ptr,
+                        d_in, R, stride_xt, stride_as, stride_ar, stride_hn,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Semantics: h[n, r] = sum_k A[slot(seg), r, k] * x[token[n], k] for the rows n of one segment tile.
+
+    Grid: (segments, row tiles of the longest segment, rank tiles).
+    """
+    seg = tl.program_id(0)
+    start = tl.load(seg_start_ptr + seg)
+    end = tl.load(seg_start_ptr + seg + 1)
+    rows = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    if start + tl.program_id(1) * BLOCK_M < end:
+        slot = tl.load(seg_slot_ptr + seg)
+        tokens = tl.load(token_ptr + rows, mask=row_ok, other=0)
+        rs = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, d_in, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            x = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :],
+                        mask=row_ok[:, None] & (ks[None, :] < d_in), other=0.0)
+            a = tl.load(a_ptr + slot * stride_as + rs[None, :] * stride_ar + ks[:, None],
+                        mask=(rs[None, :] < R) & (ks[:, None] < d_in), other=0.0)
+            acc += tl.dot(x, a)
+        tl.store(h_ptr + rows[:, None] * stride_hn + rs[None, :], acc, mask=row_ok[:, None] & (rs[None, :] < R))
+
+
+@triton.jit
+def _bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, slot_ptr,
+                        d_in, R, stride_xt, stride_as, stride_ar, stride_hn,
+                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Semantics: h[n, r] = sum_k A[slot[n], r, k] * x[token[n], k]; one row per program.
+
+    Grid: (rows, rank tiles). A row with slot < 0 is padding and skipped.
+    """
+    n = tl.program_id(0)
+    slot = tl.load(slot_ptr + n)
+    if slot >= 0:
+        token = tl.load(token_ptr + n)
+        rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, d_in, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            x = tl.load(x_ptr + token * stride_xt + ks, mask=ks < d_in, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + slot * stride_as + rs[:, None] * stride_ar + ks[None, :],
+                        mask=(rs[:, None] < R) & (ks[None, :] < d_in), other=0.0).to(tl.float32)
+            acc += tl.sum(a * x[None, :], axis=1)
+        tl.store(h_ptr + n * stride_hn + rs, acc, mask=rs < R)
+
+
+@triton.jit
+def _sgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_ptr, coeff_ptr, lo_ptr, hi_ptr,
+                        d_out, r_max, h_offset, y_offset, stride_yt, stride_bs, stride_bd, stride_hn,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Semantics: y[token[n], y_off + j] += coeff[n] * sum_{lo[n] <= r < hi[n]} B[slot, j, r] * h[n, h_off + r].
+
+    Grid: (segments, row tiles of the longest segment, d_out tiles).
+    """
+    seg = tl.program_id(0)
+    start = tl.load(seg_start_ptr + seg)
+    end = tl.load(seg_start_ptr + seg + 1)
+    rows = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    if start + tl.program_id(1) * BLOCK_M < end:
+        slot = tl.load(seg_slot_ptr + seg)
+        tokens = tl.load(token_ptr + rows, mask=row_ok, other=0)
+        coeff = tl.load(coeff_ptr + rows, mask=row_ok, other=0.0)
+        lo = tl.load(lo_ptr + rows, mask=row_ok, other=0)
+        hi = tl.load(hi_ptr + rows, mask=row_ok, other=0)
+        rs = tl.arange(0, BLOCK_R)
+        in_rank = (rs[None, :] >= lo[:, None]) & (rs[None, :] < hi[:, None]) & (rs[None, :] < r_max)
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + h_offset + rs[None, :],
+                    mask=row_ok[:, None] & in_rank, other=0.0)
+        h = (h * coeff[:, None]).to(b_ptr.dtype.element_ty)
+        js = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        b = tl.load(b_ptr + slot * stride_bs + js[None, :] * stride_bd + rs[:, None],
+                    mask=(js[None, :] < d_out) & (rs[:, None] < r_max), other=0.0)
+        delta = tl.dot(h, b)
+        out = y_ptr + tokens[:, None] * stride_yt + y_offset + js[None, :]
+        ok = row_ok[:, None] & (js[None, :] < d_out)
+        y = tl.load(out, mask=ok, other=0.0)
+        tl.store(out, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, slot_ptr, coeff_ptr, lo_ptr, hi_ptr,
+                        d_out, r_max, h_offset, y_offset, stride_yt, stride_bs, stride_bd, stride_hn,
+                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Semantics: y[token[n], y_off + j] += coeff[n] * sum_{lo[n] <= r < hi[n]} B[slot[n], j, r] * h[n, h_off + r].
+
+    Grid: (rows, d_out tiles). A row with slot < 0 is padding and skipped.
+    """
+    n = tl.program_id(0)
+    slot = tl.load(slot_ptr + n)
+    if slot >= 0:
+        token = tl.load(token_ptr + n)
+        coeff = tl.load(coeff_ptr + n)
+        lo = tl.load(lo_ptr + n)
+        hi = tl.load(hi_ptr + n)
+        rs = tl.arange(0, BLOCK_R)
+        h = tl.load(h_ptr + n * stride_hn + h_offset + rs, mask=(rs >= lo) & (rs < hi) & (rs < r_max), other=0.0)
+        js = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        b = tl.load(b_ptr + slot * stride_bs + js[:, None] * stride_bd + rs[None, :],
+                    mask=(js[:, None] < d_out) & (rs[None, :] < r_max), other=0.0).to(tl.float32)
+        delta = tl.sum(b * h[None, :], axis=1) * coeff
+        out = y_ptr + token * stride_yt + y_offset + js
+        y = tl.load(out, mask=js < d_out, other=0.0)
+        tl.store(out, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=js < d_out)
+
+
+def _max_segment_len(layer: LoraPlanLayer) -> int:
+    return max(end - start for _, start, end, _ in layer.segments)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:
+    """Semantics: h[n] = A[slot[n]] @ x[token[n]].
+
+    x: [T, d_in] (row-contiguous); lora_a: [S, R, d_in] contiguous; returns h: [N, R] float32.
+    """
+    d_in, R = x.shape[1], lora_a.shape[1]
+    assert x.stride(1) == 1 and lora_a.is_contiguous()
+    h = torch.zeros(layer.num_rows, R, dtype=torch.float32, device=x.device)
+    if layer.mode == "segments":
+        longest = _max_segment_len(layer)
+        bs = block_sizes("sgmv", d_in, R, longest)
+        grid = (len(layer.segments), triton.cdiv(longest, bs["BLOCK_M"]), triton.cdiv(R, bs["BLOCK_R"]))
+        _sgmv_shrink_kernel[grid](x, lora_a, h, layer.token_idx, layer.seg_starts, layer.seg_slots,
+                                  d_in, R, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0), **bs)
+    else:
+        bs = block_sizes("bgmv", d_in, R)
+        grid = (layer.num_rows, triton.cdiv(R, bs["BLOCK_R"]))
+        _bgmv_shrink_kernel[grid](x, lora_a, h, layer.token_idx, layer.slot_idx,
+                                  d_in, R, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0), **bs)
+    return h
+
+
+def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, layer: LoraPlanLayer,
+                h_offset: int = 0, y_offset: int = 0) -> None:
+    """Semantics: y[token[n], y_off:y_off+d_out] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, h_off+lo:h_off+hi].
+
+    y: [T, d_total] row-contiguous, updated in place (a column slice of a fused
+    output); lora_b: [S, d_out, r_max] contiguous; h: [N, R] from `lora_shrink`.
+    """
+    d_out, r_max = lora_b.shape[1], lora_b.shape[2]
+    assert y.stride(1) == 1 and lora_b.is_contiguous() and h.stride(1) == 1
+    args = (d_out, r_max, h_offset, y_offset, y.stride(0), lora_b.stride(0), lora_b.stride(1), h.stride(0))
+    if layer.mode == "segments":
+        longest = _max_segment_len(layer)
+        bs = block_sizes("sgmv", d_out, r_max, longest)
+        grid = (len(layer.segments), triton.cdiv(longest, bs["BLOCK_M"]), triton.cdiv(d_out, bs["BLOCK_D"]))
+        _sgmv_expand_kernel[grid](y, lora_b, h, layer.token_idx, layer.seg_starts, layer.seg_slots, layer.coeff,
+                                  layer.rank_lo, layer.rank_hi, *args, **bs)
+    else:
+        bs = block_sizes("bgmv", d_out, r_max)
+        grid = (layer.num_rows, triton.cdiv(d_out, bs["BLOCK_D"]))
+        _bgmv_expand_kernel[grid](y, lora_b, h, layer.token_idx, layer.slot_idx, layer.coeff,
+                                  layer.rank_lo, layer.rank_hi, *args, **bs)
