@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loramux.config import LORA_TARGET_MODULES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
+from loramux.adapters_store.synthetic import write_random_adapter
+from loramux.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
 from loramux.engine import Engine, SamplingParams
 
 logger = logging.getLogger("bench_engine")
@@ -46,32 +47,36 @@ def machine_description(device: str) -> str:
     return text
 
 
-def write_random_adapter(folder: Path, shapes: dict[str, tuple[int, int]], num_layers: int, rank: int,
-                         seed: int) -> Path:
-    """A PEFT folder with random A/B on all seven projections."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(num_layers):
-        for module in LORA_TARGET_MODULES:
-            d_out, d_in = shapes[module]
-            part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{part}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LORA_TARGET_MODULES),
-        "bias": "none", "task_type": "CAUSAL_LM", "lora_dropout": 0.0}))
-    return folder
+def write_random_model(folder: Path, config_name: str, tokenizer_dir: Path, device: str) -> Path:
+    """A random-init Llama checkpoint (bf16 safetensors, fixed seed) with a borrowed tokenizer.
 
+    Tensors are drawn on `device` and written shard by shard, which is much
+    faster than initialising a 7B model through transformers on the CPU.
+    """
+    from transformers import AutoTokenizer, LlamaConfig
 
-def write_random_model(folder: Path, config_name: str, tokenizer_source: Path | None) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    config = LlamaConfig(**RANDOM_CONFIGS[config_name], max_position_embeddings=4096, tie_word_embeddings=False,
+                         torch_dtype="bfloat16")
+    config.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    g = torch.Generator(device=device).manual_seed(0)
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
 
-    config = LlamaConfig(**RANDOM_CONFIGS[config_name], max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, device=device) * 0.02).to(torch.bfloat16).cpu()
+
+    save_file({"model.embed_tokens.weight": rand(config.vocab_size, h), "lm_head.weight": rand(config.vocab_size, h),
+               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}, folder / "model-embed.safetensors")
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        save_file({p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+                   p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+                   p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
+                   p + "mlp.down_proj.weight": rand(h, i),
+                   p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                   p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)},
+                  folder / f"model-{layer:03d}.safetensors")
     return folder
 
 
@@ -102,6 +107,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF folder or GGUF (default: bundled SmolLM2-135M)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--config", choices=sorted(RANDOM_CONFIGS), help="random-init Llama shape instead of --model")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer folder for --config models")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -116,7 +122,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="loramux-bench-"))
     model_path = args.model
     if args.config:
-        model_path = str(write_random_model(tmp / "model", args.config, None))
+        if args.tokenizer is None:
+            parser.error("--config needs --tokenizer DIR (any HF tokenizer folder; prompts are random token ids)")
+        model_path = str(write_random_model(tmp / "model", args.config, args.tokenizer, args.device))
     n = args.requests
     engine = Engine(EngineConfig(
         model=ModelConfig(model=model_path, device=args.device),

@@ -28,6 +28,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=m.dtype, choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--device", default=m.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs for decode")
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("KV cache and batching")
     g.add_argument("--block-size", type=int, default=c.block_size)
@@ -49,7 +50,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                          served_model_name=args.served_model_name),
+                          served_model_name=args.served_model_name, enforce_eager=args.enforce_eager),
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                           kv_cache_memory_gib=args.kv_cache_memory_gib,
                           enable_prefix_caching=not args.no_prefix_caching),

@@ -31,6 +31,7 @@ class ModelConfig:
     device: str = "auto"  # cuda if available, else cpu
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     served_model_name: str | None = None
+    enforce_eager: bool = False  # no CUDA graphs for decode
     cache_dir: str | None = None  # where converted GGUF checkpoints go; None: ~/.cache/loramux/models
 
     def __post_init__(self) -> None:
@@ -44,7 +45,8 @@ class CacheConfig:
 
     block_size: int = 16
     num_blocks: int | None = None  # explicit count; overrides the memory budget
-    kv_cache_memory_gib: float | None = None  # None: 1 GiB on CPU, 90% of free memory on CUDA
+    kv_cache_memory_gib: float | None = None  # None: 1 GiB on CPU; on CUDA what gpu_memory_utilization leaves
+    gpu_memory_utilization: float = 0.9  # share of GPU memory for weights, adapter slots and KV cache together
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -53,6 +55,7 @@ class CacheConfig:
         _require(self.num_blocks is None or self.num_blocks > 0, "--num-kv-blocks must be positive")
         _require(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
                  "--kv-cache-memory-gib must be positive")
+        _require(0 < self.gpu_memory_utilization <= 1, "--gpu-memory-utilization must be in (0, 1]")
 
 
 @dataclass
@@ -73,18 +76,48 @@ class SchedulerConfig:
 
 @dataclass
 class StoreConfig:
-    """LoRA adapters: slot pool size and limits."""
+    """LoRA adapters: the store's tiers, limits and start-up sources."""
 
-    max_loras: int = 32  # adapter slots resident next to the model
+    max_loras: int = 32  # GPU (device) slots
+    max_cpu_loras: int = 128  # parsed adapters kept in (pinned) CPU memory
     max_lora_rank: int = 64
+    max_adapter_bytes: int = 512 * 2**20  # adapter_model.safetensors size limit
     lora_backend: str = "auto"  # triton on CUDA, torch elsewhere
+    store_dir: str | None = None  # where uploads are written; None: uploads refused
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder
+    adapter_dirs: list[str] = field(default_factory=list)  # every PEFT folder inside is registered
 
     def __post_init__(self) -> None:
         _require(self.max_loras > 0, "--max-loras must be positive")
+        _require(self.max_cpu_loras > 0, "--max-cpu-loras must be positive")
+        _require(self.max_adapter_bytes > 0, "--max-adapter-bytes must be positive")
         _require(self.max_lora_rank > 0, "--max-lora-rank must be positive")
         _require(self.lora_backend in ("auto", "torch", "triton"),
                  f"--lora-backend must be auto, torch or triton, got {self.lora_backend!r}")
+
+
+@dataclass
+class ServerConfig:
+    """HTTP server settings (`loramux serve`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # also LORAMUX_API_KEY
+    admin_api_key: str | None = None  # adapter management; falls back to api_key
+    max_body_bytes: int = 4 * 2**20  # JSON bodies; uploads are limited by max_adapter_bytes
+    max_completion_tokens: int = 4096
+    default_max_tokens: int = 256
+    max_concurrent_requests: int = 256
+    adapter_load_root: str | None = None  # POST /v1/adapters/load only reads under this folder
+    metrics_per_adapter: bool = False  # per-adapter request counters (bounded by the registry size)
+    graceful_shutdown_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(0 < self.port < 65536, "--port must be in 1..65535")
+        _require(self.max_body_bytes > 0, "--max-body-bytes must be positive")
+        _require(0 < self.default_max_tokens <= self.max_completion_tokens,
+                 "--default-max-tokens must be in 1..--max-completion-tokens")
+        _require(self.max_concurrent_requests > 0, "--max-concurrent-requests must be positive")
 
 
 @dataclass

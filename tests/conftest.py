@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir(tmp_path_factory) -> Path:
-    """The bundled model's tokenizer files, for the tiny checkpoints built below."""
+    """The bundled model's tokenizer files, for the tiny checkpoints built below.
+
+    LORAMUX_TEST_TOKENIZER names a folder with them instead (the GPU machine
+    has no room for the bundled GGUF; loadtest/run_gpu.sh carries the files).
+    """
+    if os.environ.get("LORAMUX_TEST_TOKENIZER"):
+        return Path(os.environ["LORAMUX_TEST_TOKENIZER"])
     checkpoint = load_checkpoint(None)
     out = tmp_path_factory.mktemp("tokenizer")
     checkpoint.tokenizer.save_pretrained(out)

@@ -1,13 +1,32 @@
+from collections import Counter
+
 from loramux.config import SchedulerConfig
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.scheduler import Scheduler
 from tests.fakes import fake_seq
 
 
-def make(num_blocks=64, budget=32, max_seqs=8, max_loras=4, ready=lambda s: True):
+class FakeResidency:
+    """Adapters in `paging` cannot be made resident yet; pins are counted."""
+
+    def __init__(self):
+        self.paging: set[str] = set()
+        self.pins: Counter[str] = Counter()
+
+    def ensure_resident(self, names):
+        return not names & self.paging
+
+    def pin(self, names):
+        self.pins.update(names)
+
+    def unpin(self, names):
+        self.pins.subtract(names)
+
+
+def make(num_blocks=64, budget=32, max_seqs=8, max_loras=4, residency=None):
     bm = BlockManager(num_blocks, block_size=4, enable_prefix_caching=False)
     cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_loras_per_batch=max_loras)
-    return Scheduler(cfg, bm, ready), bm
+    return Scheduler(cfg, bm, residency), bm
 
 
 def run_step(sched, plan, new_token=7):
@@ -89,18 +108,22 @@ def test_rare_adapter_is_not_starved_by_a_stream_of_popular_requests():
     assert rare.num_computed_tokens > 0, "the rare adapter's request never ran"
 
 
-def test_sequences_whose_adapter_is_not_ready_are_passed_over():
-    paging = {"cold"}
-    sched, _ = make(ready=lambda s: not (s.adapter_names & paging))
+def test_sequences_whose_adapter_is_not_ready_are_passed_over_and_running_ones_are_pinned():
+    residency = FakeResidency()
+    residency.paging.add("cold")
+    sched, _ = make(residency=residency)
     cold, warm = fake_seq(4, adapter="cold"), fake_seq(4, adapter="warm")
     sched.add(cold)
     sched.add(warm)
     plan = sched.schedule()
     assert [s.seq for s in plan.prefill] == [warm]
     run_step(sched, plan)
-    paging.clear()
+    assert residency.pins == Counter({"warm": 1})
+    residency.paging.clear()
     plan = sched.schedule()
     assert [s.seq for s in plan.prefill] == [cold] and [s.seq for s in plan.decode] == [warm]
+    sched.finish(warm, "stop")
+    assert +residency.pins == Counter({"cold": 1})
 
 
 def test_max_num_seqs_and_abort_frees_blocks():

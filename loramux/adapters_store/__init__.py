@@ -1,6 +1,9 @@
-"""Adapter validation and the slots that hold adapters next to the model."""
+"""The adapter store: validation, registry, and paging between disk, CPU memory and GPU slots."""
 
 from loramux.adapters_store.peft_format import AdapterError, LoraAdapter, parse_peft_adapter, read_peft_folder
+from loramux.adapters_store.registry import AdapterRecord
 from loramux.adapters_store.slot_pool import LoraSlotPool
+from loramux.adapters_store.store import AdapterStore, StoreStats
 
-__all__ = ["AdapterError", "LoraAdapter", "LoraSlotPool", "parse_peft_adapter", "read_peft_folder"]
+__all__ = ["AdapterError", "AdapterRecord", "AdapterStore", "LoraAdapter", "LoraSlotPool", "StoreStats",
+           "parse_peft_adapter", "read_peft_folder"]

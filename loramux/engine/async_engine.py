@@ -12,7 +12,8 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from typing import AsyncIterator, Callable, TypeVar
+import time
+from typing import Callable, TypeVar
 
 from loramux.engine.engine import Engine, RequestOutput
 
@@ -31,6 +32,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopping = False
+        self.step_listeners: list[Callable[[float], None]] = []  # called with each step's seconds (engine thread)
         self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
         self._thread.start()
 
@@ -42,27 +44,20 @@ class AsyncEngine:
         self._wake.set()
         return await asyncio.wrap_future(future)
 
-    async def generate(self, request_id: str, prompt, sampling, lora_mix=()) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the iterator early aborts the request."""
+    async def submit(self, request_id: str, prompt, sampling, lora_mix=()) -> "RequestStream":
+        """Queue a request; raises the engine's error at once if it is refused.
+
+        Iterate the returned stream for outputs; closing it early aborts the request.
+        """
         loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
+        queue_: asyncio.Queue = asyncio.Queue()
 
         def add(engine: Engine) -> None:
             engine.add_request(request_id, prompt, sampling, lora_mix)
-            self._streams[request_id] = (loop, stream)
+            self._streams[request_id] = (loop, queue_)
 
         await self.call(add)
-        remaining = sampling.n
-        try:
-            while remaining:
-                item = await stream.get()
-                if isinstance(item, Exception):
-                    raise item
-                remaining -= item.finished
-                yield item
-        finally:
-            if remaining:
-                self.abort(request_id)
+        return RequestStream(self, request_id, queue_, sampling.n)
 
     def abort(self, request_id: str) -> None:
         def run(engine: Engine) -> None:
@@ -109,12 +104,16 @@ class AsyncEngine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            start = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception:
                 logger.exception("engine step failed; aborting in-flight requests")
                 self._fail_all(EngineDeadError("the engine failed while running this request"))
                 continue
+            seconds = time.perf_counter() - start
+            for listener in self.step_listeners:
+                listener(seconds)
             for out in outputs:
                 if out.request_id in self._streams:
                     self._deliver(out.request_id, out)
@@ -127,3 +126,31 @@ class AsyncEngine:
             self._deliver(request_id, error)
             self.engine.abort(request_id)
         self._streams.clear()
+
+
+class RequestStream:
+    """Outputs of one request as an async iterator; `aclose` (or leaving early) aborts it."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue_: asyncio.Queue, num_completions: int):
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = queue_
+        self._remaining = num_completions
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._remaining:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            self._remaining = 0
+            raise item
+        self._remaining -= item.finished
+        return item
+
+    async def aclose(self) -> None:
+        if self._remaining:
+            self._remaining = 0
+            self.engine.abort(self.request_id)

@@ -51,6 +51,11 @@ def context_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size
     return blocks * block_size + positions % block_size
 
 
+def gather_rows(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cache[index] for an index of any shape; index_select is several times faster than advanced indexing."""
+    return cache.index_select(0, index.reshape(-1)).view(*index.shape, *cache.shape[1:])
+
+
 def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
     """[..., Q, 1] x [..., 1, K] positions -> bool mask, causal and optionally windowed."""
     mask = key_pos <= query_pos
@@ -72,14 +77,14 @@ def paged_attention(
     q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_slots, Hkv, D].
     Returns [T, Hq, D].
     """
-    k_cache[meta.slot_mapping] = k
-    v_cache[meta.slot_mapping] = v
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     if meta.num_decode:
         nd = meta.num_decode
-        keys = k_cache[meta.decode_gather].transpose(1, 2)  # [B, Hkv, L, D]
-        values = v_cache[meta.decode_gather].transpose(1, 2)
+        keys = gather_rows(k_cache, meta.decode_gather).transpose(1, 2)  # [B, Hkv, L, D]
+        values = gather_rows(v_cache, meta.decode_gather).transpose(1, 2)
         out[:nd] = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=gqa
         ).squeeze(2)
@@ -92,7 +97,8 @@ def paged_attention(
         if span.gather_idx is None:
             keys, values = heads_first(k[rows]), heads_first(v[rows])
         else:
-            keys, values = heads_first(k_cache[span.gather_idx]), heads_first(v_cache[span.gather_idx])
+            keys = heads_first(gather_rows(k_cache, span.gather_idx))
+            values = heads_first(gather_rows(v_cache, span.gather_idx))
         attended = F.scaled_dot_product_attention(
             heads_first(q[rows]), keys, values, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=gqa)
         out[rows] = attended.transpose(1, 2).reshape(-1, *q.shape[1:])

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence as Seq
 
 import torch
 
-from loramux.adapters_store.peft_format import AdapterError, read_peft_folder
 from loramux.adapters_store.slot_pool import LoraSlotPool
+from loramux.adapters_store.store import AdapterStore
 from loramux.config import EngineConfig
-from loramux.engine.attention import AttentionMetadata, PrefillSpan, context_slots, window_mask
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.detokenizer import IncrementalDetokenizer
 from loramux.engine.loader import load_checkpoint
-from loramux.engine.model import CausalLM, StepContext
+from loramux.engine.cuda_graphs import DecodeGraphRunner
+from loramux.engine.model import CausalLM
 from loramux.engine.sampler import sample
-from loramux.engine.scheduler import SchedulePlan, Scheduler
+from loramux.engine.scheduler import Scheduler
 from loramux.engine.sequence import LoraMix, SamplingParams, Sequence, TokenLogprob
-from loramux.kernels import build_lora_plan, select_lora_backend
+from loramux.engine.step_inputs import prepare_step_inputs
+from loramux.kernels import select_lora_backend
 
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_GIB = 1.0
-CUDA_MEMORY_FRACTION = 0.9
 
 
 class RequestError(ValueError):
@@ -48,6 +49,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    queue_seconds: float | None = None  # arrival to first scheduled step, on a completion's first output
 
     @property
     def finished(self) -> bool:
@@ -84,18 +86,33 @@ class Engine:
         self.shape = self.model.shape
         self.slots = LoraSlotPool(self.model.lora_linears(), config.store.max_loras, config.store.max_lora_rank,
                                   self.device)
+        self.store = AdapterStore(self.slots, self.shape.lora_target_shapes(), self.shape.num_layers,
+                                  config.store.max_cpu_loras, config.store.max_adapter_bytes,
+                                  Path(config.store.store_dir).expanduser() if config.store.store_dir else None,
+                                  self.device)
         self.num_blocks = self._allocate_kv_cache()
         self.max_model_len = min(model_max, self.num_blocks * config.cache.block_size)
         self.blocks = BlockManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.store)
         self.eos_token_ids = self._eos_token_ids(hf_config)
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not config.model.enforce_eager:
+            self.decode_graphs = DecodeGraphRunner(
+                self.model, config.scheduler.max_num_seqs, self.max_model_len,
+                trash_slot=self.num_blocks * config.cache.block_size, r_max=self.slots.max_rank, device=self.device)
+        self.last_step_num_tokens = 0
         self._sequences: dict[str, list[Sequence]] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         for name, path in config.store.adapters.items():
             self.add_adapter(name, path)
+        for folder in config.store.adapter_dirs:
+            for sub in sorted(p for p in Path(folder).expanduser().iterdir() if (p / "adapter_config.json").is_file()):
+                self.add_adapter(sub.name, str(sub))
         logger.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d (block %d tokens) adapter_slots=%d "
-                    "lora_backend=%s", self.model_id, self.device, str(self.dtype).removeprefix("torch."),
-                    self.num_blocks, config.cache.block_size, config.store.max_loras, self.lora_backend.name)
+                    "(rank <= %d) adapters=%d lora_backend=%s", self.model_id, self.device,
+                    str(self.dtype).removeprefix("torch."), self.num_blocks, config.cache.block_size,
+                    config.store.max_loras, config.store.max_lora_rank, len(self.store.records),
+                    self.lora_backend.name)
 
     # ------------------------------------------------------------------ set-up
     def _allocate_kv_cache(self) -> int:
@@ -107,13 +124,21 @@ class Engine:
         elif cache.kv_cache_memory_gib is not None:
             num_blocks = int(cache.kv_cache_memory_gib * 2**30 // bytes_per_block)
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            num_blocks = int(free * CUDA_MEMORY_FRACTION // bytes_per_block)
+            # One budget: weights and adapter slots are already allocated; the KV cache takes the rest.
+            _, total = torch.cuda.mem_get_info(self.device)
+            budget = total * cache.gpu_memory_utilization - torch.cuda.memory_allocated(self.device)
+            num_blocks = int(budget // bytes_per_block)
         else:
             num_blocks = int(CPU_KV_CACHE_GIB * 2**30 // bytes_per_block)
         if num_blocks < 1:
-            raise ValueError("the KV cache budget holds no block; raise --kv-cache-memory-gib")
-        slots = num_blocks * cache.block_size
+            raise ValueError("the KV cache budget holds no block; raise --kv-cache-memory-gib or "
+                             "--gpu-memory-utilization, or lower --max-loras")
+        slot_bytes = sum(m.lora_a.nbytes + sum(b.nbytes for b in m.lora_b) for _, m in self.model.lora_linears())
+        weight_bytes = sum(p.nbytes for p in self.model.parameters())
+        logger.info("memory: weights %.2f GiB, adapter slots %.2f GiB (%d x rank %d), KV cache %.2f GiB (%d blocks)",
+                    weight_bytes / 2**30, slot_bytes / 2**30, self.config.store.max_loras,
+                    self.config.store.max_lora_rank, num_blocks * bytes_per_block / 2**30, num_blocks)
+        slots = (num_blocks + 1) * cache.block_size  # one spare block: padding rows of decode graphs write there
         self.model.kv_caches = [
             (torch.zeros(slots, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device),
              torch.zeros(slots, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device))
@@ -128,32 +153,27 @@ class Engine:
         return frozenset(ids)
 
     # ---------------------------------------------------------------- adapters
-    def add_adapter(self, name: str, path: str) -> None:
-        """Validate the PEFT folder at `path` and load it into a free slot under `name`."""
-        adapter = read_peft_folder(path, self.shape.lora_target_shapes(), self.shape.num_layers,
-                                   self.config.store.max_lora_rank)
-        self.slots.load(name, adapter)
-        logger.info("adapter %s: rank %d, targets %s", name, adapter.rank, ",".join(adapter.target_modules))
+    def add_adapter(self, name: str, path: str, metadata: dict | None = None, replace: bool = False) -> None:
+        """Validate the PEFT folder at `path` and register it under `name` (it pages in when used)."""
+        record = self.store.register_path(name, path, metadata, replace=replace)
+        logger.info("adapter %s: rank %d, targets %s", name, record.rank, ",".join(record.target_modules))
 
     def remove_adapter(self, name: str) -> None:
-        if name not in self.slots:
-            raise AdapterError("not_found", f"adapter {name!r} is not loaded")
-        if any(name in s.adapter_names for seqs in self._sequences.values() for s in seqs if not s.is_finished):
-            raise AdapterError("in_use", f"adapter {name!r} is used by running requests")
-        self.slots.unload(name)
+        """Unregister now; requests already using it finish first, then its slot and files are freed."""
+        self.store.delete(name)
 
     @property
     def adapter_names(self) -> list[str]:
-        return sorted(self.slots.slot_of)
+        return sorted(self.store.records)
 
     def _normalize_mix(self, lora_mix) -> LoraMix:
         """Accept names, (name, weight) or (name, weight, lo, hi); check them against the pool."""
         out = []
         for entry in lora_mix:
             name, weight, lo, hi = ((entry, 1.0, 0, None) if isinstance(entry, str) else (tuple(entry) + (0, None))[:4])
-            if name not in self.slots:
+            if name not in self.store:
                 raise RequestError(f"adapter {name!r} does not exist", param="adapters", code="adapter_not_found")
-            rank = self.slots.ranks[self.slots.slot_of[name]]
+            rank = self.store.get(name).rank
             hi = rank if hi is None else hi
             if not 0 <= lo < hi <= rank:
                 raise RequestError(f"rank range {lo}:{hi} of adapter {name!r} must lie within 0:{rank}",
@@ -161,6 +181,9 @@ class Engine:
             out.append((name, float(weight), int(lo), int(hi)))
         if len({name for name, *_ in out}) != len(out):
             raise RequestError("an adapter appears twice in the mix", param="adapters")
+        limit = min(self.config.store.max_loras, self.config.scheduler.max_loras_per_batch)
+        if len(out) > limit:
+            raise RequestError(f"a mix may name at most {limit} adapters on this server", param="adapters")
         return tuple(out)
 
     # ---------------------------------------------------------------- requests
@@ -189,14 +212,19 @@ class Engine:
             seqs.append(seq)
         self._sequences[request_id] = seqs
         for seq in seqs:
+            self.store.acquire(seq.adapter_names)
             self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; unknown ids are ignored."""
         for seq in self._sequences.pop(request_id, []):
             if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
+                self._finish(seq, "abort")
             self._detokenizers.pop(seq.seq_id, None)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.store.release(seq.adapter_names)
 
     def is_request_active(self, request_id: str) -> bool:
         return request_id in self._sequences
@@ -205,74 +233,19 @@ class Engine:
         return self.scheduler.has_work()
 
     # -------------------------------------------------------------------- step
-    def _prepare(self, plan: SchedulePlan) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
-        bs = self.config.cache.block_size
-        window = self.shape.sliding_window
-        token_ids: list[int] = []
-        positions: list[int] = []
-        runs = []
-        logit_rows = []
-        prefills = []
-        for item in plan.scheduled:
-            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            row = len(token_ids)
-            token_ids += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
-            if seq.lora_mix:
-                runs.append((row, n, [(self.slots.slot_of[name], w, lo, hi) for name, w, lo, hi in seq.lora_mix]))
-            if item.samples:
-                logit_rows.append(row + n - 1)
-        pos = torch.tensor(positions, dtype=torch.int64)
-        seqs = [item.seq for item in plan.scheduled]
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs],
-                              dtype=torch.int64)
-        row_table = torch.repeat_interleave(tables, torch.tensor([i.num_new_tokens for i in plan.scheduled]), dim=0)
-        slot_mapping = context_slots(row_table, pos[:, None], bs)[:, 0]
-
-        num_decode = len(plan.decode)
-        decode_gather = decode_mask = None
-        if num_decode:
-            ctx_lens = pos[:num_decode] + 1
-            key_pos = torch.arange(int(ctx_lens.max()))[None, :].expand(num_decode, -1)
-            decode_gather = context_slots(tables[:num_decode], key_pos, bs)
-            decode_mask = window_mask(pos[:num_decode, None], key_pos, window)[:, None, None, :]
-        row = num_decode
-        for i, item in enumerate(plan.prefill, start=num_decode):
-            start, n = item.seq.num_computed_tokens, item.num_new_tokens
-            if start == 0:
-                # A chunk from position 0 attends only to itself: batch it with the previous one if same length.
-                last = prefills[-1] if prefills else None
-                if last is not None and last.gather_idx is None and last.length == n:
-                    last.num_seqs += 1
-                else:
-                    mask = None
-                    if window is not None and n > window:
-                        key_pos = torch.arange(n)
-                        mask = window_mask(key_pos[:, None], key_pos[None, :], window).to(self.device)
-                    prefills.append(PrefillSpan(row, n, 1, None, mask))
-            else:
-                key_pos = torch.arange(start + n)
-                mask = window_mask(pos[row:row + n, None], key_pos[None, :], window).to(self.device)
-                prefills.append(PrefillSpan(row, n, 1, context_slots(tables[i], key_pos, bs).to(self.device), mask))
-            row += n
-
-        attention = AttentionMetadata(
-            slot_mapping=slot_mapping.to(self.device), num_decode=num_decode,
-            decode_gather=None if decode_gather is None else decode_gather.to(self.device),
-            decode_mask=None if decode_mask is None else decode_mask.to(self.device),
-            prefills=prefills)
-        lora_plan = build_lora_plan(runs, self.slots.scales, self.slots.max_rank, self.device)
-        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        return ids, pos.to(self.device), StepContext(attention, lora_plan), logit_rows
-
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample, and report what changed."""
         plan = self.scheduler.schedule()
+        self.last_step_num_tokens = plan.num_tokens
         if plan.is_empty:
             return []
-        ids, positions, ctx, logit_rows = self._prepare(plan)
-        logits = self.model(ids, positions, ctx, torch.tensor(logit_rows, dtype=torch.int64, device=self.device))
+        inputs = prepare_step_inputs(plan, self.config.cache.block_size, self.shape.sliding_window, self.slots,
+                                     self.device)
+        self.store.wait_for_page_ins()
+        if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
+            logits = self.decode_graphs.run(inputs)
+        else:
+            logits = self.model(inputs.input_ids, inputs.positions, inputs.ctx, inputs.logit_rows)
         sampling_seqs = [item.seq for item in plan.scheduled if item.samples]
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
@@ -297,12 +270,13 @@ class Engine:
         elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             finish = "length"
         if finish is not None:
-            self.scheduler.finish(seq, finish)
+            self._finish(seq, finish)
             self._detokenizers.pop(seq.seq_id)
         out = RequestOutput(
             request_id=seq.request_id, index=seq.index, new_token_ids=[token], new_text=detok.flush(finish is not None),
             finish_reason=finish, num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
-            logprobs=[logprob] if logprob is not None else [])
+            logprobs=[logprob] if logprob is not None else [],
+            queue_seconds=seq.first_scheduled_time - seq.arrival_time if len(seq.output_ids) == 1 else None)
         if finish is not None and all(s.is_finished for s in self._sequences[seq.request_id]):
             del self._sequences[seq.request_id]
         return out

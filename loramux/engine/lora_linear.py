@@ -50,9 +50,9 @@ class LoraLinear(nn.Module):
         rank = a.shape[0]
         block = self.lora_a[slot, i * self.r_max:(i + 1) * self.r_max]
         block.zero_()
-        block[:rank].copy_(a)
+        block[:rank].copy_(a, non_blocking=True)
         self.lora_b[i][slot].zero_()
-        self.lora_b[i][slot, :, :rank].copy_(b)
+        self.lora_b[i][slot, :, :rank].copy_(b, non_blocking=True)
 
     def reset_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()

@@ -9,16 +9,21 @@ Policy, in order:
    sequence slots, KV blocks and the adapter cap allow. Admission stops at the
    first sequence that does not fit, so a request for a rare adapter cannot be
    overtaken forever by requests for popular ones. Sequences whose adapters
-   are not ready yet (still paging in) are passed over without blocking.
+   cannot be made resident yet (every slot pinned) are passed over without
+   blocking the others.
+
+Adapter residency goes through `residency` (the adapter store): a sequence's
+adapters are paged in before it is admitted and pinned while it runs.
 
 The scheduler never touches tensors: it returns a `SchedulePlan`.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Iterable, Protocol
 
 from loramux.config import SchedulerConfig
 from loramux.engine.block_manager import BlockManager
@@ -51,12 +56,30 @@ class SchedulePlan:
         return not self.decode and not self.prefill
 
 
+class AdapterResidency(Protocol):
+    def ensure_resident(self, names: frozenset[str]) -> bool: ...
+    def pin(self, names: Iterable[str]) -> None: ...
+    def unpin(self, names: Iterable[str]) -> None: ...
+
+
+class AllResident:
+    """Residency for engines whose adapters never leave their slots (and for tests)."""
+
+    def ensure_resident(self, names: frozenset[str]) -> bool:
+        return True
+
+    def pin(self, names: Iterable[str]) -> None:
+        pass
+
+    def unpin(self, names: Iterable[str]) -> None:
+        pass
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager,
-                 adapters_ready: Callable[[Sequence], bool] = lambda seq: True):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, residency: AdapterResidency | None = None):
         self.config = config
         self.blocks = blocks
-        self.adapters_ready = adapters_ready
+        self.residency = residency or AllResident()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order, oldest first
         self.num_preemptions = 0
@@ -69,16 +92,18 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark `seq` finished (or aborted) and give its blocks back."""
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
+            self.residency.unpin(seq.adapter_names)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
         self.blocks.free(seq)
 
     def _preempt(self, seq: Sequence, plan: SchedulePlan) -> None:
         self.running.remove(seq)
+        self.residency.unpin(seq.adapter_names)
         self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
@@ -129,10 +154,10 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs or seq in plan.preempted:
                 break
-            if not self.adapters_ready(seq):
-                continue
             if not fits_adapter_cap(seq):
                 break
+            if not self.residency.ensure_resident(seq.adapter_names):
+                continue
             cached = self.blocks.match_prefix(seq)
             n = min(len(seq) - cached, budget)
             if not self.blocks.can_grow(seq, cached + n):
@@ -142,6 +167,9 @@ class Scheduler:
             self.blocks.grow(seq, cached + n)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
+            self.residency.pin(seq.adapter_names)
             take(seq, n, plan.prefill)
         return plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +86,8 @@ class Sequence:
         self.block_keys: list = []  # prefix-cache identity of each full computed block
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
 
     @property
     def adapter_names(self) -> frozenset[str]:

@@ -14,7 +14,7 @@ from loramux.kernels.plan import LoraPlanLayer
 def _packed_rows(rows: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:
     """[N, d] rows -> [num_slots_in_range, m, d], zero where a slot has fewer rows."""
     padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    return padded[layer.slot_rows]
+    return padded.index_select(0, layer.slot_rows.reshape(-1)).view(*layer.slot_rows.shape, rows.shape[1])
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:
@@ -30,9 +30,10 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, layer: LoraPlanLayer) -> 
         return h
     if layer.mode == "slots":
         lo, hi = layer.slot_range
-        packed = torch.bmm(_packed_rows(x[layer.token_idx], layer), lora_a[lo:hi].transpose(1, 2))
-        return packed.reshape(-1, lora_a.shape[1])[layer.packed_pos]
-    return torch.bmm(lora_a[layer.slot_idx], x[layer.token_idx].unsqueeze(2)).squeeze(2)
+        packed = torch.bmm(_packed_rows(x.index_select(0, layer.token_idx), layer), lora_a[lo:hi].transpose(1, 2))
+        return packed.reshape(-1, lora_a.shape[1]).index_select(0, layer.packed_pos)
+    x_rows = x.index_select(0, layer.token_idx).unsqueeze(2)  # [N, d_in, 1]
+    return torch.bmm(lora_a.index_select(0, layer.slot_idx), x_rows).squeeze(2)
 
 
 def lora_expand(
@@ -58,7 +59,7 @@ def lora_expand(
     if layer.mode == "slots":
         lo, hi = layer.slot_range
         packed = torch.bmm(_packed_rows(h_scaled, layer), lora_b[lo:hi].transpose(1, 2))
-        delta = packed.reshape(-1, d_out)[layer.packed_pos]
+        delta = packed.reshape(-1, d_out).index_select(0, layer.packed_pos)
     else:
-        delta = torch.bmm(lora_b[layer.slot_idx], h_scaled.unsqueeze(2)).squeeze(2)
+        delta = torch.bmm(lora_b.index_select(0, layer.slot_idx), h_scaled.unsqueeze(2)).squeeze(2)
     y_cols.index_add_(0, layer.token_idx, delta)

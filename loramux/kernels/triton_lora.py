@@ -66,21 +66,20 @@ def _bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, slot_ptr,
                         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """Semantics: h[n, r] = sum_k A[slot[n], r, k] * x[token[n], k]; one row per program.
 
-    Grid: (rows, rank tiles). A row with slot < 0 is padding and skipped.
+    Grid: (rows, rank tiles).
     """
     n = tl.program_id(0)
     slot = tl.load(slot_ptr + n)
-    if slot >= 0:
-        token = tl.load(token_ptr + n)
-        rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(0, d_in, BLOCK_D):
-            ks = k0 + tl.arange(0, BLOCK_D)
-            x = tl.load(x_ptr + token * stride_xt + ks, mask=ks < d_in, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + slot * stride_as + rs[:, None] * stride_ar + ks[None, :],
-                        mask=(rs[:, None] < R) & (ks[None, :] < d_in), other=0.0).to(tl.float32)
-            acc += tl.sum(a * x[None, :], axis=1)
-        tl.store(h_ptr + n * stride_hn + rs, acc, mask=rs < R)
+    token = tl.load(token_ptr + n)
+    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + token * stride_xt + ks, mask=ks < d_in, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + slot * stride_as + rs[:, None] * stride_ar + ks[None, :],
+                    mask=(rs[:, None] < R) & (ks[None, :] < d_in), other=0.0).to(tl.float32)
+        acc += tl.sum(a * x[None, :], axis=1)
+    tl.store(h_ptr + n * stride_hn + rs, acc, mask=rs < R)
 
 
 @triton.jit
@@ -123,24 +122,23 @@ def _bgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, slot_ptr, coeff_ptr, lo_
                         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """Semantics: y[token[n], y_off + j] += coeff[n] * sum_{lo[n] <= r < hi[n]} B[slot[n], j, r] * h[n, h_off + r].
 
-    Grid: (rows, d_out tiles). A row with slot < 0 is padding and skipped.
+    Grid: (rows, d_out tiles).
     """
     n = tl.program_id(0)
     slot = tl.load(slot_ptr + n)
-    if slot >= 0:
-        token = tl.load(token_ptr + n)
-        coeff = tl.load(coeff_ptr + n)
-        lo = tl.load(lo_ptr + n)
-        hi = tl.load(hi_ptr + n)
-        rs = tl.arange(0, BLOCK_R)
-        h = tl.load(h_ptr + n * stride_hn + h_offset + rs, mask=(rs >= lo) & (rs < hi) & (rs < r_max), other=0.0)
-        js = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        b = tl.load(b_ptr + slot * stride_bs + js[:, None] * stride_bd + rs[None, :],
-                    mask=(js[:, None] < d_out) & (rs[None, :] < r_max), other=0.0).to(tl.float32)
-        delta = tl.sum(b * h[None, :], axis=1) * coeff
-        out = y_ptr + token * stride_yt + y_offset + js
-        y = tl.load(out, mask=js < d_out, other=0.0)
-        tl.store(out, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=js < d_out)
+    token = tl.load(token_ptr + n)
+    coeff = tl.load(coeff_ptr + n)
+    lo = tl.load(lo_ptr + n)
+    hi = tl.load(hi_ptr + n)
+    rs = tl.arange(0, BLOCK_R)
+    h = tl.load(h_ptr + n * stride_hn + h_offset + rs, mask=(rs >= lo) & (rs < hi) & (rs < r_max), other=0.0)
+    js = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    b = tl.load(b_ptr + slot * stride_bs + js[:, None] * stride_bd + rs[None, :],
+                mask=(js[:, None] < d_out) & (rs[None, :] < r_max), other=0.0).to(tl.float32)
+    delta = tl.sum(b * h[None, :], axis=1) * coeff
+    out = y_ptr + token * stride_yt + y_offset + js
+    y = tl.load(out, mask=js < d_out, other=0.0)
+    tl.store(out, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=js < d_out)
 
 
 def _max_segment_len(layer: LoraPlanLayer) -> int:
