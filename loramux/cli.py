@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from loramux.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
+from loramux.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig, StoreConfig
+
+
+DEFAULT_ADAPTER_STORE = Path.home() / ".local" / "share" / "loramux" / "adapters"
 
 
 def parse_adapter_flag(value: str) -> tuple[str, str]:
@@ -35,13 +39,23 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV block count")
     g.add_argument("--kv-cache-memory-gib", type=float, default=None,
                    help="KV cache budget (default: 1 GiB on CPU, 90%% of free GPU memory)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=c.gpu_memory_utilization,
+                   help="share of GPU memory for weights, adapter slots and KV cache")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--max-num-seqs", type=int, default=s.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=s.max_num_batched_tokens)
     g = parser.add_argument_group("LoRA adapters")
     g.add_argument("--adapter", action="append", type=parse_adapter_flag, default=[], metavar="NAME=PATH",
-                   help="PEFT LoRA folder to load (repeatable)")
-    g.add_argument("--max-loras", type=int, default=st.max_loras, help="adapter slots")
+                   help="PEFT LoRA folder to register (repeatable)")
+    g.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="register every PEFT folder inside DIR (repeatable)")
+    g.add_argument("--adapter-store", default=None, metavar="DIR",
+                   help="directory for uploaded adapters, kept across restarts (serve default: "
+                        "~/.local/share/loramux/adapters; generate: none)")
+    g.add_argument("--max-loras", type=int, default=st.max_loras, help="GPU (device) adapter slots")
+    g.add_argument("--max-cpu-loras", type=int, default=st.max_cpu_loras, help="adapters cached in CPU memory")
+    g.add_argument("--max-adapter-bytes", type=int, default=st.max_adapter_bytes,
+                   help="size limit of adapter_model.safetensors")
     g.add_argument("--max-lora-rank", type=int, default=st.max_lora_rank)
     g.add_argument("--max-loras-per-batch", type=int, default=s.max_loras_per_batch)
     g.add_argument("--lora-backend", default=st.lora_backend, choices=["auto", "torch", "triton"])
@@ -53,11 +67,13 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           served_model_name=args.served_model_name, enforce_eager=args.enforce_eager),
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                           kv_cache_memory_gib=args.kv_cache_memory_gib,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_loras_per_batch=args.max_loras_per_batch),
-        store=StoreConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_backend=args.lora_backend,
-                          adapters=dict(args.adapter)),
+        store=StoreConfig(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
+                          max_adapter_bytes=args.max_adapter_bytes, lora_backend=args.lora_backend,
+                          store_dir=args.adapter_store, adapters=dict(args.adapter), adapter_dirs=args.adapter_dir),
         seed=args.seed,
     )
 
@@ -81,10 +97,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from loramux.engine import Engine
+    from loramux.server import create_app
+
+    server = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAMUX_API_KEY"),
+        admin_api_key=args.admin_api_key or os.environ.get("LORAMUX_ADMIN_API_KEY"),
+        max_body_bytes=args.max_body_bytes, max_completion_tokens=args.max_completion_tokens,
+        default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
+        adapter_load_root=args.adapter_load_root, metrics_per_adapter=args.metrics_per_adapter)
+    if args.adapter_store is None:
+        args.adapter_store = str(DEFAULT_ADAPTER_STORE)
+    engine = Engine(engine_config_from_args(args))
+    app = create_app(engine, server)
+    logging.getLogger("loramux").info(
+        "serving %s on %s (%s) with %d KV blocks, %d adapter slots, %d adapters at http://%s:%d/v1",
+        engine.model_id, engine.device, str(engine.dtype).removeprefix("torch."), engine.num_blocks,
+        engine.slots.num_slots, len(engine.store.records), server.host, server.port)
+    uvicorn.run(app, host=server.host, port=server.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=server.graceful_shutdown_seconds, access_log=False)
+    return 0
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host)
+    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--api-key", default=None, help="required bearer token (or LORAMUX_API_KEY)")
+    g.add_argument("--admin-api-key", default=None,
+                   help="bearer token for adapter management (or LORAMUX_ADMIN_API_KEY; default: --api-key)")
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="JSON request body limit")
+    g.add_argument("--max-completion-tokens", type=int, default=d.max_completion_tokens)
+    g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    g.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                   help="beyond this, requests get 429 with Retry-After")
+    g.add_argument("--adapter-load-root", default=None,
+                   help="folder under which POST /v1/adapters/load may read adapters (default: disabled)")
+    g.add_argument("--metrics-per-adapter", action="store_true", help="per-adapter request counters")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loramux", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    add_server_args(serve)
+    serve.set_defaults(func=cmd_serve)
     gen = sub.add_parser("generate", help="generate text for one prompt and print it")
     add_engine_args(gen)
     gen.add_argument("--prompt", required=True)

@@ -117,8 +117,10 @@ class AsyncEngine:
             for out in outputs:
                 if out.request_id in self._streams:
                     self._deliver(out.request_id, out)
-                    if out.finished and not self.engine.is_request_active(out.request_id):
-                        del self._streams[out.request_id]
+            # Only after the whole step: n > 1 completions may all finish in the same step.
+            for request_id in {out.request_id for out in outputs if out.finished}:
+                if not self.engine.is_request_active(request_id):
+                    self._streams.pop(request_id, None)
         self._fail_all(EngineDeadError("the server is shutting down"))
 
     def _fail_all(self, error: Exception) -> None:

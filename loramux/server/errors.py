@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramux.adapters_store import AdapterError
@@ -21,6 +22,13 @@ STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "
                429: "rate_limit_error", 503: "service_unavailable_error", 500: "internal_server_error"}
 
 
+class OrjsonResponse(JSONResponse):
+    """JSON bodies serialised with orjson."""
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -33,10 +41,10 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> ORJSONResponse:
+                   headers: dict[str, str] | None = None) -> OrjsonResponse:
     body = {"error": {"message": message, "type": STATUS_TYPE.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
-    return ORJSONResponse(body, status_code=status, headers=headers)
+    return OrjsonResponse(body, status_code=status, headers=headers)
 
 
 def api_error_from(exc: Exception) -> APIError:
@@ -59,6 +67,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
         return "the request body is not valid JSON", None, "invalid_json"
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    if param is None:
+        return "the request body must be a JSON object (send Content-Type: application/json)", None, "invalid_json"
     if first.get("type") == "extra_forbidden":
         return f"unknown field {param!r}", param, "unknown_field"
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param, "invalid_value"

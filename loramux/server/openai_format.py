@@ -1,0 +1,133 @@
+"""Turn engine outputs into OpenAI response bodies and stream chunks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from transformers import PreTrainedTokenizerBase
+
+from loramux.engine import RequestOutput
+from loramux.engine.sequence import LoraMix, TokenLogprob
+
+
+@dataclass
+class Choice:
+    """One completion (index) accumulated from its deltas."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.finish_reason = out.finish_reason
+        self.num_output_tokens = out.num_output_tokens
+        self.logprobs += out.logprobs
+
+
+def loramux_info(mix: LoraMix) -> dict:
+    """The `loramux` field: which adapters served the request."""
+    return {"adapters": [{"name": n, "weight": w, "rank_lo": lo, "rank_hi": hi} for n, w, lo, hi in mix]}
+
+
+def adapters_header(mix: LoraMix) -> str:
+    return ",".join(f"{n}:{w:g}" for n, w, _, _ in mix)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def completion_logprobs(tokenizer, logprobs: list[TokenLogprob], text_offset: int = 0) -> dict | None:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    if not logprobs:
+        return None
+    tokens = [_token_text(tokenizer, lp.token_id) for lp in logprobs]
+    offsets = []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{_token_text(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, logprobs: list[TokenLogprob]) -> dict | None:
+    if not logprobs:
+        return None
+
+    def entry(token_id: int, value: float) -> dict:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+    return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in logprobs]}
+
+
+@dataclass
+class ResponseContext:
+    """What every body of one request shares."""
+
+    request_id: str
+    model: str
+    chat: bool
+    mix: LoraMix
+    tokenizer: PreTrainedTokenizerBase
+    want_logprobs: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _logprobs(self, logprobs: list[TokenLogprob], text_offset: int = 0) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tokenizer, logprobs)
+        return completion_logprobs(self.tokenizer, logprobs, text_offset)
+
+    def _envelope(self, kind: str) -> dict:
+        return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model}
+
+    def full_body(self, choices: list[Choice], prompt_tokens: int) -> dict:
+        if self.chat:
+            body_choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
+                            for c in choices]
+        else:
+            body_choices = [{"index": c.index, "text": c.text, "logprobs": self._logprobs(c.logprobs),
+                             "finish_reason": c.finish_reason} for c in choices]
+        return self._envelope("chat.completion" if self.chat else "text_completion") | {
+            "choices": body_choices, "usage": usage(prompt_tokens, sum(c.num_output_tokens for c in choices)),
+            "loramux": loramux_info(self.mix)}
+
+    def chunk(self, index: int, text: str, finish_reason: str | None, logprobs: list[TokenLogprob],
+              text_offset: int, first: bool) -> bytes:
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs),
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": text, "logprobs": self._logprobs(logprobs, text_offset),
+                      "finish_reason": finish_reason}
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion") | {
+            "choices": [choice], "loramux": loramux_info(self.mix)}
+        return sse(body)
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion") | {
+            "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+        return sse(body)
+
+
+def sse(body: dict) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
