@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence as Seq
@@ -54,6 +55,19 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def accumulator(cls, out: "RequestOutput") -> "RequestOutput":
+        """An empty output for `out`'s completion, to `merge` its deltas into."""
+        return cls(out.request_id, out.index, [], "", None, out.num_prompt_tokens, 0)
+
+    def merge(self, out: "RequestOutput") -> None:
+        """Append a later delta of the same completion."""
+        self.new_token_ids += out.new_token_ids
+        self.new_text += out.new_text
+        self.logprobs += out.logprobs
+        self.finish_reason = out.finish_reason
+        self.num_output_tokens = out.num_output_tokens
 
 
 def resolve_device(name: str) -> torch.device:
@@ -258,8 +272,6 @@ class Engine:
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         p = seq.sampling
         seq.output_ids.append(token)
-        if logprob is not None:
-            seq.output_logprobs.append(logprob)
         finish = None
         is_stop_token = token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)
         detok = self._detokenizers[seq.seq_id]
@@ -285,17 +297,12 @@ class Engine:
     def generate(self, prompts: list[str | list[int]], sampling: SamplingParams | None = None,
                  lora_mixes: list[Seq] | None = None) -> list[list[RequestOutput]]:
         """Run prompts to completion; returns, per prompt, one merged output per completion index."""
-        ids = [f"generate-{i}-{id(prompts)}" for i in range(len(prompts))]
+        batch = uuid.uuid4().hex
+        ids = [f"generate-{batch}-{i}" for i in range(len(prompts))]
         for rid, prompt, mix in zip(ids, prompts, lora_mixes or [()] * len(prompts)):
             self.add_request(rid, prompt, sampling, mix)
         results = {rid: {} for rid in ids}
         while self.has_unfinished_requests():
             for out in self.step():
-                merged = results[out.request_id].setdefault(out.index, RequestOutput(
-                    out.request_id, out.index, [], "", None, out.num_prompt_tokens, 0))
-                merged.new_token_ids += out.new_token_ids
-                merged.new_text += out.new_text
-                merged.logprobs += out.logprobs
-                merged.finish_reason = out.finish_reason
-                merged.num_output_tokens = out.num_output_tokens
+                results[out.request_id].setdefault(out.index, RequestOutput.accumulator(out)).merge(out)
         return [[results[rid][i] for i in sorted(results[rid])] for rid in ids]

@@ -76,7 +76,6 @@ class Sequence:
         self.index = index
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
-        self.output_logprobs: list[TokenLogprob] = []
         self.sampling = sampling
         self.lora_mix = lora_mix
         self.generator = generator

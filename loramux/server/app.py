@@ -17,13 +17,13 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loramux.config import ServerConfig
-from loramux.engine import Engine, SamplingParams
+from loramux.engine import Engine, RequestOutput, SamplingParams
 from loramux.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from loramux.engine.sequence import LoraMix
 from loramux.server.errors import APIError, OrjsonResponse, install_error_handlers
 from loramux.server.metrics import ServerMetrics
 from loramux.server.middleware import BodySizeLimit
-from loramux.server.openai_format import SSE_DONE, Choice, ResponseContext, adapters_header, sse
+from loramux.server.openai_format import SSE_DONE, ResponseContext, adapters_header, sse
 from loramux.server.schemas import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, SamplingFields
 
 logger = logging.getLogger(__name__)
@@ -197,15 +197,15 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     async def stream_events(stream: RequestStream, ctx: ResponseContext, timer: RequestTimer,
                             include_usage: bool, mix: LoraMix):
-        choices: dict[int, Choice] = {}
+        choices: dict[int, RequestOutput] = {}
         prompt_tokens, status = 0, "aborted"
         try:
             async for out in stream:
                 observe(out, timer)
                 prompt_tokens = out.num_prompt_tokens
-                choice = choices.setdefault(out.index, Choice(out.index))
-                first, offset = choice.num_output_tokens == 0, len(choice.text)
-                choice.add(out)
+                choice = choices.setdefault(out.index, RequestOutput.accumulator(out))
+                first, offset = choice.num_output_tokens == 0, len(choice.new_text)
+                choice.merge(out)
                 if out.new_text or out.finished or out.logprobs or first:
                     yield ctx.chunk(out.index, out.new_text, out.finish_reason, out.logprobs, offset, first)
             if include_usage:
@@ -223,7 +223,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     async def collect(request: Request, stream: RequestStream, ctx: ResponseContext, timer: RequestTimer,
                       mix: LoraMix, headers: dict):
-        choices: dict[int, Choice] = {}
+        choices: dict[int, RequestOutput] = {}
         prompt_tokens = 0
 
         async def drain() -> None:
@@ -231,7 +231,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             async for out in stream:
                 observe(out, timer)
                 prompt_tokens = out.num_prompt_tokens
-                choices.setdefault(out.index, Choice(out.index)).add(out)
+                choices.setdefault(out.index, RequestOutput.accumulator(out)).merge(out)
 
         task = asyncio.ensure_future(drain())
         status = "aborted"

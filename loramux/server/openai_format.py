@@ -12,23 +12,6 @@ from loramux.engine import RequestOutput
 from loramux.engine.sequence import LoraMix, TokenLogprob
 
 
-@dataclass
-class Choice:
-    """One completion (index) accumulated from its deltas."""
-
-    index: int
-    text: str = ""
-    finish_reason: str | None = None
-    num_output_tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-
-    def add(self, out: RequestOutput) -> None:
-        self.text += out.new_text
-        self.finish_reason = out.finish_reason
-        self.num_output_tokens = out.num_output_tokens
-        self.logprobs += out.logprobs
-
-
 def loramux_info(mix: LoraMix) -> dict:
     """The `loramux` field: which adapters served the request."""
     return {"adapters": [{"name": n, "weight": w, "rank_lo": lo, "rank_hi": hi} for n, w, lo, hi in mix]}
@@ -95,13 +78,14 @@ class ResponseContext:
     def _envelope(self, kind: str) -> dict:
         return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model}
 
-    def full_body(self, choices: list[Choice], prompt_tokens: int) -> dict:
+    def full_body(self, choices: list[RequestOutput], prompt_tokens: int) -> dict:
+        """choices: one merged output per completion (`RequestOutput.accumulator` + `merge`)."""
         if self.chat:
-            body_choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+            body_choices = [{"index": c.index, "message": {"role": "assistant", "content": c.new_text},
                              "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
                             for c in choices]
         else:
-            body_choices = [{"index": c.index, "text": c.text, "logprobs": self._logprobs(c.logprobs),
+            body_choices = [{"index": c.index, "text": c.new_text, "logprobs": self._logprobs(c.logprobs),
                              "finish_reason": c.finish_reason} for c in choices]
         return self._envelope("chat.completion" if self.chat else "text_completion") | {
             "choices": body_choices, "usage": usage(prompt_tokens, sum(c.num_output_tokens for c in choices)),

@@ -1,0 +1,37 @@
+"""The container files parse and point at the right ports and paths (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from loramux.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compose_and_prometheus_agree_with_the_server():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    server, prom = compose["services"]["loramux"], compose["services"]["prometheus"]
+    assert "8000:8000" in server["ports"]
+    assert any(v.endswith(":/adapters") for v in server["volumes"])
+    config_mount = next(v for v in prom["volumes"] if v.endswith("/etc/prometheus/prometheus.yml:ro"))
+    prometheus = yaml.safe_load((ROOT / config_mount.split(":")[0]).read_text())
+    [job] = prometheus["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["loramux:8000"]
+
+
+def test_dockerfile_runs_serve_as_non_root_with_volumes_and_healthcheck():
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    assert any(line.startswith("USER ") and line != "USER root" for line in lines)
+    assert any(line.startswith("HEALTHCHECK") for line in lines)
+    assert any("curl -fsS http://127.0.0.1:8000/health" in line for line in lines)
+    assert 'VOLUME ["/models", "/adapters"]' in lines
+    entry = next(line for line in lines if line.startswith("ENTRYPOINT"))
+    args = json.loads(entry.removeprefix("ENTRYPOINT"))
+    assert args[:2] == ["loramux", "serve"]
+    parsed = build_parser().parse_args(args[1:])  # every flag it passes exists
+    assert (parsed.host, parsed.port, parsed.adapter_store) == ("0.0.0.0", 8000, "/adapters")
