@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--skip-baselines", action="store_true", help="loramux rows only")
+    parser.add_argument("--rounds", type=int, default=2, help="repeat every configuration; report the best")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -146,23 +147,32 @@ def main() -> None:
                 engine.model_id, args.device, str(engine.dtype).removeprefix("torch."), n, args.prompt_len,
                 args.new_tokens, args.rank)
     run_loramux(engine, prompts[:2], [[names[0]], []], 4)  # warm-up
-    results = {
-        "loramux_mixed": run_loramux(engine, prompts, [[name] for name in names], args.new_tokens),
-        "loramux_shared": run_loramux(engine, prompts, [[names[0]]] * n, args.new_tokens),
-        "loramux_base": run_loramux(engine, prompts, [[]] * n, args.new_tokens),
+    runs = {
+        "loramux_mixed": lambda: run_loramux(engine, prompts, [[name] for name in names], args.new_tokens),
+        "loramux_shared": lambda: run_loramux(engine, prompts, [[names[0]]] * n, args.new_tokens),
+        "loramux_base": lambda: run_loramux(engine, prompts, [[]] * n, args.new_tokens),
     }
     if not args.skip_baselines:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(engine.checkpoint_folder, dtype=engine.dtype).to(args.device).eval()
-        results["hf_base"] = run_hf(hf, prompts, args.new_tokens)
-        peft = PeftModel.from_pretrained(hf, adapters[names[0]], adapter_name=names[0])
+        def load_hf():
+            return AutoModelForCausalLM.from_pretrained(engine.checkpoint_folder, dtype=engine.dtype).to(
+                args.device).eval()
+
+        hf = load_hf()
+        peft = PeftModel.from_pretrained(load_hf(), adapters[names[0]], adapter_name=names[0])
         for name in names[1:]:
             peft.load_adapter(adapters[name], adapter_name=name)
-        results["peft_mixed"] = run_hf(peft.eval(), prompts, args.new_tokens, adapter_names=names)
+        runs["hf_base"] = lambda: run_hf(hf, prompts, args.new_tokens)
+        runs["peft_mixed"] = lambda: run_hf(peft.eval(), prompts, args.new_tokens, adapter_names=names)
+    # Rounds interleave the configurations, so a drift in machine speed hits all of them alike.
+    results = dict.fromkeys(runs, 0.0)
+    for _ in range(args.rounds):
+        for key, run in runs.items():
+            results[key] = max(results[key], run())
 
-    logger.info("%-16s %12s", "configuration", "tokens/s")
+    logger.info("%-16s %12s   (best of %d interleaved rounds)", "configuration", "tokens/s", args.rounds)
     for key, value in results.items():
         logger.info("%-16s %12.1f", key, value)
     ratios = {"mixed / base (loramux)": results["loramux_mixed"] / results["loramux_base"]}

@@ -52,7 +52,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter-store", default=None, metavar="DIR",
                    help="directory for uploaded adapters, kept across restarts (serve default: "
                         "~/.local/share/loramux/adapters; generate: none)")
-    g.add_argument("--max-loras", type=int, default=st.max_loras, help="GPU (device) adapter slots")
+    g.add_argument("--max-loras", "--max-gpu-loras", type=int, default=st.max_loras, help="GPU (device) adapter slots")
     g.add_argument("--max-cpu-loras", type=int, default=st.max_cpu_loras, help="adapters cached in CPU memory")
     g.add_argument("--max-adapter-bytes", type=int, default=st.max_adapter_bytes,
                    help="size limit of adapter_model.safetensors")
@@ -106,7 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAMUX_API_KEY"),
         admin_api_key=args.admin_api_key or os.environ.get("LORAMUX_ADMIN_API_KEY"),
-        max_body_bytes=args.max_body_bytes, max_completion_tokens=args.max_completion_tokens,
+        max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+        max_completion_tokens=args.max_completion_tokens,
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
         adapter_load_root=args.adapter_load_root, metrics_per_adapter=args.metrics_per_adapter)
     if args.adapter_store is None:
@@ -131,6 +132,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--admin-api-key", default=None,
                    help="bearer token for adapter management (or LORAMUX_ADMIN_API_KEY; default: --api-key)")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="JSON request body limit")
+    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                   help="longest prompt accepted (default: the model's context)")
     g.add_argument("--max-completion-tokens", type=int, default=d.max_completion_tokens)
     g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     g.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,

@@ -105,6 +105,7 @@ class ServerConfig:
     api_key: str | None = None  # also LORAMUX_API_KEY
     admin_api_key: str | None = None  # adapter management; falls back to api_key
     max_body_bytes: int = 4 * 2**20  # JSON bodies; uploads are limited by max_adapter_bytes
+    max_prompt_tokens: int | None = None  # None: the model's context length
     max_completion_tokens: int = 4096
     default_max_tokens: int = 256
     max_concurrent_requests: int = 256
@@ -115,6 +116,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "--port must be in 1..65535")
         _require(self.max_body_bytes > 0, "--max-body-bytes must be positive")
+        _require(self.max_prompt_tokens is None or self.max_prompt_tokens > 0, "--max-prompt-tokens must be positive")
         _require(0 < self.default_max_tokens <= self.max_completion_tokens,
                  "--default-max-tokens must be in 1..--max-completion-tokens")
         _require(self.max_concurrent_requests > 0, "--max-concurrent-requests must be positive")

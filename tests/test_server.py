@@ -44,7 +44,8 @@ def server(tiny_llama_dir, adapter_dir, tmp_path_factory):
                           "--adapter-store", str(tmp / "store"), "--adapter-load-root", str(adapter_dir),
                           "--max-loras", "8", "--max-loras-per-batch", "8", "--api-key", API_KEY,
                           "--admin-api-key", ADMIN_KEY, "--max-body-bytes", "65536", "--max-adapter-bytes",
-                          "200000", "--max-completion-tokens", "64", "--default-max-tokens", "16"],
+                          "200000", "--max-completion-tokens", "64", "--default-max-tokens", "16",
+                          "--max-prompt-tokens", "256"],
                          tmp / "server.log")
     yield proc
     proc.stop()
@@ -194,6 +195,8 @@ BAD_REQUESTS = [
     ("huge max_tokens", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**9}, 400, None),
     ("empty prompt", "/v1/completions", {"model": "tiny", "prompt": ""}, 400, None),
     ("prompt over context", "/v1/completions", {"model": "tiny", "prompt": list(range(1000, 2100))}, 400,
+     "context_length_exceeded"),
+    ("prompt over server limit", "/v1/completions", {"model": "tiny", "prompt": "word " * 300}, 400,
      "context_length_exceeded"),
     ("router not yet", "/v1/completions", {"model": "auto", "prompt": "x"}, 400, "router_unavailable"),
     ("penalty", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],

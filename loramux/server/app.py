@@ -37,7 +37,6 @@ class ServerState:
     config: ServerConfig
     metrics: ServerMetrics
     async_engine: AsyncEngine | None = None
-    inflight: int = 0
     started: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -149,7 +148,6 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             raise APIError(400, str(exc), None, "invalid_value") from exc
 
     def finish_request(timer: RequestTimer, status: str, prompt_tokens: int, mix: LoraMix) -> None:
-        state.inflight -= 1
         metrics.requests.labels(status=status).inc()
         if status != "success":
             return
@@ -170,16 +168,20 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         mix = resolve_mix(body)
         sampling = build_sampling(body, max_tokens, logprobs)
         async_engine = running_engine()
-        if state.inflight >= config.max_concurrent_requests:
+        # Tokenize here, not on the engine thread, and hold prompts to the server's limit.
+        prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else prompt
+        if config.max_prompt_tokens is not None and len(prompt_ids) > config.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most "
+                                f"{config.max_prompt_tokens}", "prompt", "context_length_exceeded")
+        # Counted by the engine's live streams: a stream that no client reads still ends with its request.
+        if async_engine.num_requests >= config.max_concurrent_requests:
             raise APIError(429, f"the server is at its limit of {config.max_concurrent_requests} concurrent "
                                 "requests; retry shortly", None, "overloaded", {"Retry-After": "1"})
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        state.inflight += 1
         timer = RequestTimer()
         try:
-            stream = await async_engine.submit(request_id, prompt, sampling, mix)
+            stream = await async_engine.submit(request_id, prompt_ids, sampling, mix)
         except Exception:
-            state.inflight -= 1
             metrics.requests.labels(status="rejected").inc()
             raise
         ctx = ResponseContext(request_id, body.model, chat, mix, engine.tokenizer, logprobs is not None)
