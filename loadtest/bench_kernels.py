@@ -2,7 +2,8 @@
 
 For a random-init Llama shape (1B or 7B class), rank 16 on all seven
 projections, one decoder layer's LoRA work for a decode batch of N tokens:
-q/k/v shrink (A stacked) + 3 expands, o, gate/up shrink + 2 expands, down.
+q/k/v (one shrink over the stacked A, one expand over the stacked B), o,
+gate/up (likewise), down.
 Adapter popularity: every token its own adapter ("distinct") or Zipf(1.0)
 over the slot pool. Reported per batch size:
   kernel us      the backend's kernels (Triton on CUDA)
@@ -96,8 +97,8 @@ def main() -> None:
     groups = []
     for d_in, d_outs in layer_groups(args.config):
         a = (torch.randn(args.slots, len(d_outs) * args.rank, d_in, generator=g) / d_in ** 0.5).to(device, dtype)
-        bs = [(torch.randn(args.slots, d, args.rank, generator=g) * 0.01).to(device, dtype) for d in d_outs]
-        groups.append((d_in, d_outs, a, bs))
+        b = (torch.randn(args.slots, sum(d_outs), args.rank, generator=g) * 0.01).to(device, dtype)
+        groups.append((d_in, d_outs, tuple(sum(d_outs[:i]) for i in range(len(d_outs))), a, b))
     scales = torch.ones(args.slots)
     rows = []
     logger.info("%-9s %6s %11s %12s %8s %10s %9s", "adapters", "batch", "kernel us", "baseline us", "speedup",
@@ -114,17 +115,13 @@ def main() -> None:
             ys = [torch.zeros(batch, sum(d_outs), device=device, dtype=dtype) for _, d_outs, *_ in groups]
 
             def one_layer(ops):
-                for (d_in, d_outs, a, bs), x, y in zip(groups, xs, ys):
-                    h = ops.shrink(x, a, layer)
-                    offset = 0
-                    for i, b in enumerate(bs):
-                        ops.expand(y, b, h, layer, h_offset=i * args.rank, y_offset=offset)
-                        offset += b.shape[1]
+                for (_, _, starts, a, b), x, y in zip(groups, xs, ys):
+                    ops.expand(y, b, ops.shrink(x, a, layer), layer, starts)
 
             kernel = timed(lambda: one_layer(backend), args.device, args.repeat)
             baseline = timed(lambda: one_layer(TORCH_BACKEND), args.device, args.repeat)
-            moved = sum(batch * (a[0].numel() + sum(b[0].numel() for b in bs)) * itemsize
-                        + batch * (d_in + 2 * sum(d_outs)) * itemsize for d_in, d_outs, a, bs in groups)
+            moved = sum(batch * (a[0].numel() + b[0].numel() + d_in + 2 * sum(d_outs)) * itemsize
+                        for d_in, d_outs, _, a, b in groups)
             row = {"popularity": popularity, "batch": batch, "kernel_us": kernel * 1e6, "baseline_us": baseline * 1e6,
                    "bandwidth_gbs": moved / kernel / 1e9, "fraction_of_copy": moved / kernel / copy_bw}
             rows.append(row)

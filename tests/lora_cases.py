@@ -71,3 +71,27 @@ def loop_reference(x, a, b, scales, runs, y_offset=0, d_total=None):
 
 def plan_for(runs, scales, r_max, device="cpu"):
     return build_lora_plan(runs, scales, r_max, device)
+
+
+def fused_pool(ranks: list[int], r_max: int, d_in: int, d_outs: list[int], seed: int):
+    """Fused sub-projections (like q/k/v): A stacked [S, n * r_max, d_in], B stacked [S, sum(d_outs), r_max].
+
+    Also returns each sub-projection's own (A, B) for the reference; scales are shared, as in one adapter.
+    """
+    subs = [random_pool(len(ranks), ranks, r_max, d_in, d_out, seed + i)[:2] for i, d_out in enumerate(d_outs)]
+    scales = random_pool(len(ranks), ranks, r_max, d_in, 1, seed)[2]
+    return torch.cat([a for a, _ in subs], 1), torch.cat([b for _, b in subs], 1), scales, subs
+
+
+def fused_reference(x, subs, scales, runs, d_outs: list[int]):
+    """The per-token loop, each sub-projection into its own columns."""
+    y = torch.zeros(x.shape[0], sum(d_outs))
+    offset = 0
+    for (a, b), d_out in zip(subs, d_outs):
+        y += loop_reference(x, a, b, scales, runs, y_offset=offset, d_total=sum(d_outs))
+        offset += d_out
+    return y
+
+
+def sub_starts(d_outs: list[int]) -> tuple[int, ...]:
+    return tuple(sum(d_outs[:i]) for i in range(len(d_outs)))

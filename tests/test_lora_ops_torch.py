@@ -7,7 +7,7 @@ import torch
 
 from loramux.kernels import torch_ref
 from loramux.kernels.plan import with_mode
-from tests.lora_cases import POPULARITY, loop_reference, plan_for, random_pool, random_runs
+from tests.lora_cases import POPULARITY, fused_pool, fused_reference, plan_for, random_runs, sub_starts
 
 RANKS = [4, 8, 16, 64, 8, 4, 16, 64]
 
@@ -17,18 +17,16 @@ RANKS = [4, 8, 16, 64, 8, 4, 16, 64]
 @pytest.mark.parametrize("depth", [1, 3])
 @pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
 def test_shrink_expand_match_loop(pattern, run_len, depth, mode):
-    num_tokens, d_in, d_out, r_max = 37, 24, 40, 64
-    a, b, scales = random_pool(len(RANKS), RANKS, r_max, d_in, d_out, seed=1)
+    num_tokens, d_in, d_outs, r_max = 37, 24, [40, 16, 16], 64  # three fused sub-projections, like q/k/v
+    a, b, scales, subs = fused_pool(RANKS, r_max, d_in, d_outs, seed=1)
     runs = random_runs(pattern, num_tokens, len(RANKS), RANKS, depth, run_len, seed=POPULARITY.index(pattern))
     x = torch.randn(num_tokens, d_in, generator=torch.Generator().manual_seed(2))
-    base = torch.randn(num_tokens, d_out + 16)
+    base = torch.randn(num_tokens, sum(d_outs))
     y = base.clone()
     for layer in plan_for(runs, scales, r_max).layers:
         layer = with_mode(layer, mode)
-        h = torch_ref.lora_shrink(x, a, layer)
-        torch_ref.lora_expand(y, b, h, layer, y_offset=16)  # into a column slice
-    expected = base + loop_reference(x, a, b, scales, runs, y_offset=16, d_total=d_out + 16)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        torch_ref.lora_expand(y, b, torch_ref.lora_shrink(x, a, layer), layer, sub_starts(d_outs))
+    torch.testing.assert_close(y, base + fused_reference(x, subs, scales, runs, d_outs), rtol=1e-5, atol=1e-5)
 
 
 def test_plan_sorts_rows_into_one_segment_per_slot():

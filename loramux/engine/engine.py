@@ -147,7 +147,7 @@ class Engine:
         if num_blocks < 1:
             raise ValueError("the KV cache budget holds no block; raise --kv-cache-memory-gib or "
                              "--gpu-memory-utilization, or lower --max-loras")
-        slot_bytes = sum(m.lora_a.nbytes + sum(b.nbytes for b in m.lora_b) for _, m in self.model.lora_linears())
+        slot_bytes = sum(m.lora_a.nbytes + m.lora_b.nbytes for _, m in self.model.lora_linears())
         weight_bytes = sum(p.nbytes for p in self.model.parameters())
         logger.info("memory: weights %.2f GiB, adapter slots %.2f GiB (%d x rank %d), KV cache %.2f GiB (%d blocks)",
                     weight_bytes / 2**30, slot_bytes / 2**30, self.config.store.max_loras,

@@ -14,9 +14,10 @@ class LoraLinear(nn.Module):
     `sub_names` / `sub_sizes` describe the projections fused into W along its
     output dimension (q, k, v or gate, up; one name for o_proj and down_proj).
     Slot tensors, allocated by `allocate_slots`:
-      lora_a: [S, n_sub * r_max, d_in]  the sub-projections' A matrices stacked,
-              so one shrink serves the whole fused projection
-      lora_b: n_sub tensors [S, d_out_i, r_max]
+      lora_a: [S, n_sub * r_max, d_in]  the sub-projections' A matrices stacked
+              along the rank, so one shrink serves the whole fused projection
+      lora_b: [S, d_out_total, r_max]   their B matrices stacked along the
+              output, so one expand writes every sub-projection's columns
     An adapter that does not target a sub-projection leaves zeros there.
     """
 
@@ -32,7 +33,7 @@ class LoraLinear(nn.Module):
         self.backend = backend
         self.r_max = 0
         self.lora_a: torch.Tensor | None = None
-        self.lora_b: list[torch.Tensor] = []
+        self.lora_b: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -42,7 +43,7 @@ class LoraLinear(nn.Module):
         w = self.weight
         self.r_max = r_max
         self.lora_a = torch.zeros(num_slots, len(self.sub_names) * r_max, w.shape[1], dtype=w.dtype, device=w.device)
-        self.lora_b = [torch.zeros(num_slots, size, r_max, dtype=w.dtype, device=w.device) for size in self.sub_sizes]
+        self.lora_b = torch.zeros(num_slots, w.shape[0], r_max, dtype=w.dtype, device=w.device)
 
     def set_slot(self, slot: int, sub_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write one sub-projection's A [r, d_in] and B [d_out, r] into `slot` (zero-padded to r_max)."""
@@ -51,19 +52,18 @@ class LoraLinear(nn.Module):
         block = self.lora_a[slot, i * self.r_max:(i + 1) * self.r_max]
         block.zero_()
         block[:rank].copy_(a, non_blocking=True)
-        self.lora_b[i][slot].zero_()
-        self.lora_b[i][slot, :, :rank].copy_(b, non_blocking=True)
+        rows = self.lora_b[slot, self.sub_offsets[i]:self.sub_offsets[i] + self.sub_sizes[i]]
+        rows.zero_()
+        rows[:, :rank].copy_(b, non_blocking=True)
 
     def reset_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
-        for b in self.lora_b:
-            b[slot].zero_()
+        self.lora_b[slot].zero_()
 
     def forward(self, x: torch.Tensor, plan: LoraPlan) -> torch.Tensor:
         """x: [T, d_in] -> y: [T, d_out_total]."""
         y = nn.functional.linear(x, self.weight, self.bias)
         for layer in plan.layers:
             h = self.backend.shrink(x, self.lora_a, layer)
-            for i, lora_b in enumerate(self.lora_b):
-                self.backend.expand(y, lora_b, h, layer, h_offset=i * self.r_max, y_offset=self.sub_offsets[i])
+            self.backend.expand(y, self.lora_b, h, layer, self.sub_offsets)
         return y

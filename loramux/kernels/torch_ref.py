@@ -36,22 +36,10 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, layer: LoraPlanLayer) -> 
     return torch.bmm(lora_a.index_select(0, layer.slot_idx), x_rows).squeeze(2)
 
 
-def lora_expand(
-    y: torch.Tensor,
-    lora_b: torch.Tensor,
-    h: torch.Tensor,
-    layer: LoraPlanLayer,
-    h_offset: int = 0,
-    y_offset: int = 0,
-) -> None:
-    """Semantics: y[token[n], y_off:y_off+d_out] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, h_off+lo:h_off+hi].
-
-    y: [T, d_total] (updated in place); lora_b: [S, d_out, r_max];
-    h: [N, R] from `lora_shrink`; coeff, lo and hi come from the plan layer.
-    """
-    d_out, r_max = lora_b.shape[1], lora_b.shape[2]
-    y_cols = y[:, y_offset:y_offset + d_out]
-    h_scaled = (h[:, h_offset:h_offset + r_max] * layer.rank_coeff).to(y.dtype)
+def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, layer: LoraPlanLayer) -> None:
+    """y_cols[token[n]] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, lo:hi] for one sub-projection."""
+    d_out = lora_b.shape[1]
+    h_scaled = (h * layer.rank_coeff).to(y_cols.dtype)
     if layer.mode == "segments":
         for slot, start, end, token in layer.segments:
             y_cols[token:token + end - start].addmm_(h_scaled[start:end], lora_b[slot].T)
@@ -63,3 +51,18 @@ def lora_expand(
     else:
         delta = torch.bmm(lora_b.index_select(0, layer.slot_idx), h_scaled.unsqueeze(2)).squeeze(2)
     y_cols.index_add_(0, layer.token_idx, delta)
+
+
+def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, layer: LoraPlanLayer,
+                sub_starts: tuple[int, ...] = (0,)) -> None:
+    """Semantics: for each fused sub-projection i with columns c_i = sub_starts[i]:sub_starts[i+1],
+    y[token[n], c_i] += coeff[n] * B[slot[n]][c_i, lo:hi] @ h[n, i*r_max+lo : i*r_max+hi].
+
+    y: [T, d_total] (updated in place); lora_b: [S, d_total, r_max] (the
+    sub-projections' B stacked along the output); h: [N, n_sub * r_max] from
+    `lora_shrink`; coeff, lo and hi come from the plan layer.
+    """
+    d_total, r_max = lora_b.shape[1], lora_b.shape[2]
+    ends = list(sub_starts[1:]) + [d_total]
+    for i, (start, end) in enumerate(zip(sub_starts, ends)):
+        _expand_block(y[:, start:end], lora_b[:, start:end], h[:, i * r_max:(i + 1) * r_max], layer)

@@ -13,6 +13,9 @@ autotuning at request time):
   programs per SM busy while reusing it across 32 tokens;
 - BGMV reads the adapter once per row, so it uses wide 128-column tiles over
   d_in (shrink) and d_out (expand) to make each load long and coalesced.
+
+Fused projections take one launch each way: the shrink reads the stacked A
+of q/k/v (or gate/up), the expand writes every sub-projection's columns.
 """
 
 from __future__ import annotations
@@ -83,12 +86,22 @@ def _bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, slot_ptr,
 
 
 @triton.jit
-def _sgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_ptr, coeff_ptr, lo_ptr, hi_ptr,
-                        d_out, r_max, h_offset, y_offset, stride_yt, stride_bs, stride_bd, stride_hn,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Semantics: y[token[n], y_off + j] += coeff[n] * sum_{lo[n] <= r < hi[n]} B[slot, j, r] * h[n, h_off + r].
+def _sub_of_column(js, sub1, sub2):
+    """Which fused sub-projection each output column belongs to (at most three: q, k, v)."""
+    return (js >= sub1).to(tl.int32) + (js >= sub2).to(tl.int32)
 
-    Grid: (segments, row tiles of the longest segment, d_out tiles).
+
+@triton.jit
+def _sgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_ptr, coeff_ptr, lo_ptr, hi_ptr,
+                        d_total, r_max, sub1, sub2, stride_yt, stride_bs, stride_bd, stride_hn,
+                        NUM_SUBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
+    """Semantics: y[token[n], j] += coeff[n] * sum_{lo[n] <= r < hi[n]} B[slot, j, r] * h[n, sub(j) * r_max + r].
+
+    sub(j) is the fused sub-projection of column j (columns from sub1 on are
+    sub 1, from sub2 on sub 2). Grid: (segments, row tiles of the longest
+    segment, d_total tiles). A tile may straddle sub-projections, so each sub's
+    rank block is multiplied with the columns of that sub only.
     """
     seg = tl.program_id(0)
     start = tl.load(seg_start_ptr + seg)
@@ -103,26 +116,29 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_
         hi = tl.load(hi_ptr + rows, mask=row_ok, other=0)
         rs = tl.arange(0, BLOCK_R)
         in_rank = (rs[None, :] >= lo[:, None]) & (rs[None, :] < hi[:, None]) & (rs[None, :] < r_max)
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + h_offset + rs[None, :],
-                    mask=row_ok[:, None] & in_rank, other=0.0)
-        h = (h * coeff[:, None]).to(b_ptr.dtype.element_ty)
         js = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         b = tl.load(b_ptr + slot * stride_bs + js[None, :] * stride_bd + rs[:, None],
-                    mask=(js[None, :] < d_out) & (rs[:, None] < r_max), other=0.0)
-        delta = tl.dot(h, b)
-        out = y_ptr + tokens[:, None] * stride_yt + y_offset + js[None, :]
-        ok = row_ok[:, None] & (js[None, :] < d_out)
+                    mask=(js[None, :] < d_total) & (rs[:, None] < r_max), other=0.0)
+        column_sub = _sub_of_column(js, sub1, sub2)
+        delta = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for sub in tl.static_range(NUM_SUBS):
+            h = tl.load(h_ptr + rows[:, None] * stride_hn + sub * r_max + rs[None, :],
+                        mask=row_ok[:, None] & in_rank, other=0.0)
+            h = (h * coeff[:, None]).to(b_ptr.dtype.element_ty)
+            delta += tl.dot(h, tl.where(column_sub[None, :] == sub, b, 0.0).to(b_ptr.dtype.element_ty))
+        out = y_ptr + tokens[:, None] * stride_yt + js[None, :]
+        ok = row_ok[:, None] & (js[None, :] < d_total)
         y = tl.load(out, mask=ok, other=0.0)
         tl.store(out, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _bgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, slot_ptr, coeff_ptr, lo_ptr, hi_ptr,
-                        d_out, r_max, h_offset, y_offset, stride_yt, stride_bs, stride_bd, stride_hn,
+                        d_total, r_max, sub1, sub2, stride_yt, stride_bs, stride_bd, stride_hn,
                         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Semantics: y[token[n], y_off + j] += coeff[n] * sum_{lo[n] <= r < hi[n]} B[slot[n], j, r] * h[n, h_off + r].
+    """Semantics: y[token[n], j] += coeff[n] * sum_{lo[n] <= r < hi[n]} B[slot[n], j, r] * h[n, sub(j) * r_max + r].
 
-    Grid: (rows, d_out tiles).
+    Grid: (rows, d_total tiles); each column reads the rank block of its own sub-projection.
     """
     n = tl.program_id(0)
     slot = tl.load(slot_ptr + n)
@@ -131,14 +147,18 @@ def _bgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, slot_ptr, coeff_ptr, lo_
     lo = tl.load(lo_ptr + n)
     hi = tl.load(hi_ptr + n)
     rs = tl.arange(0, BLOCK_R)
-    h = tl.load(h_ptr + n * stride_hn + h_offset + rs, mask=(rs >= lo) & (rs < hi) & (rs < r_max), other=0.0)
     js = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    column_ok = js < d_total
+    rank_ok = (rs >= lo) & (rs < hi) & (rs < r_max)
+    column_sub = _sub_of_column(js, sub1, sub2)
+    h = tl.load(h_ptr + n * stride_hn + column_sub[:, None] * r_max + rs[None, :],
+                mask=column_ok[:, None] & rank_ok[None, :], other=0.0)
     b = tl.load(b_ptr + slot * stride_bs + js[:, None] * stride_bd + rs[None, :],
-                mask=(js[:, None] < d_out) & (rs[None, :] < r_max), other=0.0).to(tl.float32)
-    delta = tl.sum(b * h[None, :], axis=1) * coeff
-    out = y_ptr + token * stride_yt + y_offset + js
-    y = tl.load(out, mask=js < d_out, other=0.0)
-    tl.store(out, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=js < d_out)
+                mask=column_ok[:, None] & (rs[None, :] < r_max), other=0.0).to(tl.float32)
+    delta = tl.sum(b * h, axis=1) * coeff
+    out = y_ptr + token * stride_yt + js
+    y = tl.load(out, mask=column_ok, other=0.0)
+    tl.store(out, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=column_ok)
 
 
 def _max_segment_len(layer: LoraPlanLayer) -> int:
@@ -168,23 +188,26 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, layer: LoraPlanLayer) -> 
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, layer: LoraPlanLayer,
-                h_offset: int = 0, y_offset: int = 0) -> None:
-    """Semantics: y[token[n], y_off:y_off+d_out] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, h_off+lo:h_off+hi].
+                sub_starts: tuple[int, ...] = (0,)) -> None:
+    """Semantics: for each fused sub-projection i with columns c_i = sub_starts[i]:sub_starts[i+1],
+    y[token[n], c_i] += coeff[n] * B[slot[n]][c_i, lo:hi] @ h[n, i*r_max+lo : i*r_max+hi].
 
-    y: [T, d_total] row-contiguous, updated in place (a column slice of a fused
-    output); lora_b: [S, d_out, r_max] contiguous; h: [N, R] from `lora_shrink`.
+    One launch for the whole fused projection. y: [T, d_total] row-contiguous,
+    updated in place; lora_b: [S, d_total, r_max] contiguous (the
+    sub-projections' B stacked along the output); h: [N, n_sub * r_max].
     """
-    d_out, r_max = lora_b.shape[1], lora_b.shape[2]
-    assert y.stride(1) == 1 and lora_b.is_contiguous() and h.stride(1) == 1
-    args = (d_out, r_max, h_offset, y_offset, y.stride(0), lora_b.stride(0), lora_b.stride(1), h.stride(0))
+    d_total, r_max = lora_b.shape[1], lora_b.shape[2]
+    assert y.stride(1) == 1 and lora_b.is_contiguous() and h.stride(1) == 1 and 1 <= len(sub_starts) <= 3
+    subs = list(sub_starts[1:]) + [d_total] * (3 - len(sub_starts))
+    args = (d_total, r_max, subs[0], subs[1], y.stride(0), lora_b.stride(0), lora_b.stride(1), h.stride(0))
     if layer.mode == "segments":
         longest = _max_segment_len(layer)
-        bs = block_sizes("sgmv", d_out, r_max, longest)
-        grid = (len(layer.segments), triton.cdiv(longest, bs["BLOCK_M"]), triton.cdiv(d_out, bs["BLOCK_D"]))
+        bs = block_sizes("sgmv", d_total, r_max, longest)
+        grid = (len(layer.segments), triton.cdiv(longest, bs["BLOCK_M"]), triton.cdiv(d_total, bs["BLOCK_D"]))
         _sgmv_expand_kernel[grid](y, lora_b, h, layer.token_idx, layer.seg_starts, layer.seg_slots, layer.coeff,
-                                  layer.rank_lo, layer.rank_hi, *args, **bs)
+                                  layer.rank_lo, layer.rank_hi, *args, NUM_SUBS=len(sub_starts), **bs)
     else:
-        bs = block_sizes("bgmv", d_out, r_max)
-        grid = (layer.num_rows, triton.cdiv(d_out, bs["BLOCK_D"]))
+        bs = block_sizes("bgmv", d_total, r_max)
+        grid = (layer.num_rows, triton.cdiv(d_total, bs["BLOCK_D"]))
         _bgmv_expand_kernel[grid](y, lora_b, h, layer.token_idx, layer.slot_idx, layer.coeff,
                                   layer.rank_lo, layer.rank_hi, *args, **bs)
