@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_common import machine_description
 from safetensors.torch import save_file
 
 from loramux.adapters_store.synthetic import write_random_adapter
@@ -37,14 +37,6 @@ RANDOM_CONFIGS = {  # random-init Llama shapes for GPU runs (no checkpoint trave
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
 }
-
-
-def machine_description(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    text = f"{platform.node()} {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    if device == "cuda":
-        text += f", {torch.cuda.get_device_name()}"
-    return text
 
 
 def write_random_model(folder: Path, config_name: str, tokenizer_dir: Path, device: str) -> Path:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 from pathlib import Path
 
 import torch
+from bench_common import machine_description, timed
 
 from loramux.kernels import TORCH_BACKEND, build_lora_plan, select_lora_backend
 from loramux.kernels.plan import with_mode
@@ -34,27 +34,6 @@ SHAPES = {  # hidden, intermediate, q heads * head_dim, kv heads * head_dim
     "7b": (4096, 11008, 4096, 4096),
     "smollm2": (576, 1536, 576, 192),
 }
-
-
-def timed(fn, device: str, repeat: int) -> float:
-    """Seconds per call: CUDA events on a GPU, wall clock elsewhere."""
-    for _ in range(3):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / repeat
-    import time
-
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t0) / repeat
 
 
 def copy_bandwidth(device: str, dtype: torch.dtype) -> float:
@@ -86,10 +65,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     backend = select_lora_backend("auto", device)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    name = machine_description(args.device)
     copy_bw = copy_bandwidth(args.device, dtype)
-    logger.info("machine: %s; torch %s; backend %s; copy bandwidth %.0f GB/s", name, torch.__version__,
-                backend.name, copy_bw / 1e9)
+    logger.info("machine: %s; backend %s; copy bandwidth %.0f GB/s", name, backend.name, copy_bw / 1e9)
     logger.info("settings: %s shapes, %s, rank %d on all 7 projections, %d slots, one layer per call",
                 args.config, args.dtype, args.rank, args.slots)
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
-import time
 
 import torch
+from bench_common import machine_description, timed
 
 from loramux.kernels import build_lora_plan, torch_ref
 from loramux.kernels.plan import with_mode
@@ -32,14 +31,6 @@ def dense_all_slots(x, lora_a, lora_b, layer, y):
     y.index_add_(0, layer.token_idx, delta)
 
 
-def timed(fn, repeat: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--d-in", type=int, default=576)
@@ -49,8 +40,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=50)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logger.info("machine: %s, %s, %d threads, torch %s", platform.node(), platform.processor() or platform.machine(),
-                torch.get_num_threads(), torch.__version__)
+    logger.info("machine: %s", machine_description("cpu"))
     logger.info("shapes: d_in=%d d_out=%d rank=%d slots=%d", args.d_in, args.d_out, args.rank, args.slots)
     torch.manual_seed(0)
     a = torch.randn(args.slots, args.rank, args.d_in) * 0.02
@@ -70,12 +60,12 @@ def main() -> None:
         [layer] = build_lora_plan(runs, scales, args.rank).layers
         x = torch.randn(tokens, args.d_in)
         y = torch.zeros(tokens, args.d_out)
-        results = {"base": timed(lambda: torch.nn.functional.linear(x, w), args.repeat)}
+        results = {"base": timed(lambda: torch.nn.functional.linear(x, w), "cpu", args.repeat)}
         for mode in modes:
             lay = with_mode(layer, mode)
             results[mode] = timed(lambda: torch_ref.lora_expand(y, b, torch_ref.lora_shrink(x, a, lay), lay),
-                                  args.repeat)
-        results["dense"] = timed(lambda: dense_all_slots(x, a, b, layer, y), args.repeat)
+                                  "cpu", args.repeat)
+        results["dense"] = timed(lambda: dense_all_slots(x, a, b, layer, y), "cpu", args.repeat)
         logger.info("%-30s %9.3f %9.3f %9.3f %9.3f %9.3f %9s %6.2f", label,
                     *(results[k] * 1e3 for k in ("base",) + modes + ("dense",)), layer.mode,
                     results[layer.mode] / results["base"])

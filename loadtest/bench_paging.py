@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_common import machine_description
 
 from loramux.adapters_store.synthetic import write_random_adapter
 from loramux.config import LORA_TARGET_MODULES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
@@ -105,8 +105,7 @@ def main() -> None:
     vocab = resident.shape.vocab_size
     requests = [([rng.randrange(100, vocab - 100) for _ in range(args.prompt_len)], rng.choices(names, weights)[0])
                 for _ in range(args.requests)]
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    logger.info("machine: %s, %d threads, torch %s", machine, torch.get_num_threads(), torch.__version__)
+    logger.info("machine: %s", machine_description(args.device))
     logger.info("settings: model=%s adapters=%d ranks=%s targets=%s gpu_slots=%d requests=%d zipf=%.1f "
                 "prompt=%d new=%d", resident.model_id, args.adapters, args.ranks, ",".join(args.targets),
                 args.gpu_slots, args.requests, args.zipf, args.prompt_len, args.new_tokens)

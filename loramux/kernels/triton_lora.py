@@ -36,6 +36,17 @@ def block_sizes(kind: str, width: int, r_max: int, max_seg_len: int = 1) -> dict
 
 
 @triton.jit
+def _segment_tile(seg_start_ptr, seg, BLOCK_M: tl.constexpr):
+    """Rows of this program's tile of segment `seg` (grid axis 1 walks the tiles), which are inside it,
+    and whether the tile holds any row at all (segments shorter than the longest have empty tiles)."""
+    start = tl.load(seg_start_ptr + seg)
+    end = tl.load(seg_start_ptr + seg + 1)
+    first = start + tl.program_id(1) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
+    return rows, rows < end, first < end
+
+
+@triton.jit
 def _sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_ptr,
                         d_in, R, stride_xt, stride_as, stride_ar, stride_hn,
                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -44,11 +55,8 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_
     Grid: (segments, row tiles of the longest segment, rank tiles).
     """
     seg = tl.program_id(0)
-    start = tl.load(seg_start_ptr + seg)
-    end = tl.load(seg_start_ptr + seg + 1)
-    rows = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    if start + tl.program_id(1) * BLOCK_M < end:
+    rows, row_ok, active = _segment_tile(seg_start_ptr, seg, BLOCK_M)
+    if active:
         slot = tl.load(seg_slot_ptr + seg)
         tokens = tl.load(token_ptr + rows, mask=row_ok, other=0)
         rs = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -104,11 +112,8 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_
     rank block is multiplied with the columns of that sub only.
     """
     seg = tl.program_id(0)
-    start = tl.load(seg_start_ptr + seg)
-    end = tl.load(seg_start_ptr + seg + 1)
-    rows = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    if start + tl.program_id(1) * BLOCK_M < end:
+    rows, row_ok, active = _segment_tile(seg_start_ptr, seg, BLOCK_M)
+    if active:
         slot = tl.load(seg_slot_ptr + seg)
         tokens = tl.load(token_ptr + rows, mask=row_ok, other=0)
         coeff = tl.load(coeff_ptr + rows, mask=row_ok, other=0.0)
