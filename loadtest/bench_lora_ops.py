@@ -52,7 +52,8 @@ def main() -> None:
                 "plan", "plan/base")
     zipf = torch.distributions.Categorical(probs=1 / torch.arange(1, args.slots + 1))
     cases = [("decode 32 tok, all distinct", 32, 1, None), ("decode 64 tok, Zipf", 64, 1, zipf),
-             ("decode 8 tok, all distinct", 8, 1, None), ("prefill 32 x 128 tok", 4096, 128, None),
+             ("decode 8 tok, all distinct", 8, 1, None), ("decode 2 tok, all distinct", 2, 1, None),
+             ("prefill 32 x 128 tok", 4096, 128, None),
              ("prefill 4 x 128 tok", 512, 128, None)]
     for label, tokens, run_len, popularity in cases:
         runs = [(s, run_len, [(int(popularity.sample()) if popularity else (s // run_len) % args.slots,

@@ -32,7 +32,8 @@ def test_shrink_expand_match_loop(pattern, run_len, depth, mode):
 def test_plan_sorts_rows_into_one_segment_per_slot():
     runs = [(0, 3, [(2, 1.0, 0, 4)]), (3, 1, [(0, 1.0, 0, 4)]), (4, 2, [(2, 0.5, 0, 4)]), (7, 1, [])]
     [layer] = plan_for(runs, torch.ones(3), 4).layers
-    assert layer.segments == ((0, 0, 1, 3), (2, 1, 4, 0), (2, 4, 6, 4))
+    assert [(s.slot, s.start, s.end, s.token, s.coeff) for s in layer.segments] == [
+        (0, 0, 1, 3, 1.0), (2, 1, 4, 0, 1.0), (2, 4, 6, 4, 0.5)]
     assert layer.token_idx.tolist() == [3, 0, 1, 2, 4, 5]
     assert layer.coeff.tolist() == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
 
@@ -40,9 +41,10 @@ def test_plan_sorts_rows_into_one_segment_per_slot():
 @pytest.mark.parametrize("runs, mode", [
     ([(t, 64, [(t // 64, 1.0, 0, 4)]) for t in range(0, 256, 64)], "segments"),  # prefill chunks
     ([(t, 1, [(t, 1.0, 0, 4)]) for t in range(8)], "slots"),  # decode, every slot once
-    ([(0, 1, [(0, 1.0, 0, 4)]), (1, 1, [(40, 1.0, 0, 4)])], "gather"),  # two slots far apart
+    ([(0, 1, [(5, 1.0, 0, 4)]), (1, 1, [(9, 1.0, 0, 4)])], "segments"),  # decode of two: fewest ops
+    ([(t, 1, [(40 * t, 1.0, 0, 4)]) for t in range(6)], "gather"),  # slots far apart
     ([(t, 1, [(0 if t < 20 else t + 10, 1.0, 0, 4)]) for t in range(22)], "gather"),  # one slot dominates
 ])
 def test_plan_picks_the_formulation(runs, mode):
-    [layer] = plan_for(runs, torch.ones(64), 4).layers
+    [layer] = plan_for(runs, torch.ones(256), 4).layers
     assert layer.mode == mode

@@ -12,7 +12,8 @@ the other. Inside a layer the rows are sorted by slot; each segment is a run
 of consecutive tokens with the same slot (a prefill chunk, or one decode token).
 
 The plan also says which formulation suits the layer (`mode`):
-- "segments": one dense GEMM per segment (SGMV); long segments (prefill).
+- "segments": one dense GEMM per segment (SGMV); long segments (prefill),
+  or very few of them (a decode batch of one or two sequences).
 - "slots": one batched GEMM over a contiguous range of pool slots, reading the
   slot tensors in place; rows are packed per slot and padded to the busiest
   slot's count. Decode where most slots in the range are in use.
@@ -23,12 +24,26 @@ The plan also says which formulation suits the layer (`mode`):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
 # Thresholds measured on the CPU with loadtest/bench_lora_ops.py (see docs/benchmarks.md).
 SEGMENTED_MIN_AVG_TOKENS = 8  # below this a Python loop over segments costs more than gathering
+SEGMENTED_MAX_FEW = 4  # ... unless there are this few segments: then the loop issues fewer ops than packing
 SLOTS_MAX_PADDING = 16  # "slots" may compute at most this many padded rows per real row
+
+
+class Segment(NamedTuple):
+    """Rows [start, end) of a plan layer: tokens token..token+end-start, all with the same assignment."""
+
+    slot: int
+    start: int
+    end: int
+    token: int
+    coeff: float  # weight * scale[slot]
+    rank_lo: int
+    rank_hi: int
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,7 @@ class LoraPlanLayer:
       rank_coeff: [N, r_max]   coeff where lo <= j < hi, else 0 (the torch path's mask)
       seg_starts: [S + 1] int64  segment boundaries into the N rows
       seg_slots:  [S] int64      slot of each segment
-    `segments` repeats (slot, first row, end row, first token) as Python ints.
+    `segments` describes the same rows run by run, as Python numbers, for host-side loops.
     For mode "slots": slots slot_range[0]..slot_range[1]-1 are computed as a
     batch of `slot_rows` [num_slots_in_range, m] row indices (N = padding),
     and `packed_pos` [N] gives each row's place in that packed layout.
@@ -58,7 +73,7 @@ class LoraPlanLayer:
     rank_coeff: torch.Tensor
     seg_starts: torch.Tensor
     seg_slots: torch.Tensor
-    segments: tuple[tuple[int, int, int, int], ...]
+    segments: tuple[Segment, ...]
     mode: str
     slot_range: tuple[int, int] = (0, 0)
     slot_rows: torch.Tensor | None = None
@@ -133,11 +148,12 @@ def build_lora_plan(
         in_range = (ranks[None, :] >= lo[:, None]) & (ranks[None, :] < hi[:, None])
         segments = []
         row = 0
-        for (slot, *_), start, count in chosen:
-            segments.append((slot, row, row + count, start))
+        for (slot, weight, rank_lo, rank_hi), start, count in chosen:
+            coeff_value = weight * float(slot_scales[slot])
+            segments.append(Segment(slot, row, row + count, start, coeff_value, rank_lo, rank_hi))
             row += count
         packing = None
-        if row >= SEGMENTED_MIN_AVG_TOKENS * len(segments):
+        if len(segments) <= SEGMENTED_MAX_FEW or row >= SEGMENTED_MIN_AVG_TOKENS * len(segments):
             mode = "segments"
         else:
             packing = _slot_packing(slot_idx)
@@ -149,8 +165,8 @@ def build_lora_plan(
             rank_lo=lo.to(device),
             rank_hi=hi.to(device),
             rank_coeff=(in_range * coeff[:, None]).to(device),
-            seg_starts=torch.tensor([s[1] for s in segments] + [row], dtype=torch.int64, device=device),
-            seg_slots=torch.tensor([s[0] for s in segments], dtype=torch.int64, device=device),
+            seg_starts=torch.tensor([s.start for s in segments] + [row], dtype=torch.int64, device=device),
+            seg_slots=torch.tensor([s.slot for s in segments], dtype=torch.int64, device=device),
             segments=tuple(segments),
             mode=mode,
             slot_range=packing[0] if packing else (0, 0),

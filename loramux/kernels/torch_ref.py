@@ -25,8 +25,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, layer: LoraPlanLayer) -> 
     """
     if layer.mode == "segments":
         h = x.new_empty(layer.num_rows, lora_a.shape[1])
-        for slot, start, end, token in layer.segments:
-            torch.matmul(x[token:token + end - start], lora_a[slot].T, out=h[start:end])
+        for seg in layer.segments:
+            torch.matmul(x[seg.token:seg.token + seg.end - seg.start], lora_a[seg.slot].T, out=h[seg.start:seg.end])
         return h
     if layer.mode == "slots":
         lo, hi = layer.slot_range
@@ -39,11 +39,14 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, layer: LoraPlanLayer) -> 
 def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, layer: LoraPlanLayer) -> None:
     """y_cols[token[n]] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, lo:hi] for one sub-projection."""
     d_out = lora_b.shape[1]
-    h_scaled = (h * layer.rank_coeff).to(y_cols.dtype)
     if layer.mode == "segments":
-        for slot, start, end, token in layer.segments:
-            y_cols[token:token + end - start].addmm_(h_scaled[start:end], lora_b[slot].T)
+        # A segment's rows share coefficient and rank range: slice the ranks, scale through addmm's alpha.
+        for seg in layer.segments:
+            y_cols[seg.token:seg.token + seg.end - seg.start].addmm_(
+                h[seg.start:seg.end, seg.rank_lo:seg.rank_hi].to(y_cols.dtype),
+                lora_b[seg.slot, :, seg.rank_lo:seg.rank_hi].T, alpha=seg.coeff)
         return
+    h_scaled = (h * layer.rank_coeff).to(y_cols.dtype)
     if layer.mode == "slots":
         lo, hi = layer.slot_range
         packed = torch.bmm(_packed_rows(h_scaled, layer), lora_b[lo:hi].transpose(1, 2))

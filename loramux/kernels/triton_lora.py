@@ -167,7 +167,7 @@ def _bgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, slot_ptr, coeff_ptr, lo_
 
 
 def _max_segment_len(layer: LoraPlanLayer) -> int:
-    return max(end - start for _, start, end, _ in layer.segments)
+    return max(seg.end - seg.start for seg in layer.segments)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Load generator and benchmarks for a running loramux server (`python -m loadtest --help`)."""

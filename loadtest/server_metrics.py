@@ -1,0 +1,43 @@
+"""The server's own view: its Prometheus metrics scraped before and after a run."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+REPORTED = {  # sample name -> label in the report
+    "loramux_requests_total": "requests",
+    "loramux_prompt_tokens_total": "prompt tokens",
+    "loramux_generation_tokens_total": "generated tokens",
+    "loramux_adapter_loads_total": "adapter loads (disk)",
+    "loramux_adapter_page_ins_total": "adapter page-ins",
+    "loramux_adapter_evictions_total": "adapter evictions",
+    "loramux_adapter_page_in_seconds_sum": "page-in seconds",
+    "loramux_step_duration_seconds_count": "engine steps",
+    "loramux_preemptions_total": "preemptions",
+}
+
+
+def scrape(client: httpx.Client) -> dict[str, float]:
+    """Every sample, keyed by name{labels}."""
+    text = client.get("/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
+def server_view(before: dict[str, float], after: dict[str, float]) -> dict:
+    """What changed on the server during the run, for the counters worth reporting."""
+    view = {}
+    for key, value in after.items():
+        name = key.split("{")[0]
+        if name in REPORTED:
+            view[key] = value - before.get(key, 0.0)
+    steps = view.get("loramux_step_duration_seconds_count", 0)
+    if steps:
+        tokens = view.get("loramux_prompt_tokens_total", 0) + view.get("loramux_generation_tokens_total", 0)
+        view["mean batch (tokens per step)"] = tokens / steps
+    return view
