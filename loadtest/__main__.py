@@ -17,12 +17,13 @@ import logging
 import random
 import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 from tqdm import tqdm
 
-from loadtest.client import mark_cold, run_closed_loop, run_open_loop, send
+from loadtest.client import mark_cold, run_closed_loop, run_open_loop, send, send_openai
 from loadtest.report import SLO, format_table, summarize
 from loadtest.server_metrics import scrape, server_view
 from loadtest.traffic import LengthSpec, TrafficSpec, plan_requests, poisson_arrivals
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slo-tpot", type=float, default=0.5, help="goodput SLO on time per output token, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
+    p.add_argument("--client", choices=["httpx", "openai"], default="httpx",
+                   help="send with raw httpx SSE parsing, or with the official openai client (a cross-check)")
     p.add_argument("--out", type=Path, default=Path("loadtest/results/latest"))
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
@@ -68,21 +71,35 @@ def traffic_spec(args: argparse.Namespace, client: httpx.Client) -> TrafficSpec:
                        output_len=args.output_len, prompts=prompts)
 
 
-async def run_level(args, spec: TrafficSpec, rate: float | None, users: int | None, rng: random.Random):
+@asynccontextmanager
+async def open_client(args):
+    """The sending client and its send function, as chosen by --client."""
+    if args.client == "openai":
+        import openai
+
+        async with openai.AsyncOpenAI(base_url=args.url + "/v1", api_key=args.api_key or "unused",
+                                      timeout=args.timeout, max_retries=0) as client:
+            yield client, send_openai
+        return
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
+        yield client, send
+
+
+async def run_level(args, spec: TrafficSpec, rate: float | None, users: int | None, rng: random.Random):
+    async with open_client(args) as (client, sender):
         for request in plan_requests(spec, args.warmup, rng):
-            await send(client, request, time.monotonic())
+            await sender(client, request, time.monotonic())
         planned = plan_requests(spec, args.requests, rng)
         with tqdm(total=len(planned), desc=f"rate {rate}/s" if rate else f"{users} users", file=sys.stderr,
                   leave=False) as bar:
             start = time.monotonic()
             if rate is not None:
-                results = await run_open_loop(client, planned, poisson_arrivals(rate, len(planned), rng),
+                results = await run_open_loop(sender, client, planned, poisson_arrivals(rate, len(planned), rng),
                                               args.duration, bar.update)
             else:
-                results = await run_closed_loop(client, planned, users, args.duration, bar.update)
+                results = await run_closed_loop(sender, client, planned, users, args.duration, bar.update)
             elapsed = time.monotonic() - start
     mark_cold(results)
     return results, elapsed

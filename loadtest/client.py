@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 import httpx
 
@@ -59,14 +59,38 @@ async def send(client: httpx.AsyncClient, planned: PlannedRequest, t0: float) ->
     return result
 
 
-async def run_open_loop(client: httpx.AsyncClient, planned: list[PlannedRequest], send_times: list[float],
+async def send_openai(client, planned: PlannedRequest, t0: float) -> RequestResult:
+    """The same request through the official openai client, timed the same way: an independent check of `send`."""
+    import openai
+
+    result = RequestResult(planned.adapters, time.monotonic() - t0)
+    body = dict(planned.body)
+    known = {k: body.pop(k) for k in ("model", "prompt", "max_tokens", "temperature", "stream", "stream_options")}
+    sent = time.monotonic()
+    try:
+        stream = await client.completions.create(**known, extra_body=body)
+        async for chunk in stream:
+            if chunk.usage is not None:
+                result.output_tokens = chunk.usage.completion_tokens
+            if chunk.choices and chunk.choices[0].text and result.ttft is None:
+                result.ttft = time.monotonic() - sent
+        result.e2e = time.monotonic() - sent
+    except openai.OpenAIError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+Sender = Callable[[object, PlannedRequest, float], Awaitable[RequestResult]]
+
+
+async def run_open_loop(sender: Sender, client, planned: list[PlannedRequest], send_times: list[float],
                         deadline: float, on_done: Callable[[], None]) -> list[RequestResult]:
     """Send each request at its time (Poisson arrivals), regardless of answers; stop sending at the deadline."""
     t0 = time.monotonic()
 
     async def one(request: PlannedRequest, at: float) -> RequestResult:
         await asyncio.sleep(max(0.0, at - (time.monotonic() - t0)))
-        result = await send(client, request, t0)
+        result = await sender(client, request, t0)
         on_done()
         return result
 
@@ -74,7 +98,7 @@ async def run_open_loop(client: httpx.AsyncClient, planned: list[PlannedRequest]
     return list(await asyncio.gather(*tasks))
 
 
-async def run_closed_loop(client: httpx.AsyncClient, planned: list[PlannedRequest], users: int, deadline: float,
+async def run_closed_loop(sender: Sender, client, planned: list[PlannedRequest], users: int, deadline: float,
                           on_done: Callable[[], None]) -> list[RequestResult]:
     """`users` clients, each sending its next request when the last one ends, until the plan or the deadline runs out."""
     t0 = time.monotonic()
@@ -83,7 +107,7 @@ async def run_closed_loop(client: httpx.AsyncClient, planned: list[PlannedReques
 
     async def user() -> None:
         while queue and time.monotonic() - t0 < deadline:
-            results.append(await send(client, queue.pop(), t0))
+            results.append(await sender(client, queue.pop(), t0))
             on_done()
 
     await asyncio.gather(*(user() for _ in range(users)))

@@ -19,8 +19,11 @@ REPORTED = {  # sample name -> label in the report
 
 
 def scrape(client: httpx.Client) -> dict[str, float]:
-    """Every sample, keyed by name{labels}."""
-    text = client.get("/metrics").text
+    """Every sample, keyed by name{labels}; empty for a server without /metrics (the baseline)."""
+    response = client.get("/metrics")
+    if response.status_code != 200:
+        return {}
+    text = response.text
     samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

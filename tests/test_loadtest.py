@@ -13,7 +13,7 @@ from loadtest.__main__ import main as loadtest_main
 from loadtest.report import percentile
 from loadtest.traffic import AdapterPopularity, LengthSpec, TrafficSpec, plan_requests, poisson_arrivals
 from loramux.adapters_store.synthetic import write_random_adapter
-from tests.server_process import ServerProcess
+from loadtest.server_process import ServerProcess
 
 
 def test_poisson_arrivals_have_the_rate_and_exponential_gaps():

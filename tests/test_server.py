@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loramux.adapters_store.synthetic import write_random_adapter
-from tests.server_process import ServerProcess
+from loadtest.server_process import ServerProcess
 
 API_KEY, ADMIN_KEY = "user-key", "admin-key"
 NUM_ADAPTERS = 8

@@ -1,4 +1,4 @@
-"""Start `loramux serve` as a real process on a free port, for the API tests."""
+"""Servers as real processes on free loopback ports: for the API tests and the side-by-side benchmark."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -19,20 +20,26 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    """`loramux serve ARGS` on a free port; returns once /ready answers."""
+
     def __init__(self, args: list[str], log_path: Path, startup_timeout: float = 120.0):
+        self.launch(lambda port: [sys.executable, "-m", "loramux", "--log-level", "WARNING", "serve",
+                                  "--port", str(port), *args], log_path, "/ready", startup_timeout)
+
+    def launch(self, command: Callable[[int], list[str]], log_path: Path, ready_path: str,
+               startup_timeout: float = 120.0) -> None:
+        """Start command(port) and wait until GET ready_path answers 200."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "loramux", "--log-level", "WARNING", "serve",
-                                      "--port", str(self.port), *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(command(self.port), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see {log_path}")
             try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
