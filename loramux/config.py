@@ -80,7 +80,7 @@ class StoreConfig:
 
     max_loras: int = 32  # GPU (device) slots
     max_cpu_loras: int = 128  # parsed adapters kept in (pinned) CPU memory
-    max_lora_rank: int = 64
+    max_lora_rank: int = 16  # as vLLM; slots are padded to it, so it sizes the slot memory
     max_adapter_bytes: int = 512 * 2**20  # adapter_model.safetensors size limit
     lora_backend: str = "auto"  # triton on CUDA, torch elsewhere
     store_dir: str | None = None  # where uploads are written; None: uploads refused

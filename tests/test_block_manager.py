@@ -2,6 +2,14 @@ from loramux.engine.block_manager import BlockManager
 from tests.fakes import fake_seq
 
 
+def computed(bm: BlockManager, seq):
+    """Give `seq` blocks for all its tokens, mark them computed and publish the full ones."""
+    bm.grow(seq, len(seq))
+    seq.num_computed_tokens = len(seq)
+    bm.commit(seq)
+    return seq
+
+
 def test_grow_and_free_return_every_block():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
     a, b = fake_seq(10), fake_seq(5)
@@ -18,10 +26,7 @@ def test_grow_and_free_return_every_block():
 
 def test_prefix_blocks_are_shared_and_refcounted():
     bm = BlockManager(num_blocks=8, block_size=4)
-    first = fake_seq(10)
-    bm.grow(first, 10)
-    first.num_computed_tokens = 10
-    bm.commit(first)  # two full blocks published
+    first = computed(bm, fake_seq(10))
     second = fake_seq(11)  # same first 10 tokens, one more
     assert bm.match_prefix(second) == 8
     assert second.block_table == first.block_table[:2]
@@ -36,10 +41,7 @@ def test_prefix_blocks_are_shared_and_refcounted():
 
 def test_prefix_match_leaves_a_token_to_compute_and_never_shares_a_written_block():
     bm = BlockManager(num_blocks=8, block_size=4)
-    first = fake_seq(8)
-    bm.grow(first, 8)
-    first.num_computed_tokens = 8
-    bm.commit(first)
+    first = computed(bm, fake_seq(8))
     same = fake_seq(8)  # fully cached prompt: the last block must be recomputed, not shared
     assert bm.match_prefix(same) == 4
     bm.grow(same, 8)
@@ -48,20 +50,14 @@ def test_prefix_match_leaves_a_token_to_compute_and_never_shares_a_written_block
 
 def test_different_adapter_or_tokens_do_not_share():
     bm = BlockManager(num_blocks=8, block_size=4)
-    base = fake_seq(9)
-    bm.grow(base, 9)
-    base.num_computed_tokens = 9
-    bm.commit(base)
+    base = computed(bm, fake_seq(9))
     assert bm.match_prefix(fake_seq(9, adapter="x")) == 0  # K/V differ under an adapter
     assert bm.match_prefix(fake_seq(9, first_token=1)) == 0
 
 
 def test_freed_cached_blocks_revive_until_reused():
     bm = BlockManager(num_blocks=3, block_size=4)
-    first = fake_seq(9)
-    bm.grow(first, 9)
-    first.num_computed_tokens = 9
-    bm.commit(first)
+    first = computed(bm, fake_seq(9))
     bm.free(first)
     again = fake_seq(9)
     assert bm.match_prefix(again) == 8  # still cached while free
