@@ -10,7 +10,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -134,13 +133,3 @@ def parse_peft_adapter(config_bytes: bytes, weights_bytes: bytes,
     return LoraAdapter(rank=rank, alpha=alpha, scale=scale,
                        target_modules=tuple(sorted({m for _, m in weights}, key=LORA_TARGET_MODULES.index)),
                        weights=weights, base_model=cfg.get("base_model_name_or_path"))
-
-
-def read_peft_folder(path: str | Path, target_shapes: dict[str, tuple[int, int]], num_layers: int,
-                     max_rank: int) -> LoraAdapter:
-    folder = Path(path).expanduser()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise AdapterError("not_found", f"{folder} has no {name} (expected a PEFT LoRA folder)")
-    return parse_peft_adapter((folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes(),
-                              target_shapes, num_layers, max_rank)

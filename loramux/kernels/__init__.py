@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from loramux.kernels import torch_ref
-from loramux.kernels.plan import EMPTY_PLAN, LoraPlan, LoraPlanLayer, build_lora_plan
+from loramux.kernels.plan import LoraPlan, LoraPlanLayer, build_lora_plan
 
 
 @dataclass(frozen=True)
@@ -34,5 +34,5 @@ def select_lora_backend(requested: str, device: torch.device) -> LoraBackend:
     return LoraBackend("triton", triton_lora.lora_shrink, triton_lora.lora_expand)
 
 
-__all__ = ["EMPTY_PLAN", "LoraBackend", "LoraPlan", "LoraPlanLayer", "TORCH_BACKEND",
+__all__ = ["LoraBackend", "LoraPlan", "LoraPlanLayer", "TORCH_BACKEND",
            "build_lora_plan", "select_lora_backend"]

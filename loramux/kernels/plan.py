@@ -95,8 +95,6 @@ class LoraPlan:
         return not self.layers
 
 
-EMPTY_PLAN = LoraPlan(layers=())
-
 Assignment = tuple[int, float, int, int]  # (slot, weight, rank_lo, rank_hi)
 
 
