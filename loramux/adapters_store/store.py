@@ -115,7 +115,7 @@ class AdapterStore:
 
     def _register_existing(self, folder: Path, uploaded: bool) -> None:
         try:
-            self.register_path(folder.name, folder, read_card(folder), uploaded=uploaded)
+            self.register_path(folder.name, folder, uploaded=uploaded)
         except AdapterError as exc:
             logger.error("skipping adapter folder %s: %s", folder, exc)
 
