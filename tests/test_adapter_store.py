@@ -213,3 +213,30 @@ def test_replace_needs_the_flag_and_swaps_weights(tiny_llama_dir, fleet, tmp_pat
     reference.add_adapter("v", str(fleet["e011"]))
     [[expected]] = reference.generate(["replace me"], GREEDY, [["v"]])
     assert new.new_token_ids == expected.new_token_ids != old.new_token_ids
+
+
+def test_fusions_are_cached_bounded_and_dropped_with_their_experts(tiny_llama_dir, fleet):
+    engine = store_engine(tiny_llama_dir, 4, 8)
+    engine.store.max_fused = 2
+    for name in ("e000", "e001", "e002", "e003"):
+        engine.add_adapter(name, str(fleet[name]))
+    changes = []
+    engine.store.change_listeners.append(lambda name, record: changes.append((name, record is not None)))
+    first = engine.store.fuse(["e000", "e001"], [0.5, 0.5])
+    assert engine.store.fuse(["e000", "e001"], [0.5, 0.5]) == first  # built once
+    assert engine.store.fuse(["e000", "e001"], [0.25, 0.75]) != first
+    assert engine.store.get(first).fused_from == ["e000", "e001"] and changes == []
+    # A fusion that a request holds survives eviction; an idle one goes first.
+    engine.add_request("held", [1, 2, 3], GREEDY, [first])
+    third = engine.store.fuse(["e002", "e003"], [0.5, 0.5])
+    assert first in engine.store and third in engine.store
+    assert len([n for n in engine.store.records if n.startswith("fusion-")]) == 2
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.remove_adapter("e003")  # its fusions go with it
+    assert third not in engine.store and first in engine.store
+    assert changes[0] == ("e003", False)
+    stats_before = engine.store.stats.deletions
+    engine.add_adapter("e000", str(fleet["e002"]), replace=True)  # new weights: the old fusion is stale
+    assert first not in engine.store and engine.store.stats.deletions == stats_before
+    assert changes[-1] == ("e000", True)

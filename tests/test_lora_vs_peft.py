@@ -132,3 +132,41 @@ def test_rank_range_equals_truncated_adapter(tiny_llama_dir, adapters):
     [[ranged]] = engine.generate([ids], greedy_params(), [[("a3", 1.0, 8, 40)]])
     reference = merged_reference(tiny_llama_dir, [(adapters["a3"], 1.0, 8, 40)])
     assert ranged.new_token_ids == hf_greedy(reference, ids, NEW_TOKENS)
+
+
+def fused_reference(model_dir, parts):
+    """HF model with W += (sum_i w_i s_i B_i) @ (sum_i w_i A_i), ranks zero-padded to the largest (LoraRetriever fusion)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    params = dict(model.named_parameters())
+    loaded = []
+    for folder, weight in parts:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        scale = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+        loaded.append((load_file(folder / "adapter_model.safetensors"), weight, scale))
+    rank = max(t[k].shape[0] for t, _, _ in loaded for k in t if ".lora_A." in k)
+    modules = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+               for t, _, _ in loaded for k in t if ".lora_A." in k}
+    for module in modules:
+        d_out, d_in = params[module + ".weight"].shape
+        a_sum, b_sum = torch.zeros(rank, d_in), torch.zeros(d_out, rank)
+        for tensors, weight, scale in loaded:
+            key = "base_model.model." + module + ".lora_A.weight"
+            if key in tensors:
+                a, b = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
+                a_sum[:a.shape[0]] += weight * a
+                b_sum[:, :b.shape[1]] += weight * scale * b
+        with torch.no_grad():
+            params[module + ".weight"] += b_sum @ a_sum
+    return model
+
+
+def test_fusion_equals_averaged_matrices_and_differs_from_mixture(tiny_llama_dir, adapters):
+    # Different ranks (4, 16), alphas, rsLoRA and module sets: padding and scales must be right.
+    engine = make_engine(tiny_llama_dir, adapters={"a0": str(adapters["a0"]), "a7": str(adapters["a7"])})
+    ids = engine.tokenizer.encode("Fused experts answer", add_special_tokens=False)
+    fused_name = engine.store.fuse(["a0", "a7"], [0.4, 0.6])
+    [[fused]] = engine.generate([ids], greedy_params(), [[fused_name]])
+    assert fused.new_token_ids == hf_greedy(fused_reference(tiny_llama_dir, [(adapters["a0"], 0.4),
+                                                                             (adapters["a7"], 0.6)]), ids, NEW_TOKENS)
+    [[mixed]] = engine.generate([ids], greedy_params(), [[("a0", 0.4), ("a7", 0.6)]])
+    assert mixed.new_token_ids != fused.new_token_ids

@@ -40,6 +40,7 @@ class AdapterRecord:
     description: str = ""
     examples: list[str] = field(default_factory=list)
     uploaded: bool = False  # lives in the store directory (deleting it removes the files)
+    fused_from: list[str] = field(default_factory=list)  # a fusion built by the store: its experts
 
     def to_json(self) -> dict:
         return asdict(self)

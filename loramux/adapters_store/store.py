@@ -6,6 +6,10 @@ Tiers:
 - GPU: the slot pool (`max_loras` slots). A slot whose adapter a running
   sequence uses is pinned and never evicted; eviction is LRU among the rest.
 
+Fusions (LoraRetriever's averaged A and B of several experts) are derived
+adapters: built once per (experts, weights), kept in CPU memory (they have no
+files), at most `max_fused` of them, and dropped with any of their experts.
+
 Two reference counts per adapter:
 - `uses`: unfinished requests that name it (from add_request to finish). A
   deleted adapter disappears from the registry at once but its files and slot
@@ -15,6 +19,8 @@ Two reference counts per adapter:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -25,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from loramux.adapters_store.fusion import fuse_adapters
 from loramux.adapters_store.peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter,
                                                 parse_peft_adapter)
 from loramux.adapters_store.registry import (AdapterRecord, check_name, clean_partial_uploads, make_record,
@@ -51,7 +58,8 @@ class StoreStats:
 
 class AdapterStore:
     def __init__(self, pool: LoraSlotPool, target_shapes: dict[str, tuple[int, int]], num_layers: int,
-                 max_cpu_loras: int, max_adapter_bytes: int, store_dir: Path | None, device: torch.device):
+                 max_cpu_loras: int, max_adapter_bytes: int, store_dir: Path | None, device: torch.device,
+                 max_fused: int = 16):
         self.pool = pool
         self.target_shapes = target_shapes
         self.num_layers = num_layers
@@ -62,6 +70,11 @@ class AdapterStore:
         self.records: dict[str, AdapterRecord] = {}
         self.stats = StoreStats()
         self.page_in_listeners: list[Callable[[float], None]] = []  # called with each page-in's seconds
+        # Called with (name, record) when an adapter is registered or replaced, (name, None) when deleted;
+        # not for fusions.
+        self.change_listeners: list[Callable[[str, AdapterRecord | None], None]] = []
+        self.max_fused = max_fused
+        self._fused: OrderedDict[str, LoraAdapter] = OrderedDict()  # fusion name -> weights, LRU order
         self._cpu: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._gpu_lru: OrderedDict[str, None] = OrderedDict()
         self._uses: Counter[str] = Counter()
@@ -109,8 +122,11 @@ class AdapterStore:
     def _install(self, record: AdapterRecord, adapter: LoraAdapter) -> AdapterRecord:
         if record.name in self.records:  # a replacement: drop every cached copy of the old one
             self._drop_copies(record.name)
+            self._drop_fusions_of(record.name)
         self.records[record.name] = record
         self._cpu_put(record.name, adapter)
+        for listener in self.change_listeners:
+            listener(record.name, record)
         return record
 
     def _register_existing(self, folder: Path, uploaded: bool) -> None:
@@ -148,18 +164,52 @@ class AdapterStore:
 
     def delete(self, name: str) -> None:
         """Unregister now; free slot and files once no request uses the adapter."""
-        record = self.get(name)
-        del self.records[name]
+        self.get(name)
         self.stats.deletions += 1
+        self._unregister(name)
+
+    def _unregister(self, name: str) -> None:
+        record = self.records.pop(name)
         if self._uses[name]:
             self._deleted[name] = record
         else:
             self._finish_delete(record)
+        self._drop_fusions_of(name)
+        if not record.fused_from:  # fusions come and go without telling anyone: nobody was told of them
+            for listener in self.change_listeners:
+                listener(name, None)
 
     def _finish_delete(self, record: AdapterRecord) -> None:
         self._drop_copies(record.name)
+        self._fused.pop(record.name, None)
         if record.uploaded:
             shutil.rmtree(record.path, ignore_errors=True)
+
+    # ------------------------------------------------------------ fusions
+    def fuse(self, names: list[str], weights: list[float]) -> str:
+        """The name of the fusion of `names` with `weights`, built on first use and cached."""
+        sources = [self.get(name) for name in names]
+        signature = json.dumps([[r.name, r.checksum, round(float(w), 4)] for r, w in zip(sources, weights)])
+        name = "fusion-" + hashlib.sha256(signature.encode()).hexdigest()[:16]
+        if name in self.records:
+            self._fused.move_to_end(name)
+            return name
+        fused = fuse_adapters([self._cpu_get(n) for n in names], [round(float(w), 4) for w in weights])
+        self._fused[name] = self._to_cpu_tier(fused)
+        self.records[name] = AdapterRecord(
+            name=name, path="", base_model=fused.base_model, rank=fused.rank, alpha=fused.alpha,
+            target_modules=list(fused.target_modules), size_bytes=fused.num_bytes, checksum=name,
+            description="fusion of " + ", ".join(f"{n} ({w:.3f})" for n, w in zip(names, weights)),
+            fused_from=list(names))
+        live = [n for n in self._fused if n in self.records]
+        idle = [n for n in live if n != name and not self._uses[n]]
+        for victim in idle[:max(0, len(live) - self.max_fused)]:
+            self._unregister(victim)
+        return name
+
+    def _drop_fusions_of(self, expert: str) -> None:
+        for name in [n for n in self._fused if n in self.records and expert in self.records[n].fused_from]:
+            self._unregister(name)
 
     def _drop_copies(self, name: str) -> None:
         self._cpu.pop(name, None)
@@ -198,18 +248,23 @@ class AdapterStore:
         return self._pins[name]
 
     # ------------------------------------------------------------ paging
-    def _cpu_put(self, name: str, adapter: LoraAdapter) -> None:
+    def _to_cpu_tier(self, adapter: LoraAdapter) -> LoraAdapter:
         # Cast once to the slot dtype; on CUDA pin the pages so page-ins are asynchronous DMA copies.
         dtype, pin = self.pool.dtype, self.device.type == "cuda"
         adapter.weights = {k: tuple(t.to(dtype).pin_memory() if pin else t.to(dtype) for t in ab)
                            for k, ab in adapter.weights.items()}
-        self._cpu[name] = adapter
+        return adapter
+
+    def _cpu_put(self, name: str, adapter: LoraAdapter) -> None:
+        self._cpu[name] = self._to_cpu_tier(adapter)
         self._cpu.move_to_end(name)
         while len(self._cpu) > self.max_cpu_loras:
             self._cpu.popitem(last=False)
             self.stats.cpu_evictions += 1
 
     def _cpu_get(self, name: str) -> LoraAdapter:
+        if name in self._fused:
+            return self._fused[name]
         if name in self._cpu:
             self._cpu.move_to_end(name)
             self.stats.cpu_hits += 1
