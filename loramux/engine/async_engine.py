@@ -47,17 +47,22 @@ class AsyncEngine:
     async def submit(self, request_id: str, prompt, sampling, lora_mix=()) -> "RequestStream":
         """Queue a request; raises the engine's error at once if it is refused.
 
+        `lora_mix` may also be a function of the engine that returns the mix:
+        it runs on the engine thread right before the request is added (a
+        fusion built there cannot be evicted before the request holds it).
         Iterate the returned stream for outputs; closing it early aborts the request.
         """
         loop = asyncio.get_running_loop()
         queue_: asyncio.Queue = asyncio.Queue()
 
-        def add(engine: Engine) -> None:
-            engine.add_request(request_id, prompt, sampling, lora_mix)
+        def add(engine: Engine):
+            mix = lora_mix(engine) if callable(lora_mix) else lora_mix
+            engine.add_request(request_id, prompt, sampling, mix)
             self._streams[request_id] = (loop, queue_)
+            return mix
 
-        await self.call(add)
-        return RequestStream(self, request_id, queue_, sampling.n)
+        mix = await self.call(add)
+        return RequestStream(self, request_id, queue_, sampling.n, tuple(mix))
 
     def abort(self, request_id: str) -> None:
         def run(engine: Engine) -> None:
@@ -133,9 +138,11 @@ class AsyncEngine:
 class RequestStream:
     """Outputs of one request as an async iterator; `aclose` (or leaving early) aborts it."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, queue_: asyncio.Queue, num_completions: int):
+    def __init__(self, engine: AsyncEngine, request_id: str, queue_: asyncio.Queue, num_completions: int,
+                 lora_mix: tuple = ()):
         self.engine = engine
         self.request_id = request_id
+        self.lora_mix = lora_mix  # as submitted (names, weights)
         self._queue = queue_
         self._remaining = num_completions
 

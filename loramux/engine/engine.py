@@ -103,7 +103,7 @@ class Engine:
         self.store = AdapterStore(self.slots, self.shape.lora_target_shapes(), self.shape.num_layers,
                                   config.store.max_cpu_loras, config.store.max_adapter_bytes,
                                   Path(config.store.store_dir).expanduser() if config.store.store_dir else None,
-                                  self.device)
+                                  self.device, max_fused=config.router.max_fused)
         self.num_blocks = self._allocate_kv_cache()
         self.max_model_len = min(model_max, self.num_blocks * config.cache.block_size)
         self.blocks = BlockManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)

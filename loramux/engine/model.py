@@ -18,6 +18,7 @@ from loramux.engine.lora_linear import LoraLinear
 from loramux.kernels import LoraBackend, LoraPlan
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+NO_LORA = LoraPlan(layers=())
 
 
 @dataclass
@@ -136,6 +137,17 @@ class Attention(nn.Module):
         out = paged_attention(q, k, v.view(-1, s.num_kv_heads, s.head_dim), *kv_cache, ctx.attention)
         return self.o_proj(out.reshape(-1, q_size), ctx.lora_plan)
 
+    def forward_dense(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Causal attention over one whole sequence, no KV cache and no LoRA; x: [T, d] -> [T, d]."""
+        s = self.shape
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        q, k, v = self.qkv_proj(x, NO_LORA).split([q_size, kv_size, kv_size], dim=-1)
+        q, k = self.rotary(positions, q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim))
+        v = v.view(-1, s.num_kv_heads, s.head_dim)
+        out = nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(0, 1).reshape(-1, q_size), NO_LORA)
+
 
 class MLP(nn.Module):
     def __init__(self, gate_up: LoraLinear, down: LoraLinear):
@@ -143,9 +155,9 @@ class MLP(nn.Module):
         self.gate_up_proj = gate_up
         self.down_proj = down
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, ctx.lora_plan).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up, ctx.lora_plan)
+    def forward(self, x: torch.Tensor, plan: LoraPlan) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, plan).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up, plan)
 
 
 class DecoderLayer(nn.Module):
@@ -158,7 +170,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, positions, kv_cache, ctx):
         x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.lora_plan)
+
+    def forward_dense(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The base layer alone over one whole sequence (no KV cache, no LoRA)."""
+        x = x + self.self_attn.forward_dense(self.input_layernorm(x), positions)
+        return x + self.mlp(self.post_attention_layernorm(x), NO_LORA)
 
 
 class CausalLM(nn.Module):
@@ -228,3 +245,16 @@ class CausalLM(nn.Module):
             x = layer(x, positions, kv_cache, ctx)
         x = self.norm(x[logit_rows])
         return nn.functional.linear(x, self.lm_head).float()
+
+    @torch.inference_mode()
+    def final_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The base model's normed last-layer states of one sequence: input_ids [T] -> [T, hidden].
+
+        Runs beside the step loop (the router embeds with it): it reads the
+        weights only and touches neither the KV cache nor the adapter slots.
+        """
+        positions = torch.arange(input_ids.shape[0], device=input_ids.device)
+        x = self.embed_tokens[input_ids]
+        for layer in self.layers:
+            x = layer.forward_dense(x, positions)
+        return self.norm(x)

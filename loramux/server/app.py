@@ -20,6 +20,7 @@ from loramux.config import ServerConfig
 from loramux.engine import Engine, RequestOutput, SamplingParams
 from loramux.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from loramux.engine.sequence import LoraMix
+from loramux.router import Router, RoutingDecision
 from loramux.server.errors import APIError, OrjsonResponse, install_error_handlers
 from loramux.server.metrics import ServerMetrics
 from loramux.server.middleware import BodySizeLimit
@@ -63,7 +64,8 @@ def _check_key(request: Request, keys: list[str]) -> None:
         raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", None, "invalid_api_key")
 
 
-def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+def create_app(engine: Engine, config: ServerConfig, router: Router | None = None) -> FastAPI:
+    """The HTTP app over `engine`; without a `router`, model 'auto' and the `router` field are refused."""
     metrics = ServerMetrics(engine, lambda: engine.last_step_num_tokens, config.metrics_per_adapter)
     state = ServerState(engine=engine, config=config, metrics=metrics)
 
@@ -116,10 +118,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return {"object": "list", "data": [base] + adapters}
 
     # -------------------------------------------------------------- generation
-    def resolve_mix(body: SamplingFields) -> LoraMix:
-        if body.model == "auto" or body.router is not None:
-            raise APIError(400, "routing (model 'auto' or the 'router' field) is not available yet on this "
-                                "server; name an adapter or use 'adapters'", "model", "router_unavailable")
+    def named_mix(body: SamplingFields) -> LoraMix:
         entries = [(a, 1.0, 0, None) if isinstance(a, str) else (a.name, float(a.weight), a.rank_lo, a.rank_hi)
                    for a in body.adapters or []]
         if body.model != engine.model_id:
@@ -129,6 +128,33 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 raise APIError(404, f"the model {body.model!r} does not exist", "model", "model_not_found")
             entries = [(body.model, 1.0, 0, None)]
         return tuple(entries)
+
+    async def route(body: SamplingFields, text: str) -> RoutingDecision:
+        if router is None:
+            raise APIError(400, "routing (model 'auto' or the 'router' field) is disabled on this server "
+                                "(started with --no-router); name an adapter or use 'adapters'", "model",
+                           "router_unavailable")
+        if body.model not in ("auto", engine.model_id):
+            raise APIError(400, "the 'router' field needs model 'auto'", "router")
+        if body.adapters:
+            raise APIError(400, "'adapters' cannot be combined with routing (model 'auto')", "adapters")
+        options = body.router.model_dump(exclude_none=True) if body.router else {}
+        decision = await asyncio.to_thread(router.route, text, **options)
+        metrics.observe_routing(decision)
+        return decision
+
+    def routed_mix(decision: RoutingDecision):
+        """The mix for a decision; a fusion is built (or found) on the engine thread as the request is added."""
+        names = [name for name, _, _ in decision.experts]
+        if decision.strategy == "mixture" or len(names) < 2:
+            return tuple((name, weight, 0, None) for name, weight, _ in decision.experts)
+        weights = [weight for _, weight, _ in decision.experts]
+
+        def fuse(e: Engine) -> LoraMix:
+            decision.adapter = e.store.fuse(names, weights)
+            return ((decision.adapter, 1.0, 0, None),)
+
+        return fuse
 
     def build_sampling(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -164,8 +190,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 metrics.adapter_requests.labels(adapter=name).inc()
 
     async def generate(request: Request, body: SamplingFields, prompt, chat: bool, max_tokens: int | None,
-                       logprobs: int | None):
-        mix = resolve_mix(body)
+                       logprobs: int | None, text_for_router: str):
+        decision = None
+        if body.model == "auto" or body.router is not None:
+            decision = await route(body, text_for_router)
+            mix = routed_mix(decision)
+        else:
+            mix = named_mix(body)
         sampling = build_sampling(body, max_tokens, logprobs)
         async_engine = running_engine()
         # Tokenize here, not on the engine thread, and hold prompts to the server's limit.
@@ -184,7 +215,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         except Exception:
             metrics.requests.labels(status="rejected").inc()
             raise
-        ctx = ResponseContext(request_id, body.model, chat, mix, engine.tokenizer, logprobs is not None)
+        mix = stream.lora_mix
+        ctx = ResponseContext(request_id, body.model, chat, mix, engine.tokenizer, logprobs is not None,
+                              decision.to_json() if decision else None)
         headers = {"x-loramux-adapters": adapters_header(mix), "x-request-id": request_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -261,7 +294,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if body.echo or body.suffix is not None:
             raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix",
                            "unsupported_parameter")
-        return await generate(request, body, body.prompt, False, body.max_tokens, body.logprobs)
+        text = body.prompt if isinstance(body.prompt, str) else engine.tokenizer.decode(body.prompt)
+        return await generate(request, body, body.prompt, False, body.max_tokens, body.logprobs, text)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -279,7 +313,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         except Exception as exc:  # the template's own errors (e.g. role order) are the client's to fix
             raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await generate(request, body, prompt, True, body.max_completion_tokens or body.max_tokens, logprobs)
+        text = "\n".join(m["content"] for m in messages if m["role"] == "user")
+        return await generate(request, body, prompt, True, body.max_completion_tokens or body.max_tokens, logprobs,
+                              text)
 
     # ---------------------------------------------------------------- adapters
     def describe(e: Engine, name: str) -> dict:

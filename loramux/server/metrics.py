@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from loramux.engine import Engine
 
+MAX_ROUTED_ADAPTER_LABELS = 64  # routing counters beyond this many adapters are counted as "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -80,5 +81,20 @@ class ServerMetrics:
         self.generation_tokens = Counter("loramux_generation_tokens", "Tokens generated", registry=r)
         self.adapter_requests = (Counter("loramux_adapter_requests", "Requests per adapter", ["adapter"], registry=r)
                                  if per_adapter else None)
+        self.router_decisions = Counter(
+            "loramux_router_decisions", "Routed requests by chosen expert ('none': the base model answered; "
+            "'other': beyond the label limit) and strategy", ["adapter", "strategy"], registry=r)
+        self.router_latency = Histogram("loramux_router_latency_seconds", "Time to embed a request and pick experts",
+                                        registry=r, buckets=FAST_BUCKETS)
+        self._routed_labels: set[str] = set()
         r.register(EngineCollector(engine, last_batch_size))
         engine.store.page_in_listeners.append(self.page_in.observe)
+
+    def observe_routing(self, decision) -> None:
+        """Count a router decision per chosen expert (bounded label set) and its latency."""
+        self.router_latency.observe(decision.seconds)
+        for name in [name for name, _, _ in decision.experts] or ["none"]:
+            if name not in self._routed_labels and len(self._routed_labels) >= MAX_ROUTED_ADAPTER_LABELS:
+                name = "other"
+            self._routed_labels.add(name)
+            self.router_decisions.labels(adapter=name, strategy=decision.strategy).inc()

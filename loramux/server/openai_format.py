@@ -12,9 +12,12 @@ from loramux.engine import RequestOutput
 from loramux.engine.sequence import LoraMix, TokenLogprob
 
 
-def loramux_info(mix: LoraMix) -> dict:
-    """The `loramux` field: which adapters served the request."""
-    return {"adapters": [{"name": n, "weight": w, "rank_lo": lo, "rank_hi": hi} for n, w, lo, hi in mix]}
+def loramux_info(mix: LoraMix, routing: dict | None) -> dict:
+    """The `loramux` field: which adapters served the request and, for routed requests, the router's decision."""
+    info = {"adapters": [{"name": n, "weight": w, "rank_lo": lo, "rank_hi": hi} for n, w, lo, hi in mix]}
+    if routing is not None:
+        info["router"] = routing
+    return info
 
 
 def adapters_header(mix: LoraMix) -> str:
@@ -66,6 +69,7 @@ class ResponseContext:
     mix: LoraMix
     tokenizer: PreTrainedTokenizerBase
     want_logprobs: bool
+    routing: dict | None = None  # RoutingDecision.to_json() of a routed request
     created: int = field(default_factory=lambda: int(time.time()))
 
     def _logprobs(self, logprobs: list[TokenLogprob], text_offset: int = 0) -> dict | None:
@@ -89,7 +93,7 @@ class ResponseContext:
                              "finish_reason": c.finish_reason} for c in choices]
         return self._envelope("chat.completion" if self.chat else "text_completion") | {
             "choices": body_choices, "usage": usage(prompt_tokens, sum(c.num_output_tokens for c in choices)),
-            "loramux": loramux_info(self.mix)}
+            "loramux": loramux_info(self.mix, self.routing)}
 
     def chunk(self, index: int, text: str, finish_reason: str | None, logprobs: list[TokenLogprob],
               text_offset: int, first: bool) -> bytes:
@@ -101,7 +105,7 @@ class ResponseContext:
             choice = {"index": index, "text": text, "logprobs": self._logprobs(logprobs, text_offset),
                       "finish_reason": finish_reason}
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion") | {
-            "choices": [choice], "loramux": loramux_info(self.mix)}
+            "choices": [choice], "loramux": loramux_info(self.mix, self.routing if first else None)}
         return sse(body)
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:

@@ -21,8 +21,12 @@ class AdapterRef(Strict):
 
 
 class RouterOptions(Strict):
-    top_k: StrictInt = Field(1, ge=1, le=16)
-    strategy: Literal["select", "mixture", "fusion"] = "select"
+    """Per-request routing settings; unset fields take the server's --router-* defaults."""
+
+    strategy: Literal["select", "mixture", "fusion"] | None = None
+    top_k: StrictInt | None = Field(None, ge=1, le=16)
+    temperature: Number | None = Field(None, gt=0)
+    threshold: Number | None = Field(None, ge=-1, le=1)
 
 
 class StreamOptions(Strict):

@@ -1,0 +1,17 @@
+"""LoraRetriever-style routing: embed the request, find the nearest experts' keys, select or compose them."""
+
+from loramux.router.embedders import Embedder, build_embedder
+from loramux.router.index import ExpertIndex, build_key
+from loramux.router.router import STRATEGIES, Router, RoutingDecision, softmax_weights
+
+
+def attach_router(engine) -> Router:
+    """A router over the engine's store, kept up to date as adapters are registered and deleted."""
+    config = engine.config.router
+    router = Router(build_embedder(config.embedder, engine), config, engine.store.records)
+    engine.store.change_listeners.append(router.update)
+    return router
+
+
+__all__ = ["Embedder", "ExpertIndex", "Router", "RoutingDecision", "STRATEGIES", "attach_router", "build_embedder",
+           "build_key", "softmax_weights"]

