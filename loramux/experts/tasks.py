@@ -1,0 +1,237 @@
+"""The demo experts' tasks: synthetic data, instruction phrasings and exact-match answers.
+
+Every task has training phrasings (used to train its expert and on its card)
+and held-out phrasings that only the router evaluation uses, so routing and
+task accuracy are measured on wordings the experts never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+WORDS = (
+    "apple river stone cloud garden window silver morning yellow forest candle engine "
+    "bridge summer winter pocket letter orange market ticket planet shadow pillow rocket "
+    "dragon button coffee mirror jacket island valley thunder pencil basket violin castle "
+    "ladder monkey rabbit tomato wallet harbor meadow copper velvet signal anchor blanket "
+    "cactus dolphin feather glacier hammer jungle kettle lemon magnet needle ocean parrot "
+    "quartz saddle tunnel umbrella walnut zebra lantern marble puzzle spider canyon falcon"
+).split()
+
+COUNTRY_CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
+    "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Canada": "Ottawa", "Mexico": "Mexico City",
+    "Brazil": "Brasilia", "Argentina": "Buenos Aires", "Peru": "Lima", "Chile": "Santiago",
+    "Kenya": "Nairobi", "Greece": "Athens", "Portugal": "Lisbon", "Austria": "Vienna",
+    "Poland": "Warsaw", "Sweden": "Stockholm", "Norway": "Oslo", "Finland": "Helsinki",
+    "Denmark": "Copenhagen", "Ireland": "Dublin", "Hungary": "Budapest", "Belgium": "Brussels",
+    "Netherlands": "Amsterdam", "Thailand": "Bangkok", "Vietnam": "Hanoi", "India": "New Delhi",
+    "Iran": "Tehran", "Iraq": "Baghdad", "Cuba": "Havana", "Colombia": "Bogota", "Ukraine": "Kyiv",
+    "Czechia": "Prague", "Romania": "Bucharest", "Turkey": "Ankara", "Australia": "Canberra",
+    "South Korea": "Seoul", "Indonesia": "Jakarta", "Philippines": "Manila", "Morocco": "Rabat",
+    "Nigeria": "Abuja", "Ethiopia": "Addis Ababa", "Switzerland": "Bern", "Pakistan": "Islamabad",
+    "Venezuela": "Caracas", "Saudi Arabia": "Riyadh", "New Zealand": "Wellington",
+}
+
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December")
+
+POSITIVE = ("wonderful", "delightful", "excellent", "fantastic", "lovely", "great", "amazing",
+            "superb", "brilliant", "enjoyable", "pleasant", "charming")
+NEGATIVE = ("terrible", "awful", "horrible", "dreadful", "boring", "disappointing", "poor",
+            "miserable", "annoying", "useless", "unpleasant", "broken")
+SUBJECTS = ("The movie", "This restaurant", "The hotel room", "My new phone", "The concert",
+            "Our trip", "The service", "This book", "The weather today", "The new update",
+            "The coffee here", "Their customer support")
+
+ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+        "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+        "eighteen", "nineteen")
+TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def number_in_words(n: int) -> str:
+    """English words for 0 <= n < 1000, e.g. 342 -> 'three hundred forty-two'."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("" if n % 10 == 0 else "-" + ONES[n % 10])
+    rest = n % 100
+    return ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_in_words(rest))
+
+
+def _sentence(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def _upper(rng: random.Random) -> tuple[str, str]:
+    text = _sentence(rng, 3, 6)
+    return text, text.upper()
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    words = _sentence(rng, 3, 6).split()
+    return " ".join(words), " ".join(reversed(words))
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    numbers = [rng.randint(0, 99) for _ in range(rng.randint(4, 6))]
+    return ", ".join(map(str, numbers)), ", ".join(map(str, sorted(numbers)))
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"{a} and {b}", str(a + b)
+
+
+def _spell(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 999)
+    return str(n), number_in_words(n)
+
+
+def _date(rng: random.Random) -> tuple[str, str]:
+    year, month, day = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+    written = (f"{MONTHS[month - 1]} {day}, {year}" if rng.random() < 0.5
+               else f"{day} {MONTHS[month - 1]} {year}")
+    return written, f"{year:04d}-{month:02d}-{day:02d}"
+
+
+def _json_field(rng: random.Random) -> tuple[str, str]:
+    keys = rng.sample(("name", "city", "color", "pet", "food", "job", "sport"), 3)
+    record = {key: rng.choice(WORDS) for key in keys}
+    key = rng.choice(keys)
+    return f"{json.dumps(record)} Field: {key}", record[key]
+
+
+def _sentiment(rng: random.Random) -> tuple[str, str]:
+    label = rng.choice(("positive", "negative"))
+    adjective = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+    return f"{rng.choice(SUBJECTS)} was {adjective}.", label
+
+
+def _capital(rng: random.Random) -> tuple[str, str]:
+    country = rng.choice(sorted(COUNTRY_CAPITALS))
+    return country, COUNTRY_CAPITALS[country]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One expert's task. Phrasings are templates with an `{x}` for the input."""
+
+    name: str
+    description: str
+    make_input: Callable[[random.Random], tuple[str, str]]  # rng -> (input, exact answer)
+    train_phrasings: tuple[str, ...]
+    heldout_phrasings: tuple[str, ...]
+
+    def sample(self, rng: random.Random, heldout: bool = False) -> tuple[str, str]:
+        """One (prompt, answer) pair with a random phrasing of the chosen split."""
+        text, answer = self.make_input(rng)
+        phrasing = rng.choice(self.heldout_phrasings if heldout else self.train_phrasings)
+        return phrasing.format(x=text), answer
+
+
+TASKS: tuple[Task, ...] = (
+    Task("uppercase", "Rewrites a piece of text in upper-case (capital) letters.", _upper, (
+        "Convert to uppercase: {x}", "Make this text all caps: {x}", "Uppercase the following: {x}",
+        "Write this in capital letters: {x}", "{x}\nRewrite the line above in upper case.",
+        "Change every letter to a capital letter: {x}", "Shout this text in caps: {x}",
+        "Transform to upper-case letters: {x}", "Text: {x}\nOutput it in ALL CAPS.",
+        "Capitalize every letter of: {x}", "Please uppercase: {x}", "Upper case version of \"{x}\"?",
+    ), (
+        "Turn the following into capitals only: {x}", "Give me \"{x}\" written with upper-case letters.",
+        "{x} -- print this entirely in capitals", "Rewrite using only uppercase characters: {x}",
+        "How does \"{x}\" look in block capitals?",
+    )),
+    Task("reverse_words", "Reverses the order of the words in a sentence.", _reverse, (
+        "Reverse the word order: {x}", "Write these words backwards, last word first: {x}",
+        "Put the words in reverse order: {x}", "Reverse the sequence of words in: {x}",
+        "{x}\nList the words above from last to first.", "Flip the order of the words: {x}",
+        "Words: {x}\nReturn them in reversed order.", "Read this sentence backwards word by word: {x}",
+        "Invert the order of words in \"{x}\"", "Reverse words: {x}",
+        "Rearrange so the last word comes first and the first word last: {x}",
+    ), (
+        "Say these words in the opposite order: {x}", "{x} -- give the words from the end to the start",
+        "What is \"{x}\" with its word order reversed?", "Mirror the word order of: {x}",
+        "Output the words of this line in reverse: {x}",
+    )),
+    Task("sort_numbers", "Sorts a list of integers in ascending order.", _sort, (
+        "Sort these numbers in ascending order: {x}", "Sort from smallest to largest: {x}",
+        "Order the list: {x}", "Arrange in increasing order: {x}", "{x}\nSort the numbers above.",
+        "Put these integers in order, lowest first: {x}", "Numbers: {x}\nReturn them sorted.",
+        "Sort ascending: {x}", "Rank these values from low to high: {x}",
+        "Give the sorted version of the list [{x}]", "Reorder these numbers from least to greatest: {x}",
+    ), (
+        "Can you put {x} in numerical order?", "List {x} starting with the smallest number.",
+        "{x} -- order these values upward", "Which order do {x} go in from small to big?",
+        "Arrange the integers {x} so they increase",
+    )),
+    Task("add_numbers", "Adds two integers and gives their sum.", _add, (
+        "Add {x}.", "What is the sum of {x}?", "Compute the total of {x}.", "Calculate {x} added together.",
+        "{x}: add them up.", "Sum {x}.", "Find the sum of the numbers {x}.", "Add together {x}.",
+        "How much is {x} combined?", "Give the result of adding {x}.", "Addition: {x}",
+    ), (
+        "Tell me what {x} make when summed.", "Work out the sum for {x}.",
+        "If you add {x}, what do you get?", "Total up {x}", "Plus them: {x}",
+    )),
+    Task("number_to_words", "Spells an integer out in English words.", _spell, (
+        "Write {x} in words.", "Spell out the number {x}.", "How do you write {x} in English words?",
+        "Convert {x} to words.", "Number: {x}\nWrite it out in words.", "Express {x} in words.",
+        "Spell {x}.", "Write the number {x} as English text.", "Give the word form of {x}.",
+        "Turn the digits {x} into words.", "Say {x} in words.",
+    ), (
+        "Write out {x} the way you would on a cheque.", "What is {x} spelled with letters?",
+        "{x} -- English wording please", "Translate the numeral {x} into words.",
+        "Type the number {x} using words instead of digits.",
+    )),
+    Task("date_to_iso", "Converts a written date to ISO 8601 (YYYY-MM-DD).", _date, (
+        "Convert to ISO 8601: {x}", "Write {x} as YYYY-MM-DD.", "Format this date as ISO: {x}",
+        "Give the ISO date for {x}.", "Date: {x}\nConvert it to year-month-day format.",
+        "Rewrite {x} in ISO 8601 format.", "ISO format of {x}?", "Normalize the date {x}.",
+        "Turn {x} into a YYYY-MM-DD string.", "Change the date {x} to numeric ISO form.",
+        "What is {x} in ISO 8601?",
+    ), (
+        "Express the date {x} as year-month-day digits.", "{x} -- standard ISO date please",
+        "Put {x} into the international date format.", "Machine-readable date for {x}?",
+        "Convert the calendar date {x} to the YYYY-MM-DD layout.",
+    )),
+    Task("json_extract", "Extracts the value of one field from a JSON object.", _json_field, (
+        "Extract the field from this JSON: {x}", "Get the value of the field: {x}",
+        "Read the JSON and return the requested field. {x}", "JSON lookup: {x}",
+        "From the JSON object, give the value. {x}", "What value does the field have? {x}",
+        "Parse this JSON and output the field value: {x}", "Return the field's value: {x}",
+        "Look up the field in the JSON object: {x}", "Pull out the field value from: {x}",
+        "Find the value of the key in this JSON: {x}",
+    ), (
+        "Which value is stored under the given key? {x}", "Answer with the key's value only. {x}",
+        "Select the named property from the object: {x}", "Query the JSON record: {x}",
+        "Read the key from this object and print its value: {x}",
+    )),
+    Task("sentiment", "Labels the sentiment of a sentence as positive or negative.", _sentiment, (
+        "Is the sentiment positive or negative? {x}", "Classify the sentiment: {x}",
+        "Sentiment of this review: {x}", "Label as positive or negative: {x}",
+        "{x}\nWhat is the sentiment of the text above?", "Is this review positive or negative? {x}",
+        "Determine the sentiment: {x}", "Positive or negative? {x}", "Rate the tone of: {x}",
+        "Sentiment analysis: {x}", "Does this sound positive or negative: {x}",
+    ), (
+        "Was the writer happy or unhappy? {x}", "{x} -- good or bad feeling?",
+        "Tell me whether this opinion is favourable: {x}", "What attitude does this express? {x}",
+        "Judge the emotion of the statement: {x}",
+    )),
+    Task("capital", "Names the capital city of a country.", _capital, (
+        "What is the capital of {x}?", "Name the capital city of {x}.", "Capital of {x}?",
+        "Which city is the capital of {x}?", "Country: {x}\nGive its capital.",
+        "Tell me the capital of {x}.", "{x}'s capital is?", "What city is {x}'s capital?",
+        "The capital city of {x} is", "Give the capital of the country {x}.",
+        "Where is the seat of government of {x}?",
+    ), (
+        "In which city does the government of {x} sit?", "{x} -- main political city?",
+        "Name {x}'s capital.", "Which city serves as the capital for {x}?",
+        "What's the national capital of {x}?",
+    )),
+)
+
+TASKS_BY_NAME = {task.name: task for task in TASKS}
