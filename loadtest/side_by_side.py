@@ -7,6 +7,9 @@ bundled model, starts both servers on free loopback ports, drives each with
 the same closed-loop traffic (--users users, Zipf popularity, seeded), and
 prints throughput and p99 TTFT of both and their ratios. Target: loramux at
 least 5x the baseline's throughput at a lower p99 TTFT.
+
+The same traffic is also sent to loramux with every request on the base
+model (no adapter): the ceiling that no LoRA work can beat on this machine.
 """
 
 from __future__ import annotations
@@ -53,9 +56,12 @@ def main() -> None:
     summaries = {}
     loramux = ServerProcess(["--adapter-dir", str(tmp / "adapters"), "--adapter-store", str(tmp / "store"),
                              "--max-loras", str(args.adapters), "--max-lora-rank", "16",
-                             "--max-loras-per-batch", str(args.adapters)], tmp / "loramux.log")
+                             "--max-loras-per-batch", str(args.adapters), "--no-experts", "--no-router"],
+                            tmp / "loramux.log")
     try:
         run_load(["--url", loramux.url, *load, "--out", str(args.out / "loramux")])
+        run_load(["--url", loramux.url, *load, "--adapters", checkpoint.model_id, "--popularity", "single",
+                  "--out", str(args.out / "loramux_base_only")])
     finally:
         loramux.stop()
     baseline = BaselineProcess(checkpoint.folder, tmp / "adapters", tmp / "baseline.log", args.users)
@@ -63,18 +69,20 @@ def main() -> None:
         run_load(["--url", baseline.url, *load, "--out", str(args.out / "baseline")])
     finally:
         baseline.stop()
-    for name in ("loramux", "baseline"):
+    for name in ("loramux", "loramux_base_only", "baseline"):
         summaries[name] = json.loads((args.out / name / "summary.json").read_text())["levels"][0]["summary"]
 
     logger.info("machine: %s", machine_description("cpu"))
     logger.info("traffic: %d users, Zipf over %d rank-16 adapters (all 7 projections), %d requests, prompt %s words, "
                 "output %s tokens", args.users, args.adapters, args.requests, args.prompt_len, args.output_len)
     for name, s in summaries.items():
-        logger.info("%-9s %8.1f output tokens/s   p99 TTFT %7.2f s   errors %d", name, s["output_tokens_per_s"],
+        logger.info("%-17s %8.1f output tokens/s   p99 TTFT %7.2f s   errors %d", name, s["output_tokens_per_s"],
                     s["ttft_s"]["p99"], s["errors"])
     lm, bl = summaries["loramux"], summaries["baseline"]
     logger.info("throughput ratio loramux/baseline %.2fx; p99 TTFT ratio %.2f (lower is better)",
                 lm["output_tokens_per_s"] / bl["output_tokens_per_s"], lm["ttft_s"]["p99"] / bl["ttft_s"]["p99"])
+    logger.info("ceiling (base model only, no adapter) / baseline: %.2fx",
+                summaries["loramux_base_only"]["output_tokens_per_s"] / bl["output_tokens_per_s"])
 
 
 class BaselineProcess(ServerProcess):

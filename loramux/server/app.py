@@ -191,12 +191,7 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
 
     async def generate(request: Request, body: SamplingFields, prompt, chat: bool, max_tokens: int | None,
                        logprobs: int | None, text_for_router: str):
-        decision = None
-        if body.model == "auto" or body.router is not None:
-            decision = await route(body, text_for_router)
-            mix = routed_mix(decision)
-        else:
-            mix = named_mix(body)
+        timer = RequestTimer()  # from arrival: routing counts towards time to first token
         sampling = build_sampling(body, max_tokens, logprobs)
         async_engine = running_engine()
         # Tokenize here, not on the engine thread, and hold prompts to the server's limit.
@@ -208,8 +203,13 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
         if async_engine.num_requests >= config.max_concurrent_requests:
             raise APIError(429, f"the server is at its limit of {config.max_concurrent_requests} concurrent "
                                 "requests; retry shortly", None, "overloaded", {"Retry-After": "1"})
+        decision = None
+        if body.model == "auto" or body.router is not None:
+            decision = await route(body, text_for_router)
+            mix = routed_mix(decision)
+        else:
+            mix = named_mix(body)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        timer = RequestTimer()
         try:
             stream = await async_engine.submit(request_id, prompt_ids, sampling, mix)
         except Exception:
