@@ -231,6 +231,9 @@ def test_fusions_are_cached_bounded_and_dropped_with_their_experts(tiny_llama_di
     third = engine.store.fuse(["e002", "e003"], [0.5, 0.5])
     assert first in engine.store and third in engine.store
     assert len([n for n in engine.store.records if n.startswith("fusion-")]) == 2
+    fourth = engine.store.fuse(["e001", "e002"], [0.5, 0.5])  # the held one is the oldest, the idle one goes
+    assert first in engine.store and fourth in engine.store and third not in engine.store
+    third = engine.store.fuse(["e002", "e003"], [0.5, 0.5])
     while engine.has_unfinished_requests():
         engine.step()
     engine.remove_adapter("e003")  # its fusions go with it

@@ -158,3 +158,26 @@ def test_base_model_hidden_states_match_transformers(tiny_llama_dir, tiny_qwen2_
             expected = hf.model(torch.tensor([ids])).last_hidden_state[0]
         torch.testing.assert_close(engine.model.final_hidden_states(torch.tensor(ids)), expected,
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("argv, bundled", [([], True), (["--no-experts"], False), (["--model", "/m"], False)])
+def test_serve_registers_the_bundled_experts_only_for_the_default_model(argv, bundled):
+    from loramux.cli import build_parser, engine_config_from_args
+    from loramux.experts import BUNDLED_EXPERTS_DIR
+
+    config = engine_config_from_args(build_parser().parse_args(["serve", *argv, "--adapter-dir", "/extra"]))
+    assert (str(BUNDLED_EXPERTS_DIR) in config.store.adapter_dirs) == bundled
+    assert "/extra" in config.store.adapter_dirs
+
+
+def test_router_flags_reach_the_config_and_bad_values_are_refused():
+    from loramux.cli import build_parser, engine_config_from_args
+
+    args = build_parser().parse_args(["serve", "--router-strategy", "fusion", "--router-top-k", "3",
+                                      "--router-threshold", "0.4", "--router-temperature", "0.2"])
+    router = engine_config_from_args(args).router
+    assert (router.strategy, router.top_k, router.threshold, router.temperature) == ("fusion", 3, 0.4, 0.2)
+    with pytest.raises(ValueError, match="router-temperature"):
+        RouterConfig(temperature=0)
+    with pytest.raises(ValueError, match="router-threshold"):
+        RouterConfig(threshold=1.5)
