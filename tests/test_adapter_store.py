@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from loramux.adapters_store import AdapterError
 from loramux.adapters_store.synthetic import write_random_adapter

@@ -50,7 +50,7 @@ def test_prefix_match_leaves_a_token_to_compute_and_never_shares_a_written_block
 
 def test_different_adapter_or_tokens_do_not_share():
     bm = BlockManager(num_blocks=8, block_size=4)
-    base = computed(bm, fake_seq(9))
+    computed(bm, fake_seq(9))  # publishes the base-model blocks
     assert bm.match_prefix(fake_seq(9, adapter="x")) == 0  # K/V differ under an adapter
     assert bm.match_prefix(fake_seq(9, first_token=1)) == 0
 

@@ -10,10 +10,10 @@ import threading
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from loramux.adapters_store.synthetic import write_random_adapter
 from loadtest.server_process import ServerProcess
+from tests.conftest import metric_values
 
 API_KEY, ADMIN_KEY = "user-key", "admin-key"
 NUM_ADAPTERS = 8
@@ -123,12 +123,6 @@ def test_models_lists_base_and_adapters(client):
     models = {m.id: m for m in client.models.list().data}
     assert "tiny" in models and all(f"ad{i}" in models for i in range(NUM_ADAPTERS))
     assert models["ad0"].model_extra["parent"] == "tiny"
-
-
-def metric_values(server) -> dict[tuple, float]:
-    text = httpx.get(server.url + "/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def test_metrics_count_requests_and_tokens(client, server):

@@ -89,6 +89,7 @@ def train_expert(folder: Path, tokenizer, task: Task, out: Path, rank: int, step
     seconds = time.perf_counter() - start
     model = model.to(torch.float16)  # halves the shipped files; the store casts to the serving dtype
     model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card; ours is loramux.json
     card_rng = random.Random(seed + 1)
     card = {"description": task.description,
             "examples": [task.sample(card_rng)[0] for _ in range(CARD_EXAMPLES)],

@@ -75,6 +75,11 @@ class Router:
             self.update(name, record)
         logger.info("router: %d experts indexed with the %s embedder", len(self.index), embedder.name)
 
+    @property
+    def threshold(self) -> float:
+        """The server's default: --router-threshold, else the embedder's calibrated value."""
+        return self.embedder.default_threshold if self.config.threshold is None else self.config.threshold
+
     def update(self, name: str, record: AdapterRecord | None) -> None:
         """Re-key one adapter after it was registered or replaced (record), or forget it (None)."""
         if record is None or record.fused_from:
@@ -95,8 +100,7 @@ class Router:
         strategy = strategy or cfg.strategy
         k = 1 if strategy == "select" else (top_k or cfg.top_k)
         temperature = temperature or cfg.temperature
-        if threshold is None:
-            threshold = self.embedder.default_threshold if cfg.threshold is None else cfg.threshold
+        threshold = self.threshold if threshold is None else threshold
         candidates = self.index.search(self.embedder.embed([text])[0], k)
         kept = [(name, sim) for name, sim in candidates if sim >= threshold]
         weights = softmax_weights([sim for _, sim in kept], temperature) if kept else []
