@@ -13,12 +13,20 @@ from dataclasses import dataclass
 from typing import Callable
 
 WORDS = (
-    "apple river stone cloud garden window silver morning yellow forest candle engine "
-    "bridge summer winter pocket letter orange market ticket planet shadow pillow rocket "
-    "dragon button coffee mirror jacket island valley thunder pencil basket violin castle "
-    "ladder monkey rabbit tomato wallet harbor meadow copper velvet signal anchor blanket "
-    "cactus dolphin feather glacier hammer jungle kettle lemon magnet needle ocean parrot "
-    "quartz saddle tunnel umbrella walnut zebra lantern marble puzzle spider canyon falcon"
+    "apple river stone cloud garden window silver morning yellow forest candle engine bridge summer winter "
+    "pocket letter orange market ticket planet shadow pillow rocket dragon button coffee mirror jacket island "
+    "valley thunder pencil basket violin castle ladder monkey rabbit tomato wallet harbor meadow copper velvet "
+    "signal anchor blanket cactus dolphin feather glacier hammer jungle kettle lemon magnet needle ocean parrot "
+    "quartz saddle tunnel umbrella walnut zebra lantern marble puzzle spider canyon falcon the quick brown fox "
+    "jumps over lazy dog hello world good night happy birthday please send report today meeting starts at noon "
+    "my sister likes green tea with honey we walked along beach after dinner children play in park every "
+    "weekend train leaves station early bring warm coat because it will rain later new phone has great camera "
+    "she reads books about history and science he fixed old bicycle yesterday they painted kitchen blue open "
+    "door slowly music sounds better live our team won final game cats sleep most of day small boat crossed "
+    "lake bake bread for breakfast city lights shine bright mountain air feels fresh write short note to "
+    "friend keep calm carry on time flies fast data center needs more power red car parked outside sun rises "
+    "in east water boils quickly turn left corner student asked good question doctor visits patients farmer "
+    "grows corn wheat pilot lands plane safely artist draws portraits chef cooks soup"
 ).split()
 
 COUNTRY_CAPITALS = {
@@ -68,7 +76,9 @@ def _sentence(rng: random.Random, low: int, high: int) -> str:
 
 
 def _upper(rng: random.Random) -> tuple[str, str]:
-    text = _sentence(rng, 3, 6)
+    text = _sentence(rng, 3, 7)
+    if rng.random() < 0.3:  # some inputs are already partly capitalised
+        text = text.capitalize() if rng.random() < 0.5 else text.title()
     return text, text.upper()
 
 
