@@ -76,15 +76,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def evaluate_routing(router: Router, items: list[tuple[str, str, str]]) -> dict:
-    """Top-1 routing accuracy per task and overall, and the router's latency per request."""
+    """Top-1 routing accuracy per task and overall, the router's latency per request, and how often the
+    default threshold hands task prompts and general prompts to the base model."""
     hits: dict[str, list[bool]] = {}
     seconds = []
+    task_fallbacks = 0
     for task, prompt, _ in items:
-        decision = router.route(prompt, strategy="select", threshold=-1.0)
+        decision = router.route(prompt, strategy="select")
         seconds.append(decision.seconds)
         hits.setdefault(task, []).append(bool(decision.candidates) and decision.candidates[0][0] == task)
+        task_fallbacks += not decision.experts
     per_task = {task: sum(h) / len(h) for task, h in hits.items()}
-    task_fallback = sum(router.route(p).experts == [] for _, p, _ in items) / len(items)
+    task_fallback = task_fallbacks / len(items)
     general_fallback = sum(router.route(p).experts == [] for p in GENERAL_PROMPTS) / len(GENERAL_PROMPTS)
     return {"accuracy": sum(sum(h) for h in hits.values()) / len(items), "per_task": per_task,
             "threshold": router.threshold, "task_prompts_to_base": task_fallback,

@@ -136,6 +136,7 @@ class Task:
     make_input: Callable[[random.Random], tuple[str, str]]  # rng -> (input, exact answer)
     train_phrasings: tuple[str, ...]
     heldout_phrasings: tuple[str, ...]
+    train_steps: int = 120  # harder tasks get more
 
     def sample(self, rng: random.Random, heldout: bool = False) -> tuple[str, str]:
         """One (prompt, answer) pair with a random phrasing of the chosen split."""
@@ -167,7 +168,7 @@ TASKS: tuple[Task, ...] = (
         "Say these words in the opposite order: {x}", "{x} -- give the words from the end to the start",
         "What is \"{x}\" with its word order reversed?", "Mirror the word order of: {x}",
         "Output the words of this line in reverse: {x}",
-    )),
+    ), train_steps=240),
     Task("sort_numbers", "Sorts a list of integers in ascending order.", _sort, (
         "Sort these numbers in ascending order: {x}", "Sort from smallest to largest: {x}",
         "Order the list: {x}", "Arrange in increasing order: {x}", "{x}\nSort the numbers above.",
@@ -178,7 +179,7 @@ TASKS: tuple[Task, ...] = (
         "Can you put {x} in numerical order?", "List {x} starting with the smallest number.",
         "{x} -- order these values upward", "Which order do {x} go in from small to big?",
         "Arrange the integers {x} so they increase",
-    )),
+    ), train_steps=240),
     Task("add_numbers", "Adds two integers and gives their sum.", _add, (
         "Add {x}.", "What is the sum of {x}?", "Compute the total of {x}.", "Calculate {x} added together.",
         "{x}: add them up.", "Sum {x}.", "Find the sum of the numbers {x}.", "Add together {x}.",

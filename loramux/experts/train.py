@@ -63,7 +63,7 @@ def answer_loss(peft_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def train_expert(folder: Path, tokenizer, task: Task, out: Path, rank: int, steps: int, batch_size: int,
-                 lr: float, seed: int) -> dict:
+                 lr: float, seed: int) -> None:
     """Train one expert from a fresh copy of the base model and write its PEFT folder and card."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -90,14 +90,19 @@ def train_expert(folder: Path, tokenizer, task: Task, out: Path, rank: int, step
     model = model.to(torch.float16)  # halves the shipped files; the store casts to the serving dtype
     model.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card; ours is loramux.json
-    card_rng = random.Random(seed + 1)
-    card = {"description": task.description,
-            "examples": [task.sample(card_rng)[0] for _ in range(CARD_EXAMPLES)],
-            "training": {"steps": steps, "batch_size": batch_size, "rank": rank, "lr": lr, "seed": seed,
-                         "final_loss": round(loss.item(), 4), "cpu_seconds": round(seconds, 1)}}
-    (out / "loramux.json").write_text(json.dumps(card, indent=2) + "\n")
+    training = {"steps": steps, "batch_size": batch_size, "rank": rank, "lr": lr, "seed": seed,
+                "final_loss": round(loss.item(), 4), "cpu_seconds": round(seconds, 1)}
+    write_card(task, out, training, seed)
     logger.info("%s trained in %.0f s -> %s", task.name, seconds, out)
-    return card
+
+
+def write_card(task: Task, out: Path, training: dict, seed: int) -> None:
+    """loramux.json: the description, one example per training phrasing (up to CARD_EXAMPLES), and how it was trained."""
+    rng = random.Random(seed + 1)
+    phrasings = rng.sample(task.train_phrasings, min(CARD_EXAMPLES, len(task.train_phrasings)))
+    examples = [phrasing.format(x=task.make_input(rng)[0]) for phrasing in phrasings]
+    card = {"description": task.description, "examples": examples, "training": training}
+    (out / "loramux.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,20 +110,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default=",".join(task.name for task in TASKS))
     parser.add_argument("--out", default=str(EXPERTS_DIR))
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: each task's own)")
+    parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--cards-only", action="store_true",
+                        help="rewrite the cards of already trained experts (keeps their training record)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cards_only:
+        for name in args.tasks.split(","):
+            task, out = TASKS_BY_NAME[name], Path(args.out) / name
+            training = json.loads((out / "loramux.json").read_text())["training"]
+            write_card(task, out, training, args.seed + TASKS.index(task))
+        return
     checkpoint = load_checkpoint(None)
     for name in args.tasks.split(","):
         task = TASKS_BY_NAME[name]
         train_expert(checkpoint.folder, checkpoint.tokenizer, task, Path(args.out) / name,
-                     rank=args.rank, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     rank=args.rank, steps=args.steps or task.train_steps, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed + TASKS.index(task))
 
 
