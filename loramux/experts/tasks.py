@@ -179,7 +179,7 @@ TASKS: tuple[Task, ...] = (
         "Can you put {x} in numerical order?", "List {x} starting with the smallest number.",
         "{x} -- order these values upward", "Which order do {x} go in from small to big?",
         "Arrange the integers {x} so they increase",
-    ), train_steps=240),
+    )),
     Task("add_numbers", "Adds two integers and gives their sum.", _add, (
         "Add {x}.", "What is the sum of {x}?", "Compute the total of {x}.", "Calculate {x} added together.",
         "{x}: add them up.", "Sum {x}.", "Find the sum of the numbers {x}.", "Add together {x}.",
