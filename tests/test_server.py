@@ -194,6 +194,7 @@ BAD_REQUESTS = [
      "context_length_exceeded"),
     ("auto with adapters", "/v1/completions", {"model": "auto", "prompt": "x", "adapters": ["ad0"]}, 400, None),
     ("router on an adapter", "/v1/completions", {"model": "ad0", "prompt": "x", "router": {"top_k": 2}}, 400, None),
+    ("auto with bad token ids", "/v1/completions", {"model": "auto", "prompt": [5, -1, 10**9]}, 400, None),
     ("unknown strategy", "/v1/completions", {"model": "auto", "prompt": "x", "router": {"strategy": "vote"}}, 400,
      None),
     ("zero temperature", "/v1/completions", {"model": "auto", "prompt": "x", "router": {"temperature": 0}}, 400,

@@ -294,7 +294,9 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
         if body.echo or body.suffix is not None:
             raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix",
                            "unsupported_parameter")
-        text = body.prompt if isinstance(body.prompt, str) else engine.tokenizer.decode(body.prompt)
+        text = body.prompt
+        if not isinstance(text, str):  # token ids: the router reads their text; bad ids are refused later
+            text = engine.tokenizer.decode([t for t in body.prompt if 0 <= t < engine.shape.vocab_size])
         return await generate(request, body, body.prompt, False, body.max_tokens, body.logprobs, text)
 
     @app.post("/v1/chat/completions")
