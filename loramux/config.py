@@ -96,6 +96,9 @@ class StoreConfig:
                  f"--lora-backend must be auto, torch or triton, got {self.lora_backend!r}")
 
 
+ROUTER_STRATEGIES = ("select", "mixture", "fusion")
+
+
 @dataclass
 class RouterConfig:
     """Expert routing for `model: "auto"` requests; per-request `router` fields override these."""
@@ -109,7 +112,7 @@ class RouterConfig:
     max_fused: int = 16  # fusions cached in the store
 
     def __post_init__(self) -> None:
-        _require(self.strategy in ("select", "mixture", "fusion"),
+        _require(self.strategy in ROUTER_STRATEGIES,
                  f"--router-strategy must be select, mixture or fusion, got {self.strategy!r}")
         _require(self.top_k > 0, "--router-top-k must be positive")
         _require(self.temperature > 0, "--router-temperature must be positive")

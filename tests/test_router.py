@@ -181,3 +181,24 @@ def test_router_flags_reach_the_config_and_bad_values_are_refused():
         RouterConfig(temperature=0)
     with pytest.raises(ValueError, match="router-threshold"):
         RouterConfig(threshold=1.5)
+
+
+def test_decisions_become_mixes_and_only_multi_expert_fusions_are_built(three_experts):
+    embedder, records = three_experts
+    router = Router(embedder, RouterConfig(temperature=0.2), records)
+    built = []
+
+    class Store:
+        def fuse(self, names, weights):
+            built.append((names, weights))
+            return "fusion-x"
+
+    select = router.route("q-mid", strategy="select").lora_mix(Store())
+    assert select == (("upper", 1.0, 0, None),)
+    mixture = router.route("q-mid", strategy="mixture", top_k=2).lora_mix(Store())
+    assert [name for name, *_ in mixture] == ["upper", "reverse"] and not built
+    assert router.route("q-mid", strategy="fusion", top_k=2, threshold=0.7).lora_mix(Store())[0][0] == "upper"
+    assert not built  # one expert left above the threshold: it serves alone
+    decision = router.route("q-mid", strategy="fusion", top_k=2)
+    assert decision.lora_mix(Store()) == (("fusion-x", 1.0, 0, None),) and decision.adapter == "fusion-x"
+    assert built[0][0] == ["upper", "reverse"] and sum(built[0][1]) == pytest.approx(1.0)

@@ -2,7 +2,7 @@
 
 from loramux.router.embedders import Embedder, build_embedder
 from loramux.router.index import ExpertIndex, build_key
-from loramux.router.router import STRATEGIES, Router, RoutingDecision, softmax_weights
+from loramux.router.router import Router, RoutingDecision, softmax_weights
 
 
 def attach_router(engine) -> Router:
@@ -13,5 +13,5 @@ def attach_router(engine) -> Router:
     return router
 
 
-__all__ = ["Embedder", "ExpertIndex", "Router", "RoutingDecision", "STRATEGIES", "attach_router", "build_embedder",
+__all__ = ["Embedder", "ExpertIndex", "Router", "RoutingDecision", "attach_router", "build_embedder",
            "build_key", "softmax_weights"]

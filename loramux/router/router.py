@@ -25,7 +25,6 @@ from loramux.router.index import ExpertIndex, build_key
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("select", "mixture", "fusion")
 FUSION_WEIGHT_STEP = 0.05  # fusion weights are rounded to this so one cached fusion serves many requests
 
 
@@ -39,6 +38,14 @@ class RoutingDecision:
     threshold: float
     seconds: float
     adapter: str | None = None  # what served it, when that is not the experts themselves (a fusion)
+
+    def lora_mix(self, store) -> tuple:
+        """The request's mix, (name, weight, rank_lo, rank_hi) entries; a fusion of several experts is
+        built (or found) in `store` (an AdapterStore: call this where the store may be changed)."""
+        if self.strategy != "fusion" or len(self.experts) < 2:
+            return tuple((name, weight, 0, None) for name, weight, _ in self.experts)
+        self.adapter = store.fuse([name for name, _, _ in self.experts], [weight for _, weight, _ in self.experts])
+        return ((self.adapter, 1.0, 0, None),)
 
     def to_json(self) -> dict:
         """The response's `loramux.router` field."""

@@ -143,19 +143,6 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
         metrics.observe_routing(decision)
         return decision
 
-    def routed_mix(decision: RoutingDecision):
-        """The mix for a decision; a fusion is built (or found) on the engine thread as the request is added."""
-        names = [name for name, _, _ in decision.experts]
-        if decision.strategy == "mixture" or len(names) < 2:
-            return tuple((name, weight, 0, None) for name, weight, _ in decision.experts)
-        weights = [weight for _, weight, _ in decision.experts]
-
-        def fuse(e: Engine) -> LoraMix:
-            decision.adapter = e.store.fuse(names, weights)
-            return ((decision.adapter, 1.0, 0, None),)
-
-        return fuse
-
     def build_sampling(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name):
@@ -206,7 +193,9 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
         decision = None
         if body.model == "auto" or body.router is not None:
             decision = await route(body, text_for_router)
-            mix = routed_mix(decision)
+
+            def mix(e: Engine) -> LoraMix:  # on the engine thread as the request is added: a fusion is held at once
+                return decision.lora_mix(e.store)
         else:
             mix = named_mix(body)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
