@@ -71,8 +71,8 @@ def loop_reference(x, a, b, scales, runs, y_offset=0, d_total=None):
     return y
 
 
-def plan_for(runs, scales, r_max, device="cpu"):
-    return build_lora_plan(runs, scales, r_max, device)
+def plan_for(runs, scales, r_max, device="cpu", slot_targets=None):
+    return build_lora_plan(runs, scales, r_max, device, slot_targets)
 
 
 def fused_pool(ranks: list[int], r_max: int, d_in: int, d_outs: list[int], seed: int):
@@ -111,12 +111,45 @@ def with_inert_rows(layer, tokens: list[int], r_max: int):
     def cat(name, values, dtype):
         return torch.cat([getattr(layer, name), torch.tensor(values, dtype=dtype, device=device)])
 
-    segments = layer.segments + tuple(Segment(-1, n + i, n + i + 1, t, 0.7, 0, r_max) for i, t in enumerate(tokens))
+    segments = layer.segments + tuple(Segment(-1, n + i, n + i + 1, t, 0, r_max) for i, t in enumerate(tokens))
     return with_mode(replace(
         layer, token_idx=cat("token_idx", tokens, torch.int64), slot_idx=cat("slot_idx", [-1] * count, torch.int64),
         coeff=cat("coeff", [0.7] * count, torch.float32), rank_lo=cat("rank_lo", [0] * count, torch.int64),
         rank_hi=cat("rank_hi", [r_max] * count, torch.int64),
-        rank_coeff=torch.cat([layer.rank_coeff, torch.full((count, r_max), 0.7, device=device)]),
         seg_starts=torch.tensor([s.start for s in segments] + [n + count], dtype=torch.int64, device=device),
         seg_slots=torch.tensor([s.slot for s in segments], dtype=torch.int64, device=device),
         segments=segments), layer.mode)
+
+
+RANKS = [4, 8, 16, 64, 8, 4, 16, 64]  # a pool padded to rank 64, ranks 4..64
+
+
+def run_case(shrink, expand, pattern: str, run_len: int, depth: int, mode: str, num_tokens: int, d_in: int,
+             d_outs: list[int], dtype=torch.float32, device="cpu", seed=0, inert=False, coeff_factor=1.0,
+             inactive=(), r_max=64):
+    """Fused shrink + expand of every plan layer against the float32 per-token loop.
+
+    Sub-projections of uneven widths (d_outs), so column tiles meet their
+    boundaries. inert: slot -1 rows pointing at real tokens appended to each
+    layer; coeff_factor: the plan's coeff tensors are scaled in place after the
+    plan is built (the ops must read them there); inactive: slots marked as not
+    targeting this linear in `slot_active`. Returns (got, expected), float32 on the CPU.
+    """
+    a, b, scales, subs = fused_pool(RANKS, r_max, d_in, d_outs, seed)
+    runs = random_runs(pattern, num_tokens, len(RANKS), RANKS, depth, run_len, seed=POPULARITY.index(pattern))
+    x = torch.randn(num_tokens, d_in, generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
+    base = torch.randn(num_tokens, sum(d_outs)).to(dtype)
+    to = dict(device=device, dtype=dtype)
+    y, a_dev, b_dev = base.to(device).clone(), a.to(**to).contiguous(), b.to(**to).contiguous()
+    active = torch.tensor([s not in inactive for s in range(len(RANKS))], dtype=torch.int32, device=device)
+    for layer in plan_for(runs, scales, r_max, device).layers:
+        layer = with_mode(layer, mode)
+        if inert:
+            layer = with_inert_rows(layer, [0, 3, num_tokens - 1, 0], r_max)
+        layer.coeff.mul_(coeff_factor)
+        h = shrink(x.to(device), a_dev, active, layer, len(d_outs))
+        expand(y, b_dev, h, active, layer, sub_starts(d_outs))
+    live_runs = [(start, count, [(s, w * coeff_factor, lo, hi) for s, w, lo, hi in assignments if s not in inactive])
+                 for start, count, assignments in runs]
+    rounded = [(sa.to(dtype).float(), sb.to(dtype).float()) for sa, sb in subs]
+    return y.float().cpu(), base.float() + fused_reference(x.float(), rounded, scales, live_runs, d_outs)

@@ -1,4 +1,4 @@
-"""The torch LoRA ops (both formulations) against a per-token float32 loop."""
+"""The torch LoRA ops (every formulation) against a per-token float32 loop, and the plan builder."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from loramux.kernels import torch_ref
-from loramux.kernels.plan import with_mode
-from tests.lora_cases import (POPULARITY, fused_pool, fused_reference, plan_for, random_runs, sub_starts,
-                              with_inert_rows)
+from tests.lora_cases import POPULARITY, plan_for, run_case
 
-RANKS = [4, 8, 16, 64, 8, 4, 16, 64]
+
+def check(pattern, run_len, depth, mode, **kwargs):
+    got, expected = run_case(torch_ref.lora_shrink, torch_ref.lora_expand, pattern, run_len, depth, mode,
+                             num_tokens=37, d_in=24, d_outs=[40, 16, 16], **kwargs)  # fused 3-sub, like q/k/v
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pattern", POPULARITY)
@@ -18,7 +20,7 @@ RANKS = [4, 8, 16, 64, 8, 4, 16, 64]
 @pytest.mark.parametrize("depth", [1, 3])
 @pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
 def test_shrink_expand_match_loop(pattern, run_len, depth, mode):
-    check(pattern, run_len, depth, mode, inert=False)
+    check(pattern, run_len, depth, mode)
 
 
 @pytest.mark.parametrize("pattern", ["all_distinct", "zipf", "with_base_tokens"])
@@ -27,27 +29,20 @@ def test_inert_rows_read_and_write_nothing(pattern, mode):
     check(pattern, 1, 2, mode, inert=True)
 
 
-def check(pattern, run_len, depth, mode, inert):
-    """Fused shrink + expand of every plan layer (with inert rows appended if asked) against the loop."""
-    num_tokens, d_in, d_outs, r_max = 37, 24, [40, 16, 16], 64  # three fused sub-projections, like q/k/v
-    a, b, scales, subs = fused_pool(RANKS, r_max, d_in, d_outs, seed=1)
-    runs = random_runs(pattern, num_tokens, len(RANKS), RANKS, depth, run_len, seed=POPULARITY.index(pattern))
-    x = torch.randn(num_tokens, d_in, generator=torch.Generator().manual_seed(2))
-    base = torch.randn(num_tokens, sum(d_outs))
-    y = base.clone()
-    for layer in plan_for(runs, scales, r_max).layers:
-        layer = with_mode(layer, mode)
-        if inert:
-            layer = with_inert_rows(layer, [0, 5, num_tokens - 1, 0], r_max)
-        torch_ref.lora_expand(y, b, torch_ref.lora_shrink(x, a, layer), layer, sub_starts(d_outs))
-    torch.testing.assert_close(y, base + fused_reference(x, subs, scales, runs, d_outs), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
+def test_coefficients_are_read_from_the_device_tensor(mode):
+    check("zipf", 3, 2, mode, coeff_factor=-1.5)
+
+
+@pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
+def test_rows_of_slots_inactive_for_the_linear_contribute_nothing(mode):
+    check("uniform", 2, 2, mode, inactive=(1, 3, 6))
 
 
 def test_plan_sorts_rows_into_one_segment_per_slot():
     runs = [(0, 3, [(2, 1.0, 0, 4)]), (3, 1, [(0, 1.0, 0, 4)]), (4, 2, [(2, 0.5, 0, 4)]), (7, 1, [])]
     [layer] = plan_for(runs, torch.ones(3), 4).layers
-    assert [(s.slot, s.start, s.end, s.token, s.coeff) for s in layer.segments] == [
-        (0, 0, 1, 3, 1.0), (2, 1, 4, 0, 1.0), (2, 4, 6, 4, 0.5)]
+    assert [(s.slot, s.start, s.end, s.token) for s in layer.segments] == [(0, 0, 1, 3), (2, 1, 4, 0), (2, 4, 6, 4)]
     assert layer.token_idx.tolist() == [3, 0, 1, 2, 4, 5]
     assert layer.coeff.tolist() == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
 
@@ -62,3 +57,11 @@ def test_plan_sorts_rows_into_one_segment_per_slot():
 def test_plan_picks_the_formulation(runs, mode):
     [layer] = plan_for(runs, torch.ones(256), 4).layers
     assert layer.mode == mode
+
+
+def test_plan_carries_the_projections_its_slots_target():
+    targets = [frozenset({"q_proj", "v_proj"}), frozenset({"o_proj"}), frozenset({"down_proj"})]
+    runs = [(0, 2, [(0, 1.0, 0, 4)]), (2, 1, [(1, 0.5, 0, 4), (0, 0.5, 0, 4)])]
+    plan = plan_for(runs, torch.ones(3), 4, slot_targets=targets)
+    assert plan.targets == {"q_proj", "v_proj", "o_proj"}
+    assert plan_for(runs, torch.ones(3), 4).targets is None  # unknown: every linear runs

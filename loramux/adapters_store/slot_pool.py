@@ -1,7 +1,8 @@
 """A fixed pool of adapter slots resident next to the model.
 
 Every `LoraLinear` holds stacked slot tensors; this pool decides which adapter
-lives in which slot and keeps the per-slot scale and rank the LoRA plan needs.
+lives in which slot and keeps the per-slot scale, rank and targeted
+sub-projections the LoRA plan needs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class LoraSlotPool:
             module.allocate_slots(num_slots, max_rank)
         self.scales = torch.zeros(num_slots, dtype=torch.float32)
         self.ranks = [0] * num_slots
+        self.targets: list[frozenset[str]] = [frozenset()] * num_slots  # sub-projection names, e.g. q_proj
         self.slot_of: dict[str, int] = {}
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.device = device
@@ -43,6 +45,7 @@ class LoraSlotPool:
                     module.set_slot(slot, sub, a, b)
         self.scales[slot] = adapter.scale
         self.ranks[slot] = adapter.rank
+        self.targets[slot] = frozenset(module for _, module in adapter.weights)
         self.slot_of[name] = slot
         return slot
 
@@ -52,4 +55,5 @@ class LoraSlotPool:
             module.reset_slot(slot)
         self.scales[slot] = 0.0
         self.ranks[slot] = 0
+        self.targets[slot] = frozenset()
         self.free_slots.append(slot)

@@ -4,7 +4,7 @@ A graph is captured on first use for each (batch bucket, context bucket, LoRA
 depth). Every input lives in a static buffer of the bucket's size; a replay
 copies the step's inputs in and pads the rest: padding rows write their K/V
 to a spare slot past the last KV block, attend only to it, and carry no LoRA
-(slot -1, coefficient 0). The LoRA plan runs in the gathered (BGMV) mode,
+(slot -1: inert rows, which the LoRA kernels neither read nor write). The LoRA plan runs in the gathered (BGMV) mode,
 whose shapes depend only on the row count. Adapter slot tensors are read in
 place, so adapters written into slots between replays are used without
 recapture.
@@ -76,7 +76,7 @@ class DecodeGraphRunner:
 
         layers = [LoraPlanLayer(
             token_idx=zeros(batch), slot_idx=zeros(batch), coeff=zeros(batch, dtype=torch.float32),
-            rank_lo=zeros(batch), rank_hi=zeros(batch), rank_coeff=zeros(batch, self.r_max, dtype=torch.float32),
+            rank_lo=zeros(batch), rank_hi=zeros(batch),
             seg_starts=zeros(0), seg_slots=zeros(0), segments=(), mode="gather") for _ in range(depth)]
         attention = AttentionMetadata(
             slot_mapping=zeros(batch), num_decode=batch, decode_gather=zeros(batch, context),
@@ -102,8 +102,7 @@ class DecodeGraphRunner:
         dst.decode_mask[n:, ..., 0] = True  # padding rows attend to the spare slot, never to nothing
         for layer, target in zip(inputs.ctx.lora_plan.layers, static.plan_layers):
             rows = layer.num_rows
-            for name, pad in (("token_idx", 0), ("slot_idx", 0), ("coeff", 0), ("rank_lo", 0), ("rank_hi", 0),
-                              ("rank_coeff", 0)):
+            for name, pad in (("token_idx", 0), ("slot_idx", -1), ("coeff", 0), ("rank_lo", 0), ("rank_hi", 0)):
                 buffer = getattr(target, name)
                 buffer[:rows].copy_(getattr(layer, name))
                 buffer[rows:].fill_(pad)

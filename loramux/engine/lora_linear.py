@@ -18,6 +18,8 @@ class LoraLinear(nn.Module):
               along the rank, so one shrink serves the whole fused projection
       lora_b: [S, d_out_total, r_max]   their B matrices stacked along the
               output, so one expand writes every sub-projection's columns
+      slot_active: [S] int32            1 where the slot's adapter targets one of
+              the sub-projections here: the kernels skip the other slots' rows
     An adapter that does not target a sub-projection leaves zeros there.
     """
 
@@ -34,6 +36,7 @@ class LoraLinear(nn.Module):
         self.r_max = 0
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
+        self.slot_active: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -44,6 +47,7 @@ class LoraLinear(nn.Module):
         self.r_max = r_max
         self.lora_a = torch.zeros(num_slots, len(self.sub_names) * r_max, w.shape[1], dtype=w.dtype, device=w.device)
         self.lora_b = torch.zeros(num_slots, w.shape[0], r_max, dtype=w.dtype, device=w.device)
+        self.slot_active = torch.zeros(num_slots, dtype=torch.int32, device=w.device)
 
     def set_slot(self, slot: int, sub_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write one sub-projection's A [r, d_in] and B [d_out, r] into `slot` (zero-padded to r_max)."""
@@ -55,15 +59,24 @@ class LoraLinear(nn.Module):
         rows = self.lora_b[slot, self.sub_offsets[i]:self.sub_offsets[i] + self.sub_sizes[i]]
         rows.zero_()
         rows[:, :rank].copy_(b, non_blocking=True)
+        self.slot_active[slot] = 1
 
     def reset_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
+        self.slot_active[slot] = 0
+
+    @property
+    def shape(self) -> tuple[int, tuple[int, ...]]:
+        """(d_in, sub-projection output sizes): what the LoRA kernels compile for (`LoraBackend.warm_up`)."""
+        return self.in_features, self.sub_sizes
 
     def forward(self, x: torch.Tensor, plan: LoraPlan) -> torch.Tensor:
         """x: [T, d_in] -> y: [T, d_out_total]."""
         y = nn.functional.linear(x, self.weight, self.bias)
+        if plan.targets is not None and plan.targets.isdisjoint(self.sub_names):
+            return y  # no adapter of the step targets this projection: launch nothing
         for layer in plan.layers:
-            h = self.backend.shrink(x, self.lora_a, layer)
-            self.backend.expand(y, self.lora_b, h, layer, self.sub_offsets)
+            h = self.backend.shrink(x, self.lora_a, self.slot_active, layer, len(self.sub_names))
+            self.backend.expand(y, self.lora_b, h, self.slot_active, layer, self.sub_offsets)
         return y

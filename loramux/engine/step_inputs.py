@@ -81,7 +81,7 @@ def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int
 
     attention = AttentionMetadata(slot_mapping=slot_mapping.to(device), num_decode=num_decode,
                                   decode_gather=decode_gather, decode_mask=decode_mask, prefills=prefills)
-    lora_plan = build_lora_plan(runs, slots.scales, slots.max_rank, device)
+    lora_plan = build_lora_plan(runs, slots.scales, slots.max_rank, device, slots.targets)
     return StepInputs(
         input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
         positions=pos.to(device),

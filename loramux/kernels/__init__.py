@@ -13,12 +13,21 @@ from loramux.kernels.plan import LoraPlan, LoraPlanLayer, build_lora_plan
 
 @dataclass(frozen=True)
 class LoraBackend:
+    """The LoRA ops of one backend (signatures and semantics in `torch_ref`):
+
+    shrink(x, lora_a, slot_active, layer, num_subs) -> h
+    expand(y, lora_b, h, slot_active, layer, sub_starts)
+    warm_up(shapes, r_max, dtype, device): compile every variant the server can
+        launch; shapes are (d_in, sub-projection output sizes) per LoRA linear.
+    """
+
     name: str
     shrink: Callable[..., torch.Tensor]
     expand: Callable[..., None]
+    warm_up: Callable[..., None]
 
 
-TORCH_BACKEND = LoraBackend("torch", torch_ref.lora_shrink, torch_ref.lora_expand)
+TORCH_BACKEND = LoraBackend("torch", torch_ref.lora_shrink, torch_ref.lora_expand, torch_ref.warm_up)
 
 
 def select_lora_backend(requested: str, device: torch.device) -> LoraBackend:
@@ -31,7 +40,7 @@ def select_lora_backend(requested: str, device: torch.device) -> LoraBackend:
         if requested == "triton":
             raise ValueError(f"--lora-backend triton needs the triton package: {exc}") from exc
         return TORCH_BACKEND
-    return LoraBackend("triton", triton_lora.lora_shrink, triton_lora.lora_expand)
+    return LoraBackend("triton", triton_lora.lora_shrink, triton_lora.lora_expand, triton_lora.warm_up)
 
 
 __all__ = ["LoraBackend", "LoraPlan", "LoraPlanLayer", "TORCH_BACKEND",

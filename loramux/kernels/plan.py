@@ -26,6 +26,7 @@ The plan also says which formulation suits the layer (`mode`):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -44,7 +45,6 @@ class Segment(NamedTuple):
     start: int
     end: int
     token: int
-    coeff: float  # weight * scale[slot]
     rank_lo: int
     rank_hi: int
 
@@ -56,10 +56,10 @@ class LoraPlanLayer:
     Tensors (N = rows in this layer, S = segments):
       token_idx:  [N] int64    row of x / y the assignment reads and writes
       slot_idx:   [N] int64    slot of the adapter in the pool
-      coeff:      [N] float32  weight * scale[slot]
+      coeff:      [N] float32  weight * scale[slot]; the kernels read it from this
+                               device tensor, so it may be rewritten in place
       rank_lo:    [N] int64    first rank used (inclusive)
       rank_hi:    [N] int64    last rank used (exclusive)
-      rank_coeff: [N, r_max]   coeff where lo <= j < hi, else 0 (the torch path's mask)
       seg_starts: [S + 1] int64  segment boundaries into the N rows
       seg_slots:  [S] int64      slot of each segment
     `segments` describes the same rows run by run, as Python numbers, for host-side loops.
@@ -73,7 +73,6 @@ class LoraPlanLayer:
     coeff: torch.Tensor
     rank_lo: torch.Tensor
     rank_hi: torch.Tensor
-    rank_coeff: torch.Tensor
     seg_starts: torch.Tensor
     seg_slots: torch.Tensor
     segments: tuple[Segment, ...]
@@ -89,9 +88,16 @@ class LoraPlanLayer:
 
 @dataclass(frozen=True)
 class LoraPlan:
-    """All LoRA assignments of one step; `layers` is empty for a base-only step."""
+    """All LoRA assignments of one step; `layers` is empty for a base-only step.
+
+    `targets`: the sub-projection names (q_proj, ..., down_proj) that some
+    adapter of the step targets; a LoRA linear none of whose sub-projections is
+    among them launches nothing. None (CUDA-graph plans, whose launches are
+    fixed) runs every linear, and the kernels skip rows per slot instead.
+    """
 
     layers: tuple[LoraPlanLayer, ...]
+    targets: frozenset[str] | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -130,12 +136,15 @@ def build_lora_plan(
     slot_scales: torch.Tensor,
     r_max: int,
     device: torch.device | str = "cpu",
+    slot_targets: Sequence[frozenset[str]] | None = None,
 ) -> LoraPlan:
     """Build the plan from runs of consecutive tokens that share their assignments.
 
     runs: (first token row, number of rows, [(slot, weight, rank_lo, rank_hi), ...]);
     rows not covered by any run, or with an empty list, use the base model alone.
     slot_scales: [num_slots] alpha/rank (or alpha/sqrt(rank)) of each slot's adapter.
+    slot_targets: [num_slots] the sub-projections each slot's adapter targets
+    (None: every linear runs).
     """
     depth = max((len(a) for _, _, a in runs), default=0)
     layers = []
@@ -152,13 +161,10 @@ def build_lora_plan(
         coeff = per_row([a[1] for a, _, _ in chosen], torch.float32) * slot_scales.float().cpu()[slot_idx]
         lo = per_row([a[2] for a, _, _ in chosen], torch.int64)
         hi = per_row([a[3] for a, _, _ in chosen], torch.int64)
-        ranks = torch.arange(r_max)
-        in_range = (ranks[None, :] >= lo[:, None]) & (ranks[None, :] < hi[:, None])
         segments = []
         row = 0
-        for (slot, weight, rank_lo, rank_hi), start, count in chosen:
-            coeff_value = weight * float(slot_scales[slot])
-            segments.append(Segment(slot, row, row + count, start, coeff_value, rank_lo, rank_hi))
+        for (slot, _, rank_lo, rank_hi), start, count in chosen:
+            segments.append(Segment(slot, row, row + count, start, rank_lo, rank_hi))
             row += count
         packing = None
         if len(segments) <= SEGMENTED_MAX_FEW or row >= SEGMENTED_MIN_AVG_TOKENS * len(segments):
@@ -172,7 +178,6 @@ def build_lora_plan(
             coeff=coeff.to(device),
             rank_lo=lo.to(device),
             rank_hi=hi.to(device),
-            rank_coeff=(in_range * coeff[:, None]).to(device),
             seg_starts=torch.tensor([s.start for s in segments] + [row], dtype=torch.int64, device=device),
             seg_slots=torch.tensor([s.slot for s in segments], dtype=torch.int64, device=device),
             segments=tuple(segments),
@@ -181,7 +186,10 @@ def build_lora_plan(
             slot_rows=packing[1].to(device) if packing else None,
             packed_pos=packing[2].to(device) if packing else None,
         ))
-    return LoraPlan(layers=tuple(layers))
+    targets = None
+    if slot_targets is not None:
+        targets = frozenset().union(*(slot_targets[a[0]] for _, _, assignments in runs for a in assignments))
+    return LoraPlan(layers=tuple(layers), targets=targets)
 
 
 def with_mode(layer: LoraPlanLayer, mode: str) -> LoraPlanLayer:

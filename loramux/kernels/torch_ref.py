@@ -1,23 +1,31 @@
 """Pure-torch LoRA shrink/expand: the reference backend and the CPU backend.
 
 Three formulations of the same math; the plan layer's `mode` picks one
-(see `loramux.kernels.plan` for when each wins). Inert rows (slot < 0) read
-and write nothing: segments skip them on the host; the tensor formulations
-read slot 0 / token 0 in their place and zero their contribution, so no
-shape depends on how many rows are inert (CUDA-graph safe).
+(see `loramux.kernels.plan` for when each wins). A row contributes only when
+it is live: its slot is >= 0 (inert rows are CUDA-graph padding) and
+`slot_active[slot]` is set (the slot's adapter targets this linear).
+Segments skip inert rows on the host; everything else zeroes the
+contribution of rows that are not live, reading slot 0 / token 0 in their
+place, so no shape depends on how many rows are live (CUDA-graph safe).
+Coefficients and rank ranges are read from the plan's tensors, never from
+host copies, so they may be rewritten on the device between steps.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
 from loramux.kernels.plan import LoraPlanLayer
 
 
-def _live(layer: LoraPlanLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N] bool live rows, and the slots and tokens to read (0 for inert rows)."""
-    live = layer.slot_idx >= 0
-    return live, torch.where(live, layer.slot_idx, 0), torch.where(live, layer.token_idx, 0)
+def _live(layer: LoraPlanLayer, slot_active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N] float 1/0 per live row, and the slots and tokens to read (0 for inert rows)."""
+    inert = layer.slot_idx < 0
+    slots = torch.where(inert, 0, layer.slot_idx)
+    live = slot_active.index_select(0, slots).float().masked_fill(inert, 0.0)
+    return live, slots, torch.where(inert, 0, layer.token_idx)
 
 
 def _packed_rows(rows: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:
@@ -32,39 +40,60 @@ def _unpacked_rows(packed: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(1, flat.shape[1])]).index_select(0, layer.packed_pos)
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:
-    """Semantics: h[n] = A[slot[n]] @ x[token[n]] for every live row n of the plan layer (0 for inert rows).
+def _stacked_rank_mask(layer: LoraPlanLayer, width: int, num_subs: int, rows: slice = slice(None)) -> torch.Tensor:
+    """[n, width] bool: stacked rank j (block j // r_max, rank j % r_max) is in [rank_lo, rank_hi)."""
+    local = torch.arange(width, device=layer.rank_lo.device) % (width // num_subs)
+    return (local >= layer.rank_lo[rows, None]) & (local < layer.rank_hi[rows, None])
 
-    x: [T, d_in]; lora_a: [S, R, d_in] (R = r_max, or several r_max blocks
-    stacked for fused projections); returns h: [N, R] in x's dtype.
+
+def _row_scale(layer: LoraPlanLayer, r_max: int, rows: slice = slice(None)) -> torch.Tensor:
+    """[n, r_max] float32: coeff where rank_lo <= r < rank_hi, else 0."""
+    ranks = torch.arange(r_max, device=layer.coeff.device)
+    lo, hi = layer.rank_lo[rows, None], layer.rank_hi[rows, None]
+    return ((ranks >= lo) & (ranks < hi)) * layer.coeff[rows, None]
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, layer: LoraPlanLayer,
+                num_subs: int = 1) -> torch.Tensor:
+    """Semantics: h[n] = A[slot[n]] @ x[token[n]] for every live row n of the plan layer, within its rank
+    range [rank_lo, rank_hi) of each sub-projection's block; 0 elsewhere.
+
+    x: [T, d_in]; lora_a: [S, num_subs * r_max, d_in] (the fused
+    sub-projections' A stacked along the rank); slot_active: [S] int32,
+    non-zero where the slot's adapter targets this linear; returns h: [N, num_subs * r_max] in x's dtype.
     """
+    width = lora_a.shape[1]
     if layer.mode == "segments":
-        h = x.new_zeros(layer.num_rows, lora_a.shape[1])
+        h = x.new_zeros(layer.num_rows, width)
         for seg in layer.segments:
             if seg.slot >= 0:
-                torch.matmul(x[seg.token:seg.token + seg.end - seg.start], lora_a[seg.slot].T,
-                             out=h[seg.start:seg.end])
+                rows = slice(seg.start, seg.end)
+                torch.matmul(x[seg.token:seg.token + seg.end - seg.start], lora_a[seg.slot].T, out=h[rows])
+                h[rows] *= _stacked_rank_mask(layer, width, num_subs, rows) * slot_active[seg.slot]
         return h
-    live, slots, tokens = _live(layer)
-    x_rows = x.index_select(0, tokens) * live[:, None]
+    live, slots, tokens = _live(layer, slot_active)
+    x_rows = x.index_select(0, tokens)
     if layer.mode == "slots":
         lo, hi = layer.slot_range
-        return _unpacked_rows(torch.bmm(_packed_rows(x_rows, layer), lora_a[lo:hi].transpose(1, 2)), layer)
-    return torch.bmm(lora_a.index_select(0, slots), x_rows.unsqueeze(2)).squeeze(2)
+        h = _unpacked_rows(torch.bmm(_packed_rows(x_rows, layer), lora_a[lo:hi].transpose(1, 2)), layer)
+    else:
+        h = torch.bmm(lora_a.index_select(0, slots), x_rows.unsqueeze(2)).squeeze(2)
+    return h * (_stacked_rank_mask(layer, width, num_subs) * live[:, None]).to(h.dtype)
 
 
-def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, layer: LoraPlanLayer) -> None:
+def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
+                  layer: LoraPlanLayer) -> None:
     """y_cols[token[n]] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, lo:hi] for one sub-projection."""
+    r_max = lora_b.shape[2]
     if layer.mode == "segments":
-        # A segment's rows share coefficient and rank range: slice the ranks, scale through addmm's alpha.
         for seg in layer.segments:
             if seg.slot >= 0:
-                y_cols[seg.token:seg.token + seg.end - seg.start].addmm_(
-                    h[seg.start:seg.end, seg.rank_lo:seg.rank_hi].to(y_cols.dtype),
-                    lora_b[seg.slot, :, seg.rank_lo:seg.rank_hi].T, alpha=seg.coeff)
+                rows = slice(seg.start, seg.end)
+                scaled = (h[rows].float() * _row_scale(layer, r_max, rows) * slot_active[seg.slot]).to(y_cols.dtype)
+                y_cols[seg.token:seg.token + seg.end - seg.start].addmm_(scaled, lora_b[seg.slot].T)
         return
-    live, slots, tokens = _live(layer)
-    h_scaled = (h * layer.rank_coeff * live[:, None]).to(y_cols.dtype)
+    live, slots, tokens = _live(layer, slot_active)
+    h_scaled = (h.float() * _row_scale(layer, r_max) * live[:, None]).to(y_cols.dtype)
     if layer.mode == "slots":
         lo, hi = layer.slot_range
         delta = _unpacked_rows(torch.bmm(_packed_rows(h_scaled, layer), lora_b[lo:hi].transpose(1, 2)), layer)
@@ -73,17 +102,22 @@ def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, l
     y_cols.index_add_(0, tokens, delta)
 
 
-def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, layer: LoraPlanLayer,
-                sub_starts: tuple[int, ...] = (0,)) -> None:
+def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
+                layer: LoraPlanLayer, sub_starts: tuple[int, ...] = (0,)) -> None:
     """Semantics: for each fused sub-projection i with columns c_i = sub_starts[i]:sub_starts[i+1],
     y[token[n], c_i] += coeff[n] * B[slot[n]][c_i, lo:hi] @ h[n, i*r_max+lo : i*r_max+hi]
-    for every live row n (slot[n] >= 0).
+    for every live row n (slot[n] >= 0 and slot_active[slot[n]] != 0).
 
     y: [T, d_total] (updated in place); lora_b: [S, d_total, r_max] (the
     sub-projections' B stacked along the output); h: [N, n_sub * r_max] from
-    `lora_shrink`; coeff, lo and hi come from the plan layer.
+    `lora_shrink`; slot_active: [S] int32; coeff, lo and hi come from the plan layer.
     """
     d_total, r_max = lora_b.shape[1], lora_b.shape[2]
     ends = list(sub_starts[1:]) + [d_total]
     for i, (start, end) in enumerate(zip(sub_starts, ends)):
-        _expand_block(y[:, start:end], lora_b[:, start:end], h[:, i * r_max:(i + 1) * r_max], layer)
+        _expand_block(y[:, start:end], lora_b[:, start:end], h[:, i * r_max:(i + 1) * r_max], slot_active, layer)
+
+
+def warm_up(shapes: Iterable[tuple[int, tuple[int, ...]]], r_max: int, dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Nothing to compile: the torch ops are ready as they are (same signature as the Triton warm-up)."""
