@@ -1,17 +1,20 @@
-"""LoRA decode kernels against a gathered-bmm baseline and the device's copy bandwidth (a benchmark, not a test).
+"""LoRA kernels against the device's copy bandwidth (issue #13 step 2; a benchmark, not a test).
 
-For a random-init Llama shape (1B or 7B class), rank 16 on all seven
-projections, one decoder layer's LoRA work for a decode batch of N tokens:
-q/k/v (one shrink over the stacked A, one expand over the stacked B), o,
-gate/up (likewise), down.
-Adapter popularity: every token its own adapter ("distinct") or Zipf(1.0)
-over the slot pool. Reported per batch size:
-  kernel us      the backend's kernels (Triton on CUDA)
-  baseline us    torch gather + bmm (the torch backend's gathered mode)
-  GB/s           bytes the kernels must move (each row's A and B, x, y read
-                 and written) / kernel time
-  % of copy      that bandwidth against a device-to-device copy measured here
-Run on a GPU: `python loadtest/bench_kernels.py --device cuda --config 7b`.
+Projections of a Llama shape (7B: q/o 4096->4096, fused q/k/v 4096->3x4096,
+fused gate/up 4096->2x11008, down 11008->4096), one shrink + one expand each,
+as the server runs them: the plan builder picks the formulation, the backend
+is the one the server would select (Triton on CUDA).
+Adapter pools: "rank16" (every adapter rank 16, pool rank 16) and "mixed"
+(ranks 8, 16, 32, 64 in turn, pool rank 64). Cases: decode batches 1..256
+with all-distinct and Zipf(1.0) adapters, and a prefill of 8 x 512 tokens
+(one adapter per sequence). Per case and projection:
+  kernel us   shrink + expand
+  must read   the bytes the kernel cannot avoid: every distinct adapter's A and B
+              at its own rank once, x, and y read and written
+  GB/s        must-read bytes / kernel time
+  % copy      that against a device-to-device copy measured in the same run
+GPU: `python loadtest/bench_kernels.py --device cuda --json out.json`.
+`--device cpu --config tiny` is a smoke run of the same code (torch backend).
 """
 
 from __future__ import annotations
@@ -24,89 +27,110 @@ from pathlib import Path
 import torch
 from bench_common import machine_description, timed
 
-from loramux.kernels import TORCH_BACKEND, build_lora_plan, select_lora_backend
-from loramux.kernels.plan import with_mode
+from loramux.kernels import build_lora_plan, select_lora_backend
 
 logger = logging.getLogger("bench_kernels")
 
-SHAPES = {  # hidden, intermediate, q heads * head_dim, kv heads * head_dim
-    "1b": (2048, 8192, 2048, 512),
-    "7b": (4096, 11008, 4096, 4096),
-    "smollm2": (576, 1536, 576, 192),
+PROJECTIONS = {  # config -> name -> (d_in, output size of each fused sub-projection)
+    "7b": {"q/o": (4096, [4096]), "qkv": (4096, [4096, 4096, 4096]), "gate_up": (4096, [11008, 11008]),
+           "down": (11008, [4096])},
+    "1b": {"q/o": (2048, [2048]), "qkv": (2048, [2048, 512, 512]), "gate_up": (2048, [8192, 8192]),
+           "down": (8192, [2048])},
+    "tiny": {"q/o": (64, [64]), "qkv": (64, [64, 32, 32]), "gate_up": (64, [96, 96]), "down": (96, [64])},
 }
+POOLS = {"rank16": (16, [16]), "mixed": (64, [8, 16, 32, 64])}  # pool rank, adapter ranks in turn
 
 
-def copy_bandwidth(device: str, dtype: torch.dtype) -> float:
+def copy_bandwidth(device: str, dtype: torch.dtype, mib: int) -> float:
     """Bytes/s of a large device-to-device copy (read + write counted)."""
-    src = torch.empty(256 * 2**20 // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
+    src = torch.empty(mib * 2**20 // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
     dst = torch.empty_like(src)
     seconds = timed(lambda: dst.copy_(src), device, 20)
     return 2 * src.numel() * src.element_size() / seconds
 
 
-def layer_groups(config: str) -> list[tuple[int, list[int]]]:
-    """(d_in, [d_out per fused sub-projection]) for qkv, o, gate_up, down."""
-    hidden, inter, q, kv = SHAPES[config]
-    return [(hidden, [q, kv, kv]), (q, [hidden]), (hidden, [inter, inter]), (inter, [hidden])]
+def cases(batches: list[int], slots: int, prefill: tuple[int, int]) -> list[tuple[str, int, list[tuple[int, int]]]]:
+    """(name, batch, [(slot, tokens)] per sequence)."""
+    zipf = torch.distributions.Categorical(probs=1 / torch.arange(1, slots + 1, dtype=torch.float))
+    torch.manual_seed(0)
+    out = []
+    for batch in batches:
+        out.append(("decode distinct", batch, [(s % slots, 1) for s in range(batch)]))
+        out.append(("decode zipf", batch, [(int(zipf.sample()), 1) for _ in range(batch)]))
+    seqs, length = prefill
+    out.append((f"prefill {seqs}x{length}", seqs, [(s % slots, length) for s in range(seqs)]))
+    return out
+
+
+def measure(backend, device, dtype, d_in, d_outs, r_max, ranks, sequences, repeat) -> dict:
+    """Time one projection's shrink + expand for these sequences; count the bytes it must read."""
+    slots = len(ranks)
+    starts = tuple(sum(d_outs[:i]) for i in range(len(d_outs)))
+    g = torch.Generator().manual_seed(0)
+    a = torch.zeros(slots, len(d_outs) * r_max, d_in, dtype=dtype, device=device)
+    b = torch.zeros(slots, sum(d_outs), r_max, dtype=dtype, device=device)
+    for s, rank in enumerate(ranks):
+        for i in range(len(d_outs)):
+            a[s, i * r_max:i * r_max + rank] = (torch.randn(rank, d_in, generator=g) / d_in ** 0.5).to(dtype)
+        b[s, :, :rank] = (torch.randn(sum(d_outs), rank, generator=g) * 0.01).to(dtype)
+    active = torch.ones(slots, dtype=torch.int32, device=device)
+    runs, token = [], 0
+    for slot, length in sequences:
+        runs.append((token, length, [(slot, 1.0, 0, ranks[slot])]))
+        token += length
+    plan = build_lora_plan(runs, torch.ones(slots), r_max, device)
+    [layer] = plan.layers
+    x = torch.randn(token, d_in, dtype=dtype, device=device)
+    y = torch.zeros(token, sum(d_outs), dtype=dtype, device=device)
+    seconds = timed(lambda: backend.expand(y, b, backend.shrink(x, a, active, layer, len(d_outs)), active, layer,
+                                           starts), str(device), repeat)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    adapters = sum(ranks[s] * (len(d_outs) * d_in + sum(d_outs)) for s in {slot for slot, _ in sequences})
+    must_read = (adapters + token * (d_in + 2 * sum(d_outs))) * itemsize
+    return {"mode": layer.mode, "tokens": token, "kernel_us": seconds * 1e6, "must_read_bytes": must_read,
+            "bandwidth_gbs": must_read / seconds / 1e9}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--config", choices=sorted(PROJECTIONS), default="7b")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--prefill", type=int, nargs=2, default=[8, 512], metavar=("SEQS", "TOKENS"))
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--copy-mib", type=int, default=256, help="size of the reference copy")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     backend = select_lora_backend("auto", device)
-    name = machine_description(args.device)
-    copy_bw = copy_bandwidth(args.device, dtype)
-    logger.info("machine: %s; backend %s; copy bandwidth %.0f GB/s", name, backend.name, copy_bw / 1e9)
-    logger.info("settings: %s shapes, %s, rank %d on all 7 projections, %d slots, one layer per call",
-                args.config, args.dtype, args.rank, args.slots)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    g = torch.Generator().manual_seed(0)
-    groups = []
-    for d_in, d_outs in layer_groups(args.config):
-        a = (torch.randn(args.slots, len(d_outs) * args.rank, d_in, generator=g) / d_in ** 0.5).to(device, dtype)
-        b = (torch.randn(args.slots, sum(d_outs), args.rank, generator=g) * 0.01).to(device, dtype)
-        groups.append((d_in, d_outs, tuple(sum(d_outs[:i]) for i in range(len(d_outs))), a, b))
-    scales = torch.ones(args.slots)
+    machine = machine_description(args.device)
+    copy_bw = copy_bandwidth(args.device, dtype, args.copy_mib)
+    logger.info("machine: %s; LoRA backend %s; copy bandwidth %.1f GB/s", machine, backend.name, copy_bw / 1e9)
+    logger.info("settings: %s projections, %s, %d slots, pools %s, repeat %d", args.config, args.dtype, args.slots,
+                POOLS, args.repeat)
+    logger.info("%-7s %-9s %-18s %5s %6s %-8s %10s %11s %8s %7s", "pool", "proj", "case", "batch", "tokens", "mode",
+                "kernel us", "must read", "GB/s", "% copy")
     rows = []
-    logger.info("%-9s %6s %11s %12s %8s %10s %9s", "adapters", "batch", "kernel us", "baseline us", "speedup",
-                "GB/s", "% copy")
-    for popularity in ("distinct", "zipf"):
-        zipf = torch.distributions.Categorical(probs=1 / torch.arange(1, args.slots + 1, dtype=torch.float))
-        for batch in args.batches:
-            slots = (list(range(batch)) if popularity == "distinct"
-                     else sorted(int(zipf.sample()) for _ in range(batch)))
-            runs = [(t, 1, [(s % args.slots, 1.0, 0, args.rank)]) for t, s in enumerate(slots)]
-            [layer] = build_lora_plan(runs, scales, args.rank, device).layers
-            layer = with_mode(layer, "gather")
-            xs = [torch.randn(batch, d_in, device=device, dtype=dtype) for d_in, *_ in groups]
-            ys = [torch.zeros(batch, sum(d_outs), device=device, dtype=dtype) for _, d_outs, *_ in groups]
-
-            def one_layer(ops):
-                for (_, _, starts, a, b), x, y in zip(groups, xs, ys):
-                    ops.expand(y, b, ops.shrink(x, a, layer), layer, starts)
-
-            kernel = timed(lambda: one_layer(backend), args.device, args.repeat)
-            baseline = timed(lambda: one_layer(TORCH_BACKEND), args.device, args.repeat)
-            moved = sum(batch * (a[0].numel() + b[0].numel() + d_in + 2 * sum(d_outs)) * itemsize
-                        for d_in, d_outs, _, a, b in groups)
-            row = {"popularity": popularity, "batch": batch, "kernel_us": kernel * 1e6, "baseline_us": baseline * 1e6,
-                   "bandwidth_gbs": moved / kernel / 1e9, "fraction_of_copy": moved / kernel / copy_bw}
-            rows.append(row)
-            logger.info("%-9s %6d %11.1f %12.1f %7.2fx %10.1f %8.0f%%", popularity, batch, row["kernel_us"],
-                        row["baseline_us"], baseline / kernel, row["bandwidth_gbs"], 100 * row["fraction_of_copy"])
+    for pool, (r_max, pool_ranks) in POOLS.items():
+        ranks = [pool_ranks[s % len(pool_ranks)] for s in range(args.slots)]
+        for proj, (d_in, d_outs) in PROJECTIONS[args.config].items():
+            for case, batch, sequences in cases(args.batches, args.slots, tuple(args.prefill)):
+                row = {"pool": pool, "projection": proj, "case": case, "batch": batch,
+                       **measure(backend, device, dtype, d_in, d_outs, r_max, ranks, sequences, args.repeat)}
+                row["fraction_of_copy"] = row["bandwidth_gbs"] * 1e9 / copy_bw
+                rows.append(row)
+                logger.info("%-7s %-9s %-18s %5d %6d %-8s %10.1f %10.2fM %8.1f %6.0f%%", pool, proj, case, batch,
+                            row["tokens"], row["mode"], row["kernel_us"], row["must_read_bytes"] / 1e6,
+                            row["bandwidth_gbs"], 100 * row["fraction_of_copy"])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if args.json:
-        args.json.write_text(json.dumps({"machine": name, "copy_bandwidth_gbs": copy_bw / 1e9,
+        args.json.write_text(json.dumps({"machine": machine, "backend": backend.name,
+                                         "copy_bandwidth_gbs": copy_bw / 1e9,
                                          "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
                                         indent=2))
 

@@ -24,7 +24,7 @@ def dense_all_slots(x, lora_a, lora_b, layer, y):
     """Every token against every slot's A, then keep its own block: one GEMM each way, S times the FLOPs."""
     num_slots, r, d_in = lora_a.shape
     h_all = (x[layer.token_idx] @ lora_a.reshape(num_slots * r, d_in).T).view(-1, num_slots, r)
-    h = h_all[torch.arange(h_all.shape[0]), layer.slot_idx] * layer.rank_coeff
+    h = h_all[torch.arange(h_all.shape[0]), layer.slot_idx] * layer.coeff[:, None]  # every rank is in range here
     sparse = torch.zeros_like(h_all)
     sparse[torch.arange(h.shape[0]), layer.slot_idx] = h
     delta = sparse.view(h.shape[0], -1) @ lora_b.permute(0, 2, 1).reshape(num_slots * r, -1)
@@ -47,6 +47,7 @@ def main() -> None:
     b = torch.randn(args.slots, args.d_out, args.rank) * 0.02
     w = torch.randn(args.d_out, args.d_in) * 0.02
     scales = torch.ones(args.slots)
+    active = torch.ones(args.slots, dtype=torch.int32)
     modes = ("gather", "slots", "segments")
     logger.info("%-30s %9s %9s %9s %9s %9s %9s %6s", "case", "base ms", *(m + " ms" for m in modes), "dense ms",
                 "plan", "plan/base")
@@ -64,8 +65,8 @@ def main() -> None:
         results = {"base": timed(lambda: torch.nn.functional.linear(x, w), "cpu", args.repeat)}
         for mode in modes:
             lay = with_mode(layer, mode)
-            results[mode] = timed(lambda: torch_ref.lora_expand(y, b, torch_ref.lora_shrink(x, a, lay), lay),
-                                  "cpu", args.repeat)
+            results[mode] = timed(lambda: torch_ref.lora_expand(y, b, torch_ref.lora_shrink(x, a, active, lay), active,
+                                                                lay), "cpu", args.repeat)
         results["dense"] = timed(lambda: dense_all_slots(x, a, b, layer, y), "cpu", args.repeat)
         logger.info("%-30s %9.3f %9.3f %9.3f %9.3f %9.3f %9s %6.2f", label,
                     *(results[k] * 1e3 for k in ("base",) + modes + ("dense",)), layer.mode,
