@@ -69,13 +69,13 @@ def test_a_step_targeting_q_and_v_only_launches_nothing_for_o_gate_up_and_down()
     runs = [(0, 3, [(slots[0], 1.0, 0, 4)]), (3, 2, [(slots[1], 0.5, 0, 4)])]
     plan = build_lora_plan(runs, pool.scales, pool.max_rank, "cpu", pool.targets)
     assert plan.targets == {"q_proj", "v_proj"}
-    x = torch.randn(5, D)
+    g = torch.Generator().manual_seed(3)
     for name, module in modules.items():
-        inputs = x if module.in_features == D else torch.randn(5, module.in_features)
+        inputs = torch.randn(5, module.in_features, generator=g)
         y = module(inputs, plan)
         if name == "qkv":
             torch.testing.assert_close(y, inputs @ module.weight.T + expected_qkv(inputs, adapters, [
-                (0, 3, [(0, 1.0, 0, 4)]), (3, 2, [(1, 0.5, 0, 4)])]))
+                (0, 3, [(0, 1.0, 0, 4)]), (3, 2, [(1, 0.5, 0, 4)])]), rtol=1e-5, atol=1e-4)
         else:
             torch.testing.assert_close(y, inputs @ module.weight.T, rtol=0, atol=0)
     assert calls == Counter({"qkv": 2})  # one shrink, one expand
@@ -92,7 +92,7 @@ def test_fixed_launches_skip_the_rows_of_slots_that_do_not_target_the_module():
     with torch.no_grad():
         module.lora_a[slots[0]].fill_(1.0)  # weights the flag must hide
         module.lora_b[slots[0]].fill_(1.0)
-    x = torch.randn(2, D)
+    x = torch.randn(2, D, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(module(x, plan), x @ module.weight.T, rtol=0, atol=0)
     assert calls["gate_up"] == 2
     pool.unload("qv")

@@ -46,11 +46,10 @@ def _stacked_rank_mask(layer: LoraPlanLayer, width: int, num_subs: int, rows: sl
     return (local >= layer.rank_lo[rows, None]) & (local < layer.rank_hi[rows, None])
 
 
-def _row_scale(layer: LoraPlanLayer, r_max: int, rows: slice = slice(None)) -> torch.Tensor:
-    """[n, r_max] float32: coeff where rank_lo <= r < rank_hi, else 0."""
+def _row_scale(layer: LoraPlanLayer, r_max: int) -> torch.Tensor:
+    """[N, r_max] float32: coeff where rank_lo <= r < rank_hi, else 0."""
     ranks = torch.arange(r_max, device=layer.coeff.device)
-    lo, hi = layer.rank_lo[rows, None], layer.rank_hi[rows, None]
-    return ((ranks >= lo) & (ranks < hi)) * layer.coeff[rows, None]
+    return ((ranks >= layer.rank_lo[:, None]) & (ranks < layer.rank_hi[:, None])) * layer.coeff[:, None]
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, layer: LoraPlanLayer,
@@ -84,16 +83,17 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
 def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
                   layer: LoraPlanLayer) -> None:
     """y_cols[token[n]] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, lo:hi] for one sub-projection."""
-    r_max = lora_b.shape[2]
     if layer.mode == "segments":
+        # A segment's rows share their rank range: slice it (the plan's host copy); coefficients stay on the device.
         for seg in layer.segments:
             if seg.slot >= 0:
-                rows = slice(seg.start, seg.end)
-                scaled = (h[rows].float() * _row_scale(layer, r_max, rows) * slot_active[seg.slot]).to(y_cols.dtype)
-                y_cols[seg.token:seg.token + seg.end - seg.start].addmm_(scaled, lora_b[seg.slot].T)
+                lo, hi = seg.rank_lo, seg.rank_hi
+                scale = layer.coeff[seg.start:seg.end, None] * slot_active[seg.slot]
+                scaled = (h[seg.start:seg.end, lo:hi].float() * scale).to(y_cols.dtype)
+                y_cols[seg.token:seg.token + seg.end - seg.start].addmm_(scaled, lora_b[seg.slot, :, lo:hi].T)
         return
     live, slots, tokens = _live(layer, slot_active)
-    h_scaled = (h.float() * _row_scale(layer, r_max) * live[:, None]).to(y_cols.dtype)
+    h_scaled = (h.float() * _row_scale(layer, lora_b.shape[2]) * live[:, None]).to(y_cols.dtype)
     if layer.mode == "slots":
         lo, hi = layer.slot_range
         delta = _unpacked_rows(torch.bmm(_packed_rows(h_scaled, layer), lora_b[lo:hi].transpose(1, 2)), layer)
