@@ -62,17 +62,22 @@ def cases(batches: list[int], slots: int, prefill: tuple[int, int]) -> list[tupl
     return out
 
 
-def measure(backend, device, dtype, d_in, d_outs, r_max, ranks, sequences, repeat) -> dict:
+def adapter_pool(device, dtype, d_in, d_outs, r_max, ranks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot tensors as LoraLinear holds them (A [S, n_sub * r_max, d_in], B [S, d_out, r_max]), random on the
+    device and zero above each slot's rank."""
+    g = torch.Generator(device).manual_seed(0)
+    rank_of = torch.tensor(ranks, device=device)[:, None]
+    a = torch.randn(len(ranks), len(d_outs) * r_max, d_in, generator=g, device=device, dtype=dtype) / d_in ** 0.5
+    a *= ((torch.arange(len(d_outs) * r_max, device=device) % r_max) < rank_of)[:, :, None].to(dtype)
+    b = torch.randn(len(ranks), sum(d_outs), r_max, generator=g, device=device, dtype=dtype) * 0.01
+    b *= (torch.arange(r_max, device=device) < rank_of)[:, None, :].to(dtype)
+    return a, b
+
+
+def measure(backend, a, b, d_outs, ranks, sequences, repeat) -> dict:
     """Time one projection's shrink + expand for these sequences; count the bytes it must read."""
-    slots = len(ranks)
+    slots, d_in, r_max, device, dtype = a.shape[0], a.shape[2], b.shape[2], a.device, a.dtype
     starts = tuple(sum(d_outs[:i]) for i in range(len(d_outs)))
-    g = torch.Generator().manual_seed(0)
-    a = torch.zeros(slots, len(d_outs) * r_max, d_in, dtype=dtype, device=device)
-    b = torch.zeros(slots, sum(d_outs), r_max, dtype=dtype, device=device)
-    for s, rank in enumerate(ranks):
-        for i in range(len(d_outs)):
-            a[s, i * r_max:i * r_max + rank] = (torch.randn(rank, d_in, generator=g) / d_in ** 0.5).to(dtype)
-        b[s, :, :rank] = (torch.randn(sum(d_outs), rank, generator=g) * 0.01).to(dtype)
     active = torch.ones(slots, dtype=torch.int32, device=device)
     runs, token = [], 0
     for slot, length in sequences:
@@ -118,14 +123,16 @@ def main() -> None:
     for pool, (r_max, pool_ranks) in POOLS.items():
         ranks = [pool_ranks[s % len(pool_ranks)] for s in range(args.slots)]
         for proj, (d_in, d_outs) in PROJECTIONS[args.config].items():
+            a, b = adapter_pool(device, dtype, d_in, d_outs, r_max, ranks)
             for case, batch, sequences in cases(args.batches, args.slots, tuple(args.prefill)):
                 row = {"pool": pool, "projection": proj, "case": case, "batch": batch,
-                       **measure(backend, device, dtype, d_in, d_outs, r_max, ranks, sequences, args.repeat)}
+                       **measure(backend, a, b, d_outs, ranks, sequences, args.repeat)}
                 row["fraction_of_copy"] = row["bandwidth_gbs"] * 1e9 / copy_bw
                 rows.append(row)
                 logger.info("%-7s %-9s %-18s %5d %6d %-8s %10.1f %10.2fM %8.1f %6.0f%%", pool, proj, case, batch,
                             row["tokens"], row["mode"], row["kernel_us"], row["must_read_bytes"] / 1e6,
                             row["bandwidth_gbs"], 100 * row["fraction_of_copy"])
+            del a, b
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.json:
