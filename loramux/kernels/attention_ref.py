@@ -24,6 +24,11 @@ def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: 
     return mask
 
 
+def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """The reference does not split the context."""
+    return 1
+
+
 def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
                            block_size: int, scale: float, sliding_window: int | None = None,

@@ -196,6 +196,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_tables: [B, max_blocks] int32 (inner stride 1); context_lens: [B] int32.
     """
     group, block_d = _check(q, k_cache)
+    assert 1 <= num_splits <= MAX_DECODE_SPLITS
     batch, num_heads, head_dim = q.shape
     part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -207,7 +208,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     _decode_merge_kernel[(batch, num_heads)](
         part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_DECODE_SPLITS)  # one variant for every split count
     return out
 
 
