@@ -55,19 +55,19 @@ def make_case(context_lens, query_lens, num_kv_heads, group, head_dim, dtype, se
 
 def sdpa_on_gathered(q, k_cache, v_cache, tables, starts, context_lens, window=None):
     """Independent check: gather each sequence's K/V in float32 and run SDPA with enable_gqa."""
-    out = torch.zeros(q.shape, dtype=torch.float32)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     for n in range(tables.shape[0]):
         start, end, ctx = int(starts[n]), int(starts[n + 1]), int(context_lens[n])
-        pos = torch.arange(ctx)
-        slots = tables[n].long().cpu()[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
-        keys, values = (c.cpu().float()[slots].transpose(0, 1) for c in (k_cache, v_cache))
-        q_pos = torch.arange(ctx - (end - start), ctx)
+        pos = torch.arange(ctx, device=q.device)
+        slots = tables[n].long()[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        keys, values = (c.float()[slots].transpose(0, 1) for c in (k_cache, v_cache))
+        q_pos = torch.arange(ctx - (end - start), ctx, device=q.device)
         mask = pos[None, :] <= q_pos[:, None]
         if window is not None:
             mask &= pos[None, :] > q_pos[:, None] - window
         out[start:end] = F.scaled_dot_product_attention(
-            q[start:end].cpu().float().transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True).transpose(0, 1)
-    return out
+            q[start:end].float().transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True).transpose(0, 1)
+    return out.cpu()
 
 
 def assert_close(actual, expected, dtype):
@@ -116,3 +116,34 @@ def test_sliding_window_decode_and_prefill():
     decode = triton_attention.paged_attention_decode(decode_q, kc, vc, tables[:1], ctx[:1], BLOCK_SIZE, scale,
                                                      window, num_splits=2)
     assert_close(decode, expected[:1], torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("window", [None, 4096])
+def test_decode_real_sizes_gpu(dtype, group, batch, window):
+    gen = torch.Generator().manual_seed(batch)
+    contexts = torch.randint(1, 4096, (batch,), generator=gen).tolist()
+    contexts[0] = 8192
+    q, kc, vc, tables, starts, ctx = make_case(contexts, [1] * batch, 8, group, 128, dtype, seed=group,
+                                              shared_prefix_blocks=8)
+    expected = sdpa_on_gathered(q, kc, vc, tables, starts, ctx, window)
+    splits = triton_attention.decode_splits(batch, 8, q.device)
+    out = triton_attention.paged_attention_decode(q, kc, vc, tables, ctx, BLOCK_SIZE, 128 ** -0.5, window, splits)
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_chunked_prefill_real_sizes_gpu(dtype, group):
+    context_lens, query_lens = [2048, 4096 + 300, 1, 6000, 517], [2048, 512, 1, 2000, 17]
+    q, kc, vc, tables, starts, ctx = make_case(context_lens, query_lens, 8, group, 128, dtype, seed=group,
+                                              shared_prefix_blocks=4)
+    expected = sdpa_on_gathered(q, kc, vc, tables, starts, ctx)
+    out = triton_attention.paged_attention_varlen(q, kc, vc, tables, starts, ctx, BLOCK_SIZE, 128 ** -0.5)
+    assert_close(out, expected, dtype)

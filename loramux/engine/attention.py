@@ -9,9 +9,9 @@ start. Backends:
 - `triton` (CUDA): paged kernels that read K/V through the block table; a
   decode-only step reads nothing but device tensors, so a CUDA graph captured
   for a batch size serves every context length.
+- `torch`: the reference kernels (same signatures, a loop over sequences).
 - `sdpa` (the CPU fast path): gathers each step's context and runs batched
   SDPA per span; its gather indices (`SdpaPlan`) are built once per step.
-- `torch`: the reference kernels (a loop over sequences), any device.
 """
 
 from __future__ import annotations
@@ -125,13 +125,13 @@ def build_sdpa_plan(tables: torch.Tensor, positions: torch.Tensor, num_decode: i
 class AttentionBackend:
     """Writes the step's new K/V into the cache, then attends; one instance per engine.
 
-    reads_lengths_from_buffers: a decode step depends only on device tensors
-    (no host value of the context), so CUDA graphs may replay it.
+    graph_capturable: a decode step reads only device tensors (no host value of
+    the context, no host sync), so CUDA graphs may capture it.
     """
 
     name = ""
     uses_sdpa_plan = False
-    reads_lengths_from_buffers = False
+    graph_capturable = False
 
     def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, sliding_window: int | None,
                  device: torch.device):
@@ -153,14 +153,17 @@ class AttentionBackend:
 
 
 class PagedKernelAttention(AttentionBackend):
-    """The paged kernels of one module (Triton, or the torch reference with the same signatures)."""
+    """The paged kernels of one module (Triton, or the torch reference with the same signatures).
 
-    reads_lengths_from_buffers = True
+    Both read lengths from the metadata's tensors, so the static decode path
+    runs with either; only Triton's stay on the device (the reference loops on the host).
+    """
 
     def __init__(self, kernels, *args):
         super().__init__(*args)
         self.kernels = kernels
-        self.name = "triton" if kernels is not attention_ref else "torch"
+        self.name = "torch" if kernels is attention_ref else "triton"
+        self.graph_capturable = kernels is not attention_ref
         self._splits: dict[int, int] = {}
 
     def decode_splits(self, batch: int) -> int:

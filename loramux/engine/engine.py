@@ -181,7 +181,7 @@ class Engine:
     def _warm_up_and_capture(self) -> None:
         """Compile every kernel variant and capture the decode graphs before serving (CUDA only)."""
         graphs = None
-        if not self.config.model.enforce_eager and self.attention.reads_lengths_from_buffers:
+        if not self.config.model.enforce_eager and self.attention.graph_capturable:
             graphs = self.make_decode_graphs()
         warm_up(self.model, self.attention, graphs, self.config.scheduler.max_num_seqs,
                 self.config.scheduler.max_num_batched_tokens, self.max_model_len, self.graph_lora_depth,

@@ -49,6 +49,22 @@ def _load_kv_tile(cache_ptr, bt_row_ptr, pos, ok, kv_head, stride_cs, stride_ch,
                    mask=ok[None, :] & d_ok[:, None], other=0.0)
 
 
+@triton.jit
+def _attend_tile(q, m, l, acc, k_ptr, v_ptr, bt_row_ptr, pos, ok, visible, kv_head, stride_cs, stride_ch, d, d_ok,
+                 scale, BLOCK_SIZE: tl.constexpr):
+    """One key tile of the online softmax: q [M, BLOCK_D] against the keys at `pos` where `visible`
+    ([M, BLOCK_N] or broadcastable); returns the updated running max m [M], sum l [M] and output acc [M, BLOCK_D]."""
+    k = _load_kv_tile(k_ptr, bt_row_ptr, pos, ok, kv_head, stride_cs, stride_ch, d, d_ok, BLOCK_SIZE)
+    s = tl.dot(q, k, input_precision="ieee") * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    v = _load_kv_tile(v_ptr, bt_row_ptr, pos, ok, kv_head, stride_cs, stride_ch, d, d_ok, BLOCK_SIZE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), tl.trans(v), input_precision="ieee")
+    return m_new, l * alpha + tl.sum(p, 1), acc
+
+
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, part_out_ptr, part_lse_ptr, scale, window,
                          stride_qt, stride_qh, stride_cs, stride_ch, stride_bt, num_splits,
@@ -87,16 +103,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, part_out_ptr, par
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         ok = pos < hi
-        k = _load_kv_tile(k_ptr, bt_row, pos, ok, kv_head, stride_cs, stride_ch, d, d_ok, BLOCK_SIZE)
-        s = tl.dot(q, k, input_precision="ieee") * scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(v_ptr, bt_row, pos, ok, kv_head, stride_cs, stride_ch, d, d_ok, BLOCK_SIZE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), tl.trans(v), input_precision="ieee")
-        m = m_new
+        m, l, acc = _attend_tile(q, m, l, acc, k_ptr, v_ptr, bt_row, pos, ok, ok[None, :], kv_head, stride_cs,
+                                 stride_ch, d, d_ok, scale, BLOCK_SIZE)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
     row = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split
@@ -164,19 +172,11 @@ def _varlen_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qstart_ptr, ctx_ptr, sc
         for start in range(lo, hi, BLOCK_N):
             pos = start + tl.arange(0, BLOCK_N)
             ok = pos < hi
-            k = _load_kv_tile(k_ptr, bt_row, pos, ok, kv_head, stride_cs, stride_ch, d, d_ok, BLOCK_SIZE)
-            s = tl.dot(q, k, input_precision="ieee") * scale
             visible = ok[None, :] & (pos[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 visible = visible & (pos[None, :] > q_pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            v = _load_kv_tile(v_ptr, bt_row, pos, ok, kv_head, stride_cs, stride_ch, d, d_ok, BLOCK_SIZE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), tl.trans(v), input_precision="ieee")
-            m = m_new
+            m, l, acc = _attend_tile(q, m, l, acc, k_ptr, v_ptr, bt_row, pos, ok, visible, kv_head, stride_cs,
+                                     stride_ch, d, d_ok, scale, BLOCK_SIZE)
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         tl.store(out_ptr + (q_first + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
