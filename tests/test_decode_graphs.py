@@ -119,3 +119,25 @@ def test_cuda_graph_decode_matches_eager_and_triton_matches_torch(tiny_llama_dir
     assert {(b, d) for b in graphed.decode_graphs.batch_sizes for d in range(graphed.graph_lora_depth + 1)} \
         == set(graphed.decode_graphs.graphs)
     assert workload(graphed) == reference
+
+
+def compiled_triton_variants() -> int:
+    """How many kernel variants Triton has compiled so far, over the attention and LoRA modules."""
+    import triton
+
+    from loramux.kernels import triton_attention, triton_lora
+    kernels = [obj for module in (triton_attention, triton_lora) for obj in vars(module).values()
+               if isinstance(obj, triton.runtime.JITFunction)]
+    return sum(len(cache[0]) for fn in kernels for cache in fn.device_caches.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("eager", [False, True])
+def test_nothing_compiles_while_serving(tiny_llama_dir, adapters, eager):
+    engine = cuda_engine(tiny_llama_dir, adapters, "triton", eager=eager)
+    compiled = compiled_triton_variants()
+    assert compiled > 0
+    workload(engine)
+    engine.generate([[1] * 300, [2] * 40], SamplingParams(max_tokens=3, temperature=0), [["g1"], []])
+    assert compiled_triton_variants() == compiled
