@@ -185,7 +185,7 @@ def _varlen_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, qstart_ptr, ctx_ptr, sc
 def _check(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int]:
     """(GQA group, BLOCK_D); the kernels index the cache rows and q heads with unit inner stride."""
     assert q.stride(-1) == 1 and k_cache.is_contiguous(), "q rows and the caches need a unit inner stride"
-    return q.shape[1] // k_cache.shape[1], triton.next_power_of_2(q.shape[2])
+    return q.shape[1] // k_cache.shape[1], max(16, triton.next_power_of_2(q.shape[2]))  # tl.dot needs 16
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
