@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from loramux.config import (ROUTER_STRATEGIES, CacheConfig, EngineConfig, ModelConfig, RouterConfig,
-                            SchedulerConfig, ServerConfig, StoreConfig)
+from loramux.config import (ATTENTION_BACKENDS, ROUTER_STRATEGIES, CacheConfig, EngineConfig, ModelConfig,
+                            RouterConfig, SchedulerConfig, ServerConfig, StoreConfig)
 from loramux.experts import BUNDLED_EXPERTS_DIR
 
 
@@ -35,6 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=m.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs for decode")
+    g.add_argument("--attention-backend", default=m.attention_backend, choices=list(ATTENTION_BACKENDS),
+                   help="triton (paged kernels, CUDA), sdpa (CPU fast path) or torch (reference)")
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("KV cache and batching")
     g.add_argument("--block-size", type=int, default=c.block_size)
@@ -85,7 +87,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         adapter_dirs.insert(0, str(BUNDLED_EXPERTS_DIR))
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                          served_model_name=args.served_model_name, enforce_eager=args.enforce_eager),
+                          served_model_name=args.served_model_name, enforce_eager=args.enforce_eager,
+                          attention_backend=args.attention_backend),
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                           kv_cache_memory_gib=args.kv_cache_memory_gib,
                           gpu_memory_utilization=args.gpu_memory_utilization,

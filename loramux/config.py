@@ -18,6 +18,9 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "torch")
+
+
 @dataclass
 class ModelConfig:
     """Which base model to load and how.
@@ -32,11 +35,14 @@ class ModelConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     served_model_name: str | None = None
     enforce_eager: bool = False  # no CUDA graphs for decode
+    attention_backend: str = "auto"  # triton on CUDA, sdpa elsewhere
     cache_dir: str | None = None  # where converted GGUF checkpoints go; None: ~/.cache/loramux/models
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(self.max_model_len is None or self.max_model_len > 0, "--max-model-len must be positive")
+        _require(self.attention_backend in ATTENTION_BACKENDS,
+                 f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Decode through static, padded buffers (the CUDA-graph path) gives the same tokens as the normal path.
+"""Decode through static, padded buffers (the CUDA-graph path) gives the same tokens as the normal path,
+and its padding is inert by construction.
 
-On the CPU the static path runs eagerly; the `gpu` tests capture real graphs
-and also check the Triton backend against the torch backend.
+On the CPU the static path runs eagerly with the paged reference attention
+(it reads lengths from buffers, as the Triton kernels do); the `gpu` tests
+capture real graphs at start-up and compare them with eager Triton and torch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import torch
 
 from loramux.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
 from loramux.engine import Engine, SamplingParams
-from loramux.engine.cuda_graphs import DecodeGraphRunner
+from loramux.engine.cuda_graphs import batch_sizes_up_to
+from loramux.engine.step_inputs import prepare_step_inputs
+from loramux.engine.warmup import scratch_step, warm_up
 from tests.conftest import make_engine, make_peft_adapter
 
 
@@ -22,38 +26,85 @@ def adapters(tiny_llama_dir, tmp_path_factory):
                                            seed=10 + i)) for i, r in enumerate((4, 16, 8))}
 
 
+PROMPTS = [f"request number {i} " * (i + 1) for i in range(5)]
+MIXES = [["g0"], ["g1"], [], [("g0", 0.5), ("g2", 0.5)], ["g2"]]
+
+
 def workload(engine: Engine):
-    prompts = [engine.tokenizer.encode(f"request number {i} " * (i + 1), add_special_tokens=False) for i in range(5)]
-    mixes = [["g0"], ["g1"], [], [("g0", 0.5), ("g2", 0.5)], ["g2"]]
-    outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), mixes)
+    prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), MIXES)
     return [o[0].new_token_ids for o in outs]
-
-
-def static_runner(engine: Engine, use_cuda_graphs: bool) -> DecodeGraphRunner:
-    return DecodeGraphRunner(engine.model, engine.config.scheduler.max_num_seqs, engine.max_model_len,
-                             trash_slot=engine.num_blocks * engine.config.cache.block_size,
-                             r_max=engine.slots.max_rank, device=engine.device, use_cuda_graphs=use_cuda_graphs)
 
 
 def test_static_decode_path_matches_eager(tiny_llama_dir, adapters):
     eager = make_engine(tiny_llama_dir, adapters={n: p for n, p in adapters.items() if n != "g2"})
-    static = make_engine(tiny_llama_dir, adapters={n: p for n, p in adapters.items() if n != "g2"})
-    static.decode_graphs = static_runner(static, use_cuda_graphs=False)
+    static = make_engine(tiny_llama_dir, adapters={n: p for n, p in adapters.items() if n != "g2"},
+                         attention_backend="torch")
+    static.decode_graphs = static.make_decode_graphs(use_cuda_graphs=False)
+    buffers = static.decode_graphs.input_ids
     # Warm the static buffers, then load an adapter into a slot: it must be used without re-allocation.
     static.generate(["warm up"], SamplingParams(max_tokens=3, temperature=0), [["g0"]])
-    captured = dict(static.decode_graphs.steps)
-    assert captured
     for engine in (eager, static):
         engine.add_adapter("g2", adapters["g2"])
     assert workload(static) == workload(eager)
-    assert all(static.decode_graphs.steps[k] is v for k, v in captured.items())
-    assert {depth for _, _, depth in static.decode_graphs.steps} >= {1, 2}  # single adapters and the mixture
+    assert static.decode_graphs.input_ids is buffers
     assert static.blocks.num_free == static.num_blocks
 
 
-def cuda_engine(model_dir, adapters, backend: str, eager: bool) -> Engine:
+def test_padding_rows_are_inert(tiny_llama_dir, adapters):
+    """The buffers a replay reads: one row per batch row in every plan level, padding writes only padding."""
+    engine = make_engine(tiny_llama_dir, adapters=adapters, attention_backend="torch")
+    runner = engine.make_decode_graphs(use_cuda_graphs=False)
+    prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    for i, (prompt, mix) in enumerate(zip(prompts, MIXES)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=4, temperature=0), mix)
+    engine.step()  # prefills every prompt: the next step decodes all five
+    plan = engine.scheduler.schedule()
+    assert not plan.prefill
+    inputs = prepare_step_inputs(plan, engine.config.cache.block_size, None, engine.slots, engine.device, False)
+    n, depth = len(plan.decode), len(inputs.ctx.lora_plan.layers)
+    assert n == 5 and depth == 2
+    batch = runner.graph_batch(n)
+    assert batch == 8
+    runner.fill(inputs, batch, depth)
+    static = runner.static_inputs(batch, depth)
+    real_rows = set(range(n))
+    for level, real in zip(static.ctx.lora_plan.layers, inputs.ctx.lora_plan.layers):
+        tokens = level.token_idx.tolist()
+        assert len(set(tokens)) == len(tokens) == batch  # no two rows write the same output row
+        live = {t for t, slot in zip(tokens, level.slot_idx.tolist()) if slot >= 0}
+        assert live == set(real.token_idx.tolist())  # exactly the real assignments are live...
+        for row in real.token_idx.tolist():
+            assert level.slot_idx[row] == real.slot_idx[real.token_idx.tolist().index(row)]
+        for row, token in enumerate(tokens):
+            if row >= n:  # ... and a padding row writes its own (padding) row, inert
+                assert token not in real_rows and level.slot_idx[row] == -1 and level.coeff[row] == 0
+    meta, scratch = static.ctx.attention, runner.scratch_slot
+    assert scratch == engine.num_blocks * engine.config.cache.block_size
+    assert (meta.slot_mapping[n:] == scratch).all() and (meta.slot_mapping[:n] != scratch).all()
+    assert (meta.context_lens[n:] == 1).all() and (meta.block_tables[n:, 0] == engine.num_blocks).all()
+
+
+def test_warm_up_touches_only_the_scratch_block(tiny_llama_dir, adapters):
+    engine = make_engine(tiny_llama_dir, adapters=adapters, attention_backend="torch", max_num_seqs=3,
+                         max_num_batched_tokens=64)
+    runner = engine.make_decode_graphs(use_cuda_graphs=False)
+    bs = engine.config.cache.block_size
+    warm_up(engine.model, engine.attention, None, 3, 64, engine.max_model_len, engine.graph_lora_depth,
+            engine.num_blocks, bs, engine.slots.scales, engine.slots.max_rank, engine.device)
+    for batch in batch_sizes_up_to(3):
+        runner.run(scratch_step([(bs, 1)] * batch, batch, 1, engine.num_blocks, bs, engine.attention,
+                                engine.slots.scales, engine.slots.max_rank, engine.device))
+    real = engine.num_blocks * bs
+    for k_cache, v_cache in engine.model.kv_caches:
+        assert not k_cache[:real].any() and not v_cache[:real].any()
+        assert k_cache[real:].any()
+
+
+def cuda_engine(model_dir, adapters, backend: str, eager: bool, attention: str = "auto") -> Engine:
     return Engine(EngineConfig(
-        model=ModelConfig(model=str(model_dir), device="cuda", dtype="float32", enforce_eager=eager),
+        model=ModelConfig(model=str(model_dir), device="cuda", dtype="float32", enforce_eager=eager,
+                          attention_backend=attention),
         cache=CacheConfig(num_blocks=256), scheduler=SchedulerConfig(max_num_seqs=16),
         store=StoreConfig(max_loras=8, lora_backend=backend, adapters=adapters)))
 
@@ -61,9 +112,32 @@ def cuda_engine(model_dir, adapters, backend: str, eager: bool) -> Engine:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_matches_eager_and_triton_matches_torch(tiny_llama_dir, adapters):
-    reference = workload(cuda_engine(tiny_llama_dir, adapters, "torch", eager=True))
+    reference = workload(cuda_engine(tiny_llama_dir, adapters, "torch", eager=True, attention="torch"))
     assert workload(cuda_engine(tiny_llama_dir, adapters, "triton", eager=True)) == reference
     graphed = cuda_engine(tiny_llama_dir, adapters, "triton", eager=False)
     assert graphed.decode_graphs is not None
+    assert {(b, d) for b in graphed.decode_graphs.batch_sizes for d in range(graphed.graph_lora_depth + 1)} \
+        == set(graphed.decode_graphs.graphs)
     assert workload(graphed) == reference
-    assert any(step.graph is not None for step in graphed.decode_graphs.steps.values())
+
+
+def compiled_triton_variants() -> int:
+    """How many kernel variants Triton has compiled so far, over the attention and LoRA modules."""
+    import triton
+
+    from loramux.kernels import triton_attention, triton_lora
+    kernels = [obj for module in (triton_attention, triton_lora) for obj in vars(module).values()
+               if isinstance(obj, triton.runtime.JITFunction)]
+    return sum(len(cache[0]) for fn in kernels for cache in fn.device_caches.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("eager", [False, True])
+def test_nothing_compiles_while_serving(tiny_llama_dir, adapters, eager):
+    engine = cuda_engine(tiny_llama_dir, adapters, "triton", eager=eager)
+    compiled = compiled_triton_variants()
+    assert compiled > 0
+    workload(engine)
+    engine.generate([[1] * 300, [2] * 40], SamplingParams(max_tokens=3, temperature=0), [["g1"], []])
+    assert compiled_triton_variants() == compiled

@@ -1,17 +1,31 @@
-"""Attention over the paged KV cache.
+"""Attention over the paged KV cache, behind one backend chosen at start-up.
 
 The flat batch of a step holds the decode tokens first (one per sequence),
 then each prefill chunk as a contiguous run. `AttentionMetadata` is built once
 per step and shared by every layer: the slot each new token's K/V is written
-to, and the cache slots each query reads, as gather indices.
+to, every sequence's block table and context length, and where its queries
+start. Backends:
+
+- `triton` (CUDA): paged kernels that read K/V through the block table; a
+  decode-only step reads nothing but device tensors, so a CUDA graph captured
+  for a batch size serves every context length.
+- `torch`: the reference kernels (same signatures, a loop over sequences).
+- `sdpa` (the CPU fast path): gathers each step's context and runs batched
+  SDPA per span; its gather indices (`SdpaPlan`) are built once per step.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from loramux.kernels import attention_ref
+from loramux.kernels.attention_ref import context_slots, window_mask
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,23 +46,40 @@ class PrefillSpan:
 
 
 @dataclass
-class AttentionMetadata:
-    """slot_mapping: [T] cache slot of every new token.
+class SdpaPlan:
+    """The sdpa backend's gather indices, built once per step.
+
     decode_gather: [B, L] cache slots each decode row reads (padded);
     decode_mask: [B, 1, 1, L] bool, True where the slot is part of the context.
     """
 
-    slot_mapping: torch.Tensor
-    num_decode: int
     decode_gather: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefills: list[PrefillSpan]
 
 
-def context_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Cache slot of each position given a block table: [..., n_blocks] x [..., L] -> [..., L]."""
-    blocks = torch.gather(block_table, -1, torch.div(positions, block_size, rounding_mode="floor"))
-    return blocks * block_size + positions % block_size
+@dataclass
+class AttentionMetadata:
+    """What every layer's attention reads, as device tensors (N = sequences of the step, decode first).
+
+    slot_mapping: [T] int64 cache slot each new token's K/V is written to;
+    block_tables: [N, max_blocks] int32; context_lens: [N] int32, context after
+    this step (cached + new); query_start: [N + 1] int32, sequence n's rows are
+    query_start[n]:query_start[n+1]; max_query_len sizes the prefill grid.
+    sdpa: the sdpa backend's gather plan (None for the other backends).
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_start: torch.Tensor
+    num_decode: int
+    max_query_len: int
+    sdpa: SdpaPlan | None = None
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_decode == self.context_lens.shape[0]
 
 
 def gather_rows(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -56,50 +87,148 @@ def gather_rows(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, index.reshape(-1)).view(*index.shape, *cache.shape[1:])
 
 
-def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """[..., Q, 1] x [..., 1, K] positions -> bool mask, causal and optionally windowed."""
-    mask = key_pos <= query_pos
-    if sliding_window is not None:
-        mask &= key_pos > query_pos - sliding_window
-    return mask
+def build_sdpa_plan(tables: torch.Tensor, positions: torch.Tensor, num_decode: int,
+                    prefill_chunks: list[tuple[int, int]], block_size: int, sliding_window: int | None,
+                    device: torch.device) -> SdpaPlan:
+    """Gather indices and masks of one step for the sdpa backend (host tensors in, device tensors out).
 
-
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-) -> torch.Tensor:
-    """Write the new K/V into the cache, then attend over each sequence's context.
-
-    q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_slots, Hkv, D].
-    Returns [T, Hq, D].
+    tables: [N, max_blocks] int64 block tables, decode sequences first; positions: [T];
+    prefill_chunks: (first position, new tokens) of each prefill sequence, in batch order.
     """
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
-    gqa = q.shape[1] != k.shape[1]
-    if meta.num_decode:
-        nd = meta.num_decode
-        keys = gather_rows(k_cache, meta.decode_gather).transpose(1, 2)  # [B, Hkv, L, D]
-        values = gather_rows(v_cache, meta.decode_gather).transpose(1, 2)
-        out[:nd] = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=gqa
-        ).squeeze(2)
-    for span in meta.prefills:
-        rows = slice(span.start, span.start + span.length * span.num_seqs)
-
-        def heads_first(t: torch.Tensor) -> torch.Tensor:  # [B * L, H, D] -> [B, H, L, D]
-            return t.view(span.num_seqs, -1, *t.shape[1:]).transpose(1, 2)
-
-        if span.gather_idx is None:
-            keys, values = heads_first(k[rows]), heads_first(v[rows])
+    decode_gather = decode_mask = None
+    if num_decode:
+        key_pos = torch.arange(int(positions[:num_decode].max()) + 1)[None, :].expand(num_decode, -1)
+        decode_gather = context_slots(tables[:num_decode], key_pos, block_size).to(device)
+        decode_mask = window_mask(positions[:num_decode, None], key_pos, sliding_window)[:, None, None, :].to(device)
+    prefills: list[PrefillSpan] = []
+    row = num_decode
+    for i, (start, n) in enumerate(prefill_chunks, start=num_decode):
+        if start == 0:
+            # A chunk from position 0 attends only to itself: batch it with the previous one if same length.
+            last = prefills[-1] if prefills else None
+            if last is not None and last.gather_idx is None and last.length == n:
+                last.num_seqs += 1
+            else:
+                mask = None
+                if sliding_window is not None and n > sliding_window:
+                    key_pos = torch.arange(n)
+                    mask = window_mask(key_pos[:, None], key_pos[None, :], sliding_window).to(device)
+                prefills.append(PrefillSpan(row, n, 1, None, mask))
         else:
-            keys = heads_first(gather_rows(k_cache, span.gather_idx))
-            values = heads_first(gather_rows(v_cache, span.gather_idx))
-        attended = F.scaled_dot_product_attention(
-            heads_first(q[rows]), keys, values, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=gqa)
-        out[rows] = attended.transpose(1, 2).reshape(-1, *q.shape[1:])
-    return out
+            key_pos = torch.arange(start + n)
+            mask = window_mask(positions[row:row + n, None], key_pos[None, :], sliding_window).to(device)
+            prefills.append(PrefillSpan(row, n, 1, context_slots(tables[i], key_pos, block_size).to(device), mask))
+        row += n
+    return SdpaPlan(decode_gather, decode_mask, prefills)
+
+
+class AttentionBackend:
+    """Writes the step's new K/V into the cache, then attends; one instance per engine.
+
+    graph_capturable: a decode step reads only device tensors (no host value of
+    the context, no host sync), so CUDA graphs may capture it.
+    """
+
+    name = ""
+    uses_sdpa_plan = False
+    graph_capturable = False
+
+    def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, sliding_window: int | None,
+                 device: torch.device):
+        self.num_kv_heads = num_kv_heads
+        self.block_size = block_size
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.device = device
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_slots, Hkv, D] -> [T, Hq, D]."""
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        return self.attend(q, k, v, k_cache, v_cache, meta)
+
+    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PagedKernelAttention(AttentionBackend):
+    """The paged kernels of one module (Triton, or the torch reference with the same signatures).
+
+    Both read lengths from the metadata's tensors, so the static decode path
+    runs with either; only Triton's stay on the device (the reference loops on the host).
+    """
+
+    def __init__(self, kernels, *args):
+        super().__init__(*args)
+        self.kernels = kernels
+        self.name = "torch" if kernels is attention_ref else "triton"
+        self.graph_capturable = kernels is not attention_ref
+        self._splits: dict[int, int] = {}
+
+    def decode_splits(self, batch: int) -> int:
+        """Context splits of a decode batch (fixed per batch size, so graphs capture it)."""
+        if batch not in self._splits:
+            self._splits[batch] = self.kernels.decode_splits(batch, self.num_kv_heads, self.device)
+        return self._splits[batch]
+
+    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.is_decode_only:
+            return self.kernels.paged_attention_decode(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.block_size, self.scale,
+                self.sliding_window, num_splits=self.decode_splits(q.shape[0]))
+        return self.kernels.paged_attention_varlen(
+            q, k_cache, v_cache, meta.block_tables, meta.query_start, meta.context_lens, self.block_size,
+            self.scale, self.sliding_window, max_query_len=meta.max_query_len)
+
+
+class SdpaAttention(AttentionBackend):
+    """The CPU fast path: batched SDPA over gathered K/V (decode) and per prefill span."""
+
+    name = "sdpa"
+    uses_sdpa_plan = True
+
+    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        plan = meta.sdpa
+        out = torch.empty_like(q)
+        gqa = q.shape[1] != k.shape[1]
+        if meta.num_decode:
+            nd = meta.num_decode
+            keys = gather_rows(k_cache, plan.decode_gather).transpose(1, 2)  # [B, Hkv, L, D]
+            values = gather_rows(v_cache, plan.decode_gather).transpose(1, 2)
+            out[:nd] = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2), keys, values, attn_mask=plan.decode_mask, enable_gqa=gqa).squeeze(2)
+        for span in plan.prefills:
+            rows = slice(span.start, span.start + span.length * span.num_seqs)
+
+            def heads_first(t: torch.Tensor) -> torch.Tensor:  # [B * L, H, D] -> [B, H, L, D]
+                return t.view(span.num_seqs, -1, *t.shape[1:]).transpose(1, 2)
+
+            if span.gather_idx is None:
+                keys, values = heads_first(k[rows]), heads_first(v[rows])
+            else:
+                keys = heads_first(gather_rows(k_cache, span.gather_idx))
+                values = heads_first(gather_rows(v_cache, span.gather_idx))
+            attended = F.scaled_dot_product_attention(
+                heads_first(q[rows]), keys, values, attn_mask=span.mask, is_causal=span.mask is None,
+                enable_gqa=gqa)
+            out[rows] = attended.transpose(1, 2).reshape(-1, *q.shape[1:])
+        return out
+
+
+def select_attention_backend(requested: str, num_kv_heads: int, head_dim: int, block_size: int,
+                             sliding_window: int | None, device: torch.device) -> AttentionBackend:
+    """Pick the backend once: Triton on CUDA (when installed), sdpa otherwise."""
+    args = (num_kv_heads, head_dim, block_size, sliding_window, device)
+    if requested == "torch":
+        return PagedKernelAttention(attention_ref, *args)
+    if requested == "sdpa" or (requested == "auto" and device.type != "cuda"):
+        return SdpaAttention(*args)
+    try:
+        from loramux.kernels import triton_attention
+    except ImportError as exc:
+        if requested == "triton":
+            raise ValueError(f"--attention-backend triton needs the triton package: {exc}") from exc
+        logger.warning("triton is not installed: attention falls back to sdpa (gathers K/V, no CUDA graphs)")
+        return SdpaAttention(*args)
+    return PagedKernelAttention(triton_attention, *args)

@@ -1,13 +1,24 @@
-"""Decode steps replayed from captured CUDA graphs.
+"""Decode steps replayed from CUDA graphs captured at start-up.
 
-A graph is captured on first use for each (batch bucket, context bucket, LoRA
-depth). Every input lives in a static buffer of the bucket's size; a replay
-copies the step's inputs in and pads the rest: padding rows write their K/V
-to a spare slot past the last KV block, attend only to it, and carry no LoRA
-(slot -1: inert rows, which the LoRA kernels neither read nor write). The LoRA plan runs in the gathered (BGMV) mode,
-whose shapes depend only on the row count. Adapter slot tensors are read in
-place, so adapters written into slots between replays are used without
-recapture.
+One graph per (batch size, LoRA depth): batch sizes from a fixed list up to
+`--max-num-seqs`, depths 0..`max_depth`. There is no context bucket: the
+paged attention kernel reads block tables and context lengths from device
+buffers, so one graph serves every context length. All graphs share one set
+of static buffers sized for the largest batch (a graph for batch b uses their
+first b rows) and one memory pool.
+
+A replay copies the step's inputs into the buffers and pads the rest; padding
+is inert by construction, not by luck:
+- a padded attention row writes its K/V to the scratch slot (the first slot
+  of the spare KV block past the last real one) and, with context length 1,
+  reads only that slot;
+- a LoRA plan level has exactly one row per batch row (`token_idx` = row
+  number), so no two rows of a level write the same output row and a padded
+  row writes only its own padded row; rows without an assignment at that level
+  (padding, or a sequence with a shorter mix) have slot -1, which every LoRA
+  backend treats as inert. The levels run in the gathered (BGMV) mode, whose
+  shapes depend only on the row count. Adapter slot tensors are read in
+  place, so adapters paged in between replays need no recapture.
 
 With `use_cuda_graphs=False` the same padded, static-buffer path runs eagerly;
 the CPU tests use it to check the padding against the normal path.
@@ -16,6 +27,7 @@ the CPU tests use it to check the padding against the normal path.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,118 +39,135 @@ from loramux.kernels import LoraPlan, LoraPlanLayer
 
 logger = logging.getLogger(__name__)
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-MIN_CONTEXT_BUCKET = 256
-MAX_LORA_DEPTH = 3
+BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MAX_GRAPH_LORA_DEPTH = 4  # deeper mixes (rare) run eagerly, with kernels compiled by the warm-up
 
 
-def bucket(value: int, buckets) -> int | None:
-    return next((b for b in buckets if b >= value), None)
+def batch_sizes_up_to(max_batch: int) -> tuple[int, ...]:
+    return tuple(b for b in BATCH_SIZES if b < max_batch) + (max_batch,)
 
 
 @dataclass
-class _StaticStep:
-    """The static buffers of one graph, and the graph and logits once captured."""
+class _PlanLevel:
+    """Static buffers of one LoRA plan level, one row per batch row ([max_batch] each)."""
 
-    inputs: StepInputs
-    plan_layers: list[LoraPlanLayer]
-    graph: "torch.cuda.CUDAGraph | None" = None
-    logits: torch.Tensor | None = None
+    slot_idx: torch.Tensor
+    coeff: torch.Tensor
+    rank_lo: torch.Tensor
+    rank_hi: torch.Tensor
 
 
 class DecodeGraphRunner:
-    def __init__(self, model: CausalLM, max_batch: int, max_context: int, trash_slot: int, r_max: int,
-                 device: torch.device, use_cuda_graphs: bool = True):
+    def __init__(self, model: CausalLM, max_batch: int, max_blocks_per_seq: int, scratch_block: int,
+                 block_size: int, max_depth: int, device: torch.device, use_cuda_graphs: bool = True):
         self.model = model
-        self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
-        self.context_buckets = []
-        length = MIN_CONTEXT_BUCKET
-        while length < max_context:
-            self.context_buckets.append(length)
-            length *= 2
-        self.context_buckets.append(max_context)
-        self.trash_slot = trash_slot
-        self.r_max = r_max
+        self.batch_sizes = batch_sizes_up_to(max_batch)
+        self.max_depth = max_depth
+        self.scratch_block = scratch_block
+        self.scratch_slot = scratch_block * block_size
         self.device = device
         self.use_cuda_graphs = use_cuda_graphs
-        self.steps: dict[tuple[int, int, int], _StaticStep] = {}
+
+        def zeros(*shape, dtype=torch.int64):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.input_ids = zeros(max_batch)
+        self.positions = zeros(max_batch)
+        self.slot_mapping = zeros(max_batch)
+        self.block_tables = zeros(max_batch, max_blocks_per_seq, dtype=torch.int32)
+        self.context_lens = zeros(max_batch, dtype=torch.int32)
+        self.query_start = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self.rows = torch.arange(max_batch, device=device)  # logit rows, and every level's token_idx
+        self.levels = [_PlanLevel(zeros(max_batch), zeros(max_batch, dtype=torch.float32), zeros(max_batch),
+                                  zeros(max_batch))
+                       for _ in range(max_depth)]
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def can_run(self, inputs: StepInputs) -> bool:
-        meta = inputs.ctx.attention
-        return (inputs.is_decode_only and meta.num_decode <= self.batch_buckets[-1]
-                and meta.decode_gather.shape[1] <= self.context_buckets[-1]
-                and len(inputs.ctx.lora_plan.layers) <= MAX_LORA_DEPTH)
-
-    def _allocate(self, batch: int, context: int, depth: int) -> _StaticStep:
-        def zeros(*shape, dtype=torch.int64):
-            return torch.zeros(*shape, dtype=dtype, device=self.device)
-
-        layers = [LoraPlanLayer(
-            token_idx=zeros(batch), slot_idx=zeros(batch), coeff=zeros(batch, dtype=torch.float32),
-            rank_lo=zeros(batch), rank_hi=zeros(batch),
-            seg_starts=zeros(0), seg_slots=zeros(0), segments=(), mode="gather") for _ in range(depth)]
+    def static_inputs(self, batch: int, depth: int) -> StepInputs:
+        """The first `batch` rows of the buffers as a decode step with `depth` LoRA levels."""
+        empty = self.rows[:0]
+        layers = tuple(LoraPlanLayer(
+            token_idx=self.rows[:batch], slot_idx=lv.slot_idx[:batch], coeff=lv.coeff[:batch],
+            rank_lo=lv.rank_lo[:batch], rank_hi=lv.rank_hi[:batch],
+            seg_starts=empty, seg_slots=empty, segments=(), mode="gather") for lv in self.levels[:depth])
         attention = AttentionMetadata(
-            slot_mapping=zeros(batch), num_decode=batch, decode_gather=zeros(batch, context),
-            decode_mask=zeros(batch, 1, 1, context, dtype=torch.bool), prefills=[])
-        inputs = StepInputs(input_ids=zeros(batch), positions=zeros(batch),
-                            ctx=StepContext(attention, LoraPlan(tuple(layers))),
-                            logit_rows=torch.arange(batch, device=self.device), is_decode_only=True)
-        return _StaticStep(inputs, layers)
+            slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
+            context_lens=self.context_lens[:batch], query_start=self.query_start[:batch + 1], num_decode=batch,
+            max_query_len=1)
+        return StepInputs(input_ids=self.input_ids[:batch], positions=self.positions[:batch],
+                          ctx=StepContext(attention, LoraPlan(layers)), logit_rows=self.rows[:batch],
+                          is_decode_only=True)
 
-    def _fill(self, static: _StaticStep, inputs: StepInputs) -> None:
-        n = inputs.ctx.attention.num_decode
-        src, dst = inputs.ctx.attention, static.inputs.ctx.attention
-        length = src.decode_gather.shape[1]
-        for buffer, value, pad in ((static.inputs.input_ids, inputs.input_ids, 0),
-                                   (static.inputs.positions, inputs.positions, 0),
-                                   (dst.slot_mapping, src.slot_mapping, self.trash_slot)):
-            buffer[:n].copy_(value)
-            buffer[n:].fill_(pad)
-        dst.decode_gather.fill_(self.trash_slot)
-        dst.decode_gather[:n, :length].copy_(src.decode_gather)
-        dst.decode_mask.fill_(False)
-        dst.decode_mask[:n, ..., :length].copy_(src.decode_mask)
-        dst.decode_mask[n:, ..., 0] = True  # padding rows attend to the spare slot, never to nothing
-        for layer, target in zip(inputs.ctx.lora_plan.layers, static.plan_layers):
-            rows = layer.num_rows
-            for name, pad in (("token_idx", 0), ("slot_idx", -1), ("coeff", 0), ("rank_lo", 0), ("rank_hi", 0)):
-                buffer = getattr(target, name)
-                buffer[:rows].copy_(getattr(layer, name))
-                buffer[rows:].fill_(pad)
+    def can_run(self, inputs: StepInputs) -> bool:
+        return (inputs.is_decode_only and inputs.ctx.attention.num_decode <= self.batch_sizes[-1]
+                and len(inputs.ctx.lora_plan.layers) <= self.max_depth)
 
-    def _forward(self, static: _StaticStep) -> torch.Tensor:
-        s = static.inputs
+    def graph_batch(self, num_seqs: int) -> int:
+        return next(b for b in self.batch_sizes if b >= num_seqs)
+
+    def fill(self, inputs: StepInputs | None, batch: int, depth: int) -> None:
+        """Copy a decode step's inputs into the first rows and pad up to `batch` (None: all padding);
+        the first `depth` plan levels get one row per batch row, inert (slot -1) where a row has no assignment."""
+        n = 0 if inputs is None else inputs.ctx.attention.num_decode
+        if inputs is not None:
+            meta = inputs.ctx.attention
+            self.input_ids[:n].copy_(inputs.input_ids)
+            self.positions[:n].copy_(inputs.positions)
+            self.slot_mapping[:n].copy_(meta.slot_mapping)
+            self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+            self.context_lens[:n].copy_(meta.context_lens)
+        self.input_ids[n:batch].zero_()
+        self.positions[n:batch].zero_()
+        self.slot_mapping[n:batch].fill_(self.scratch_slot)
+        self.block_tables[n:batch, 0].fill_(self.scratch_block)
+        self.context_lens[n:batch].fill_(1)
+        plan_layers = () if inputs is None else inputs.ctx.lora_plan.layers
+        for k, level in enumerate(self.levels[:depth]):
+            level.slot_idx.fill_(-1)
+            for buffer in (level.coeff, level.rank_lo, level.rank_hi):
+                buffer.zero_()
+            if k < len(plan_layers):
+                layer = plan_layers[k]
+                for name in ("slot_idx", "coeff", "rank_lo", "rank_hi"):
+                    getattr(level, name).index_copy_(0, layer.token_idx, getattr(layer, name))
+
+    def _forward(self, batch: int, depth: int) -> torch.Tensor:
+        s = self.static_inputs(batch, depth)
         return self.model(s.input_ids, s.positions, s.ctx, s.logit_rows)
 
-    def _capture(self, static: _StaticStep) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._forward(static)  # warm-up: lazy initialisation must not happen inside the capture
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        static.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(static.graph, pool=self.pool):
-            static.logits = self._forward(static)
-        self.pool = static.graph.pool()
+    def capture_all(self) -> None:
+        """Capture every (batch size, depth) graph; the largest first, so the smaller ones reuse its pool."""
+        torch.cuda.synchronize(self.device)
+        free_before, _ = torch.cuda.mem_get_info(self.device)
+        started = time.perf_counter()
+        for batch in reversed(self.batch_sizes):
+            for depth in range(self.max_depth + 1):
+                self.fill(None, batch, depth)
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self._forward(batch, depth)  # lazy initialisation must not happen inside the capture
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    logits = self._forward(batch, depth)
+                self.pool = graph.pool()
+                self.graphs[batch, depth] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+        free_after, _ = torch.cuda.mem_get_info(self.device)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s, LoRA depth 0..%d) in %.1f s, %.0f MiB",
+                    len(self.graphs), ",".join(map(str, self.batch_sizes)), self.max_depth,
+                    time.perf_counter() - started, (free_before - free_after) / 2**20)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [num_decode, vocab] of a decode-only step (check `can_run` first)."""
-        meta = inputs.ctx.attention
-        key = (bucket(meta.num_decode, self.batch_buckets), bucket(meta.decode_gather.shape[1], self.context_buckets),
-               len(inputs.ctx.lora_plan.layers))
-        static = self.steps.get(key)
-        if static is None:
-            static = self.steps[key] = self._allocate(*key)
-            self._fill(static, inputs)
-            if self.use_cuda_graphs:
-                self._capture(static)
-                logger.info("captured decode graph: batch %d, context %d, LoRA depth %d", *key)
+        n = inputs.ctx.attention.num_decode
+        batch, depth = self.graph_batch(n), len(inputs.ctx.lora_plan.layers)
+        self.fill(inputs, batch, depth)
+        if self.use_cuda_graphs:
+            graph, logits = self.graphs[batch, depth]
+            graph.replay()
         else:
-            self._fill(static, inputs)
-        if static.graph is not None:
-            static.graph.replay()
-            logits = static.logits
-        else:
-            logits = self._forward(static)
-        return logits[:meta.num_decode]
+            logits = self._forward(batch, depth)
+        return logits[:n]

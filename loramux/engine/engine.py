@@ -16,12 +16,14 @@ from loramux.config import EngineConfig
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.detokenizer import IncrementalDetokenizer
 from loramux.engine.loader import load_checkpoint
-from loramux.engine.cuda_graphs import DecodeGraphRunner
-from loramux.engine.model import CausalLM
+from loramux.engine.attention import select_attention_backend
+from loramux.engine.cuda_graphs import MAX_GRAPH_LORA_DEPTH, DecodeGraphRunner
+from loramux.engine.model import CausalLM, ModelShape
 from loramux.engine.sampler import sample
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.sequence import LoraMix, SamplingParams, Sequence, TokenLogprob
 from loramux.engine.step_inputs import prepare_step_inputs
+from loramux.engine.warmup import warm_up
 from loramux.kernels import select_lora_backend
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,11 @@ class Engine:
         hf_config = checkpoint.config
         self.lora_backend = select_lora_backend(config.store.lora_backend, self.device)
         model_max = config.model.max_model_len or hf_config.max_position_embeddings
-        self.model = CausalLM(hf_config, checkpoint.weights, self.lora_backend, model_max, self.dtype, self.device)
+        shape = ModelShape.from_hf_config(hf_config)
+        self.attention = select_attention_backend(config.model.attention_backend, shape.num_kv_heads, shape.head_dim,
+                                                  config.cache.block_size, shape.sliding_window, self.device)
+        self.model = CausalLM(hf_config, checkpoint.weights, self.lora_backend, model_max, self.dtype, self.device,
+                              self.attention)
         self.shape = self.model.shape
         self.slots = LoraSlotPool(self.model.lora_linears(), config.store.max_loras, config.store.max_lora_rank,
                                   self.device)
@@ -110,10 +116,8 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.store)
         self.eos_token_ids = self._eos_token_ids(hf_config)
         self.decode_graphs = None
-        if self.device.type == "cuda" and not config.model.enforce_eager:
-            self.decode_graphs = DecodeGraphRunner(
-                self.model, config.scheduler.max_num_seqs, self.max_model_len,
-                trash_slot=self.num_blocks * config.cache.block_size, r_max=self.slots.max_rank, device=self.device)
+        if self.device.type == "cuda":
+            self._warm_up_and_capture()
         self.last_step_num_tokens = 0
         self._sequences: dict[str, list[Sequence]] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -127,6 +131,8 @@ class Engine:
                     str(self.dtype).removeprefix("torch."), self.num_blocks, config.cache.block_size,
                     config.store.max_loras, config.store.max_lora_rank, len(self.store.records),
                     self.lora_backend.name)
+        logger.info("attention backend: %s; decode CUDA graphs: %s", self.attention.name,
+                    "on" if self.decode_graphs is not None else "off")
 
     # ------------------------------------------------------------------ set-up
     def _allocate_kv_cache(self) -> int:
@@ -152,12 +158,36 @@ class Engine:
         logger.info("memory: weights %.2f GiB, adapter slots %.2f GiB (%d x rank %d), KV cache %.2f GiB (%d blocks)",
                     weight_bytes / 2**30, slot_bytes / 2**30, self.config.store.max_loras,
                     self.config.store.max_lora_rank, num_blocks * bytes_per_block / 2**30, num_blocks)
-        slots = (num_blocks + 1) * cache.block_size  # one spare block: padding rows of decode graphs write there
+        slots = (num_blocks + 1) * cache.block_size  # the spare scratch block: graph padding and warm-up write there
         self.model.kv_caches = [
             (torch.zeros(slots, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device),
              torch.zeros(slots, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device))
             for _ in range(s.num_layers)]
         return num_blocks
+
+    @property
+    def graph_lora_depth(self) -> int:
+        """The deepest LoRA mix captured in decode graphs (and warmed up): mixes can be as deep as the limit."""
+        limit = min(self.config.store.max_loras, self.config.scheduler.max_loras_per_batch)
+        return min(limit, MAX_GRAPH_LORA_DEPTH)
+
+    def make_decode_graphs(self, use_cuda_graphs: bool = True) -> DecodeGraphRunner:
+        """Static decode buffers over the spare KV block (the scratch block, past the last real one)."""
+        block_size = self.config.cache.block_size
+        return DecodeGraphRunner(self.model, self.config.scheduler.max_num_seqs, -(-self.max_model_len // block_size),
+                                 scratch_block=self.num_blocks, block_size=block_size, r_max=self.slots.max_rank,
+                                 max_depth=self.graph_lora_depth, device=self.device, use_cuda_graphs=use_cuda_graphs)
+
+    def _warm_up_and_capture(self) -> None:
+        """Compile every kernel variant and capture the decode graphs before serving (CUDA only)."""
+        graphs = None
+        if not self.config.model.enforce_eager and self.attention.graph_capturable:
+            graphs = self.make_decode_graphs()
+        warm_up(self.model, self.attention, graphs, self.config.scheduler.max_num_seqs,
+                self.config.scheduler.max_num_batched_tokens, self.max_model_len, self.graph_lora_depth,
+                scratch_block=self.num_blocks, block_size=self.config.cache.block_size,
+                slot_scales=self.slots.scales, r_max=self.slots.max_rank, device=self.device)
+        self.decode_graphs = graphs
 
     def _eos_token_ids(self, hf_config) -> frozenset[int]:
         ids = getattr(hf_config, "eos_token_id", None)
@@ -254,7 +284,7 @@ class Engine:
         if plan.is_empty:
             return []
         inputs = prepare_step_inputs(plan, self.config.cache.block_size, self.shape.sliding_window, self.slots,
-                                     self.device)
+                                     self.device, self.attention.uses_sdpa_plan)
         self.store.wait_for_page_ins()
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
             logits = self.decode_graphs.run(inputs)

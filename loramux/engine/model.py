@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from loramux.engine.attention import AttentionMetadata, paged_attention
+from loramux.engine.attention import AttentionBackend, AttentionMetadata
 from loramux.engine.lora_linear import LoraLinear
 from loramux.kernels import LoraBackend, LoraPlan
 
@@ -121,12 +121,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: ModelShape, qkv: LoraLinear, o_proj: LoraLinear, rotary: RotaryEmbedding):
+    def __init__(self, shape: ModelShape, qkv: LoraLinear, o_proj: LoraLinear, rotary: RotaryEmbedding,
+                 attend: AttentionBackend):
         super().__init__()
         self.shape = shape
         self.qkv_proj = qkv
         self.o_proj = o_proj
         self.rotary = rotary
+        self.attend = attend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 ctx: StepContext) -> torch.Tensor:
@@ -134,7 +136,7 @@ class Attention(nn.Module):
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = self.qkv_proj(x, ctx.lora_plan).split([q_size, kv_size, kv_size], dim=-1)
         q, k = self.rotary(positions, q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim))
-        out = paged_attention(q, k, v.view(-1, s.num_kv_heads, s.head_dim), *kv_cache, ctx.attention)
+        out = self.attend(q, k, v.view(-1, s.num_kv_heads, s.head_dim), *kv_cache, ctx.attention)
         return self.o_proj(out.reshape(-1, q_size), ctx.lora_plan)
 
     def forward_dense(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -186,7 +188,7 @@ class CausalLM(nn.Module):
     """
 
     def __init__(self, config: PretrainedConfig, weights: dict[str, torch.Tensor], backend: LoraBackend,
-                 max_positions: int, dtype: torch.dtype, device: torch.device):
+                 max_positions: int, dtype: torch.dtype, device: torch.device, attention_backend: AttentionBackend):
         super().__init__()
         self.shape = s = ModelShape.from_hf_config(config)
 
@@ -216,7 +218,7 @@ class CausalLM(nn.Module):
                 ("gate_proj", "up_proj"), (s.intermediate_size, s.intermediate_size), backend)
             down = LoraLinear(take(p + "mlp.down_proj.weight"), None, ("down_proj",), (s.hidden_size,), backend)
             layers.append(DecoderLayer(
-                Attention(s, qkv, o_proj, rotary), MLP(gate_up, down),
+                Attention(s, qkv, o_proj, rotary, attention_backend), MLP(gate_up, down),
                 RMSNorm(take(p + "input_layernorm.weight"), config.rms_norm_eps),
                 RMSNorm(take(p + "post_attention_layernorm.weight"), config.rms_norm_eps)))
         self.layers = nn.ModuleList(layers)

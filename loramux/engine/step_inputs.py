@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from loramux.adapters_store.slot_pool import LoraSlotPool
-from loramux.engine.attention import AttentionMetadata, PrefillSpan, context_slots, window_mask
+from loramux.engine.attention import AttentionMetadata, build_sdpa_plan
+from loramux.kernels.attention_ref import context_slots
 from loramux.engine.model import StepContext
 from loramux.engine.scheduler import SchedulePlan
 from loramux.kernels import build_lora_plan
@@ -29,62 +30,55 @@ class StepInputs:
     is_decode_only: bool
 
 
+def attention_metadata(block_tables: list[list[int]], chunks: list[tuple[int, int]], num_decode: int,
+                       block_size: int, sliding_window: int | None, device: torch.device,
+                       uses_sdpa_plan: bool) -> tuple[AttentionMetadata, torch.Tensor]:
+    """The attention metadata of a step and the positions [T] of its tokens (both on `device`).
+
+    block_tables: each scheduled sequence's blocks, decode sequences first;
+    chunks: (tokens already in the cache, new tokens) of each; uses_sdpa_plan:
+    also build the sdpa backend's gather indices.
+    """
+    cached = torch.tensor([c for c, _ in chunks])
+    query_lens = torch.tensor([n for _, n in chunks])
+    pos = torch.tensor([p for c, n in chunks for p in range(c, c + n)], dtype=torch.int64)
+    width = max(len(t) for t in block_tables)
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64)
+    row_table = torch.repeat_interleave(tables, query_lens, dim=0)
+    slot_mapping = context_slots(row_table, pos[:, None], block_size)[:, 0]
+    query_start = torch.cat([torch.zeros(1, dtype=torch.int64), query_lens.cumsum(0)])
+    sdpa = None
+    if uses_sdpa_plan:
+        sdpa = build_sdpa_plan(tables, pos, num_decode, chunks[num_decode:], block_size, sliding_window, device)
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping.to(device), block_tables=tables.to(device, torch.int32),
+        context_lens=(cached + query_lens).to(device, torch.int32), query_start=query_start.to(device, torch.int32),
+        num_decode=num_decode, max_query_len=int(query_lens.max()), sdpa=sdpa)
+    return meta, pos.to(device)
+
+
 def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int | None, slots: LoraSlotPool,
-                        device: torch.device) -> StepInputs:
+                        device: torch.device, uses_sdpa_plan: bool) -> StepInputs:
+    """The tensors of one step; `uses_sdpa_plan`: also build the sdpa backend's gather indices."""
     token_ids: list[int] = []
-    positions: list[int] = []
     runs = []
     logit_rows = []
     for item in plan.scheduled:
         seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
         row = len(token_ids)
         token_ids += seq.token_ids[start:start + n]
-        positions += range(start, start + n)
         if seq.lora_mix:
             runs.append((row, n, [(slots.slot_of[name], w, lo, hi) for name, w, lo, hi in seq.lora_mix]))
         if item.samples:
             logit_rows.append(row + n - 1)
-    pos = torch.tensor(positions, dtype=torch.int64)
-    seqs = [item.seq for item in plan.scheduled]
-    max_blocks = max(len(s.block_table) for s in seqs)
-    tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs], dtype=torch.int64)
-    row_table = torch.repeat_interleave(tables, torch.tensor([i.num_new_tokens for i in plan.scheduled]), dim=0)
-    slot_mapping = context_slots(row_table, pos[:, None], block_size)[:, 0]
-
-    num_decode = len(plan.decode)
-    decode_gather = decode_mask = None
-    if num_decode:
-        key_pos = torch.arange(int(pos[:num_decode].max()) + 1)[None, :].expand(num_decode, -1)
-        decode_gather = context_slots(tables[:num_decode], key_pos, block_size).to(device)
-        decode_mask = window_mask(pos[:num_decode, None], key_pos, sliding_window)[:, None, None, :].to(device)
-
-    prefills: list[PrefillSpan] = []
-    row = num_decode
-    for i, item in enumerate(plan.prefill, start=num_decode):
-        start, n = item.seq.num_computed_tokens, item.num_new_tokens
-        if start == 0:
-            # A chunk from position 0 attends only to itself: batch it with the previous one if same length.
-            last = prefills[-1] if prefills else None
-            if last is not None and last.gather_idx is None and last.length == n:
-                last.num_seqs += 1
-            else:
-                mask = None
-                if sliding_window is not None and n > sliding_window:
-                    key_pos = torch.arange(n)
-                    mask = window_mask(key_pos[:, None], key_pos[None, :], sliding_window).to(device)
-                prefills.append(PrefillSpan(row, n, 1, None, mask))
-        else:
-            key_pos = torch.arange(start + n)
-            mask = window_mask(pos[row:row + n, None], key_pos[None, :], sliding_window).to(device)
-            prefills.append(PrefillSpan(row, n, 1, context_slots(tables[i], key_pos, block_size).to(device), mask))
-        row += n
-
-    attention = AttentionMetadata(slot_mapping=slot_mapping.to(device), num_decode=num_decode,
-                                  decode_gather=decode_gather, decode_mask=decode_mask, prefills=prefills)
+    attention, pos = attention_metadata(
+        [item.seq.block_table for item in plan.scheduled],
+        [(item.seq.num_computed_tokens, item.num_new_tokens) for item in plan.scheduled], len(plan.decode),
+        block_size, sliding_window, device, uses_sdpa_plan)
     lora_plan = build_lora_plan(runs, slots.scales, slots.max_rank, device, slots.targets)
     return StepInputs(
         input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
-        positions=pos.to(device),
+        positions=pos,
         ctx=StepContext(attention, lora_plan),
         logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=device),
         is_decode_only=not plan.prefill,
