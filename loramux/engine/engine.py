@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,8 @@ class Engine:
         self.blocks = BlockManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.store)
         self.eos_token_ids = self._eos_token_ids(hf_config)
+        # Held around every run of the model (steps, graph captures); the `base` router embedder takes it too.
+        self.model_lock = threading.Lock()
         self.decode_graphs = None
         if self.device.type == "cuda" and not config.model.enforce_eager:
             self.decode_graphs = DecodeGraphRunner(
