@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from loramux.engine.sampler import SamplingTensors, draw, filter_logits, gumbel_noise, sample
+from loramux.engine.sampler import SamplingTensors, counter_uniforms, draw, filter_logits, sample
 from loramux.engine.sequence import MAX_SEED, SamplingParams
 
 from tests.conftest import DEVICES, make_engine
@@ -123,25 +123,26 @@ def test_a_seeded_row_draws_the_same_token_in_any_batch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_noise_is_standard_gumbel_and_uncorrelated(device):
-    seeds = torch.tensor([0, 1, -1, 2**62, -(2**63), 5] * 50, device=device)  # -1 and -2**63: seeds >= 2**63
-    positions = torch.arange(300, device=device)
-    noise = gumbel_noise(seeds, positions, 4096).double().cpu()
-    euler_gamma, variance = 0.5772156649, math.pi ** 2 / 6
-    assert abs(noise.mean().item() - euler_gamma) < 0.01
-    assert abs(noise.var().item() - variance) < 0.02
-    rows = noise - noise.mean(1, keepdim=True)
-    corr = (rows @ rows.T) / (rows.norm(dim=1)[:, None] * rows.norm(dim=1)[None, :])
-    assert (corr - torch.eye(300, dtype=torch.float64)).abs().max() < 0.08  # 5 sigma at 4096 columns
+def test_counter_uniforms_are_uniform_and_independent_across_seeds_and_positions(device):
+    seeds = torch.tensor([0, 1, -1, 2**62, -(2**63), 5], device=device).repeat_interleave(20_000)  # -1: 2**64 - 1
+    positions = torch.arange(20_000, device=device).repeat(6)
+    u = counter_uniforms(seeds, positions).cpu()
+    assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
+    histogram = torch.histc(u, bins=20, min=0, max=1) / len(u)
+    assert (histogram - 1 / 20).abs().max() < 0.003  # > 5 sigma at 120,000 values
+    streams = u.view(6, -1) - 0.5
+    corr = (streams @ streams.T) / (streams.norm(dim=1)[:, None] * streams.norm(dim=1)[None, :])
+    assert (corr - torch.eye(6, dtype=torch.float64)).abs().max() < 0.04  # seeds: 5 sigma at 20,000 positions
+    lagged = (streams[:, 1:] * streams[:, :-1]).sum() / (streams[:, 1:].norm() * streams[:, :-1].norm())
+    assert abs(float(lagged)) < 0.02  # successive positions of one stream
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("device", [d for d in DEVICES if d.id == "cuda"])
-def test_cuda_noise_equals_cpu_noise_bit_for_bit(device):
-    seeds = torch.tensor([0, 3, -7, 2**40 + 1])
-    positions = torch.tensor([0, 9, 100, 4000])
-    torch.testing.assert_close(gumbel_noise(seeds.cuda(), positions.cuda(), 128256).cpu(),
-                               gumbel_noise(seeds, positions, 128256), atol=1e-6, rtol=1e-6)
+def test_cuda_uniforms_equal_cpu_uniforms_bit_for_bit(device):
+    seeds = torch.tensor([0, 3, -7, 2**40 + 1, -(2**63)])
+    positions = torch.tensor([0, 9, 100, 4000, 2**31 + 5])
+    assert torch.equal(counter_uniforms(seeds.cuda(), positions.cuda()).cpu(), counter_uniforms(seeds, positions))
 
 
 @pytest.mark.gpu

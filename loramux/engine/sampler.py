@@ -4,13 +4,13 @@ One batched filter (temperature, top-k, top-p, min-p) and one draw serve
 every row; the host sees one transfer per step for the sampled tokens and
 one more when some row asks for logprobs.
 
-Randomness is counter-based: the noise of row b at vocabulary index v is an
-integer hash of (the sequence's 64-bit seed, its output position, v),
-computed with torch integer ops on the logits' device. So a seeded request
-draws the same tokens whatever else is in the batch, after a preemption,
-and on the CPU and a GPU alike (given the same logits), and no generator
-state lives anywhere. The draw is the Gumbel-max trick:
-argmax(filtered logits / T + Gumbel noise) is a sample of softmax(filtered / T).
+Randomness is counter-based: each row's one uniform number is an integer
+hash of (the sequence's 64-bit seed, its output position), computed with
+torch integer ops on the logits' device; the draw inverts the row's
+cumulative distribution at it (one `searchsorted` for all rows). So a seeded
+request draws the same tokens whatever else is in the batch and after a
+preemption, the uniforms are bit-identical on the CPU and a GPU, and no
+generator state lives anywhere.
 
 Logprobs are reported from the model's raw distribution (before temperature
 and filters), as OpenAI and vLLM do.
@@ -25,7 +25,6 @@ import torch
 from loramux.engine.sequence import SamplingParams, TokenLogprob
 
 _MASK32 = 0xFFFFFFFF
-_UNIFORM_BITS = 24  # float32 holds 24 bits exactly
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -41,19 +40,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Counter-based Gumbel(0, 1) noise: seeds, positions [B] int64 -> [B, vocab_size] float32.
+def counter_uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One uniform in [0, 1) with 53 random bits per row: seeds, positions [B] int64 -> [B] float64.
 
-    `seeds` holds each 64-bit seed as int64 (two's complement); the rows are
-    independent streams and position p of a stream never depends on the others.
+    `seeds` holds each 64-bit seed as int64 (two's complement). Row b's value
+    depends on (seeds[b], positions[b]) alone.
     """
-    device = seeds.device
     lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    row_key = _mix32(lo ^ _mix32(hi ^ _mix32(positions & _MASK32)))  # [B]
-    column_key = _mix32(torch.arange(vocab_size, device=device, dtype=torch.int64) ^ 0x5BD1E995)  # [V]
-    bits = _mix32(row_key[:, None] ^ column_key[None, :]) >> (32 - _UNIFORM_BITS)
-    uniform = (bits.float() + 0.5) * 2.0 ** -_UNIFORM_BITS  # in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(uniform))
+    key = _mix32(lo ^ _mix32(hi ^ _mix32(positions & _MASK32)))
+    high = _mix32(key ^ 0x5BD1E995) >> 5  # 27 bits
+    low = _mix32(key ^ 0x1B873593) >> 6  # 26 bits
+    return (high * 2**26 + low).double() * 2.0 ** -53
 
 
 @dataclass
@@ -115,12 +112,19 @@ def filter_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 
 def draw(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """logits [B, V] float32 -> sampled token ids [B] int64, on the logits' device (greedy rows: argmax)."""
+    """logits [B, V] float32 -> sampled token ids [B] int64, on the logits' device (greedy rows: argmax).
+
+    Inverse-CDF sampling: the first token whose cumulative probability
+    (float64) exceeds the row's uniform times the total; dropped tokens have
+    probability 0 and so are never chosen.
+    """
     greedy = logits.argmax(-1)
     if t.all_greedy:
         return greedy
-    noisy = filter_logits(logits, t) + gumbel_noise(t.seeds, t.positions, logits.shape[-1])
-    return torch.where(t.greedy, greedy, noisy.argmax(-1))
+    cdf = filter_logits(logits, t).softmax(-1).double().cumsum(-1)
+    target = counter_uniforms(t.seeds, t.positions) * cdf[:, -1]
+    sampled = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+    return torch.where(t.greedy, greedy, sampled)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
