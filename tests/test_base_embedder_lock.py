@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
 from loramux.engine import SamplingParams
 from loramux.engine.async_engine import AsyncEngine
 from loramux.router.embedders import build_embedder
@@ -54,43 +55,26 @@ class Client:
         return tokens
 
 
-def test_embedding_waits_for_the_step_in_progress(tiny_llama_dir):
+@pytest.mark.parametrize("first", ["step", "embed"])
+def test_a_step_and_an_embedding_never_overlap(tiny_llama_dir, first):
+    """Whichever starts first, the other waits until it has ended."""
+    second = "embed" if first == "step" else "step"
     engine = make_engine(tiny_llama_dir)
     embedder = build_embedder("base", engine)
     timeline = Timeline(engine)
-    timeline.release["embed"].set()
+    timeline.release[second].set()
     client = Client(AsyncEngine(engine))
+    embedding = threading.Thread(target=embedder.embed, args=(["route me"],))
+    start = {"step": client.submit, "embed": embedding.start}
     try:
-        client.submit()
-        assert timeline.entered["step"].wait(10)
-        thread = threading.Thread(target=embedder.embed, args=(["route me"],))
-        thread.start()
-        thread.join(0.5)
-        assert thread.is_alive() and timeline.events == ["step start"]  # blocked while the step runs
-        timeline.release["step"].set()
-        thread.join(10)
-        assert timeline.events[:3] == ["step start", "step end", "embed start"]
+        start[first]()
+        assert timeline.entered[first].wait(10)
+        start[second]()
+        assert not timeline.entered[second].wait(0.5)  # blocked while the first one runs
+        timeline.release[first].set()
+        assert timeline.entered[second].wait(10)
+        embedding.join(10)
+        assert timeline.events[:3] == [f"{first} start", f"{first} end", f"{second} start"]
     finally:
-        timeline.release["step"].set()
-        assert len(client.finish()) == 2
-
-
-def test_step_waits_for_the_embedding_in_progress(tiny_llama_dir):
-    engine = make_engine(tiny_llama_dir)
-    embedder = build_embedder("base", engine)
-    timeline = Timeline(engine)
-    timeline.release["step"].set()
-    client = Client(AsyncEngine(engine))
-    try:
-        thread = threading.Thread(target=embedder.embed, args=(["route me"],))
-        thread.start()
-        assert timeline.entered["embed"].wait(10)
-        client.submit()
-        assert not timeline.entered["step"].wait(0.5)  # the engine thread waits for the embedding
-        timeline.release["embed"].set()
-        thread.join(10)
-        assert timeline.entered["step"].wait(10)
-        assert timeline.events[:3] == ["embed start", "embed end", "step start"]
-    finally:
-        timeline.release["embed"].set()
+        timeline.release[first].set()
         assert len(client.finish()) == 2
