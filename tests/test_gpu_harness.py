@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,6 @@ def test_run_gpu_sh_smoke_mode_runs_every_step_into_one_file(tmp_path, smollm_to
     text = (tmp_path / "gpu_results.txt").read_text()
     assert run.returncode == 0, text[-3000:]
     for step in ("bench_kernels", "bench_engine --config tiny", "bench_paging", "server + python -m loadtest"):
-        assert f"=== {step}" in text and "exit 0" in text.split(f"=== {step}")[-1].split("\n===")[0] + text
+        assert re.search(rf"^=== {re.escape(step)}[^\n]*: exit 0 after", text, re.MULTILINE), step
     assert "every request completed: True" in text
     assert {"bench_engine_tiny.json", "bench_paging.json", "bench_kernels.json"} <= {p.name for p in tmp_path.iterdir()}
