@@ -15,6 +15,11 @@ from loramux.engine.loader import load_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
+# Parametrise device-agnostic tests with these: the CPU in the default suite, CUDA under `-m gpu`.
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="needs CUDA")])]
+
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir(tmp_path_factory) -> Path:

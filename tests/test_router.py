@@ -137,7 +137,7 @@ def test_embedders_give_unit_vectors_and_rank_paraphrases_above_unrelated_text(t
     texts = ["Sort these numbers: 5, 2, 9", "Order the list 8, 1, 4 from small to large",
              "What is the capital of France?"]
     engine = make_engine(tiny_llama_dir)
-    base = BaseModelEmbedder(engine.model, engine.tokenizer)
+    base = BaseModelEmbedder(engine.model, engine.tokenizer, engine.model_lock)
     tiny_out = base.embed(texts)
     assert tiny_out.shape == (3, engine.shape.hidden_size)
     torch.testing.assert_close(tiny_out.norm(dim=-1), torch.ones(3))

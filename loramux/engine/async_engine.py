@@ -111,7 +111,8 @@ class AsyncEngine:
                 continue
             start = time.perf_counter()
             try:
-                outputs = self.engine.step()
+                with self.engine.model_lock:  # the base router embedder runs the model on other threads
+                    outputs = self.engine.step()
             except Exception:
                 logger.exception("engine step failed; aborting in-flight requests")
                 self._fail_all(EngineDeadError("the engine failed while running this request"))

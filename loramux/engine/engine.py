@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import random
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +92,7 @@ class Engine:
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.seed)
-        self._seed_source = torch.Generator().manual_seed(config.seed)
+        self._seed_source = random.Random(config.seed)  # seeds of requests that name none
         checkpoint = load_checkpoint(config.model.model, config.model.cache_dir)
         self.model_id = config.model.served_model_name or checkpoint.model_id
         self.tokenizer = checkpoint.tokenizer
@@ -115,6 +117,8 @@ class Engine:
         self.blocks = BlockManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.store)
         self.eos_token_ids = self._eos_token_ids(hf_config)
+        # Held around every run of the model (steps, graph captures); the `base` router embedder takes it too.
+        self.model_lock = threading.Lock()
         self.decode_graphs = None
         if self.device.type == "cuda":
             self._warm_up_and_capture()
@@ -247,15 +251,13 @@ class Engine:
                                f"{self.max_model_len} tokens and at least one must be generated",
                                param="prompt", code="context_length_exceeded")
         mix = self._normalize_mix(lora_mix)
-        seqs = []
-        for index in range(sampling.n):
-            seed = (sampling.seed + index if sampling.seed is not None
-                    else int(torch.randint(0, 2**62, (), generator=self._seed_source)))
-            seq = Sequence(request_id, index, prompt_ids, sampling, mix, torch.Generator().manual_seed(seed))
-            self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-            seqs.append(seq)
+        # Nothing that can fail comes after the first registration below, so a refusal leaves no state.
+        base_seed = sampling.seed if sampling.seed is not None else self._seed_source.getrandbits(64)
+        seqs = [Sequence(request_id, index, prompt_ids, sampling, mix, (base_seed + index) % 2**64)
+                for index in range(sampling.n)]
         self._sequences[request_id] = seqs
         for seq in seqs:
+            self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
             self.store.acquire(seq.adapter_names)
             self.scheduler.add(seq)
 
@@ -296,7 +298,8 @@ class Engine:
             self.blocks.commit(item.seq)
         if not sampling_seqs:
             return []
-        tokens, logprobs = sample(logits, [s.sampling for s in sampling_seqs], [s.generator for s in sampling_seqs])
+        tokens, logprobs = sample(logits, [s.sampling for s in sampling_seqs], [s.seed for s in sampling_seqs],
+                                  [len(s.output_ids) for s in sampling_seqs])
         return [self._append_token(seq, token, lp) for seq, token, lp in zip(sampling_seqs, tokens, logprobs)]
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:

@@ -7,11 +7,11 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 # A LoRA mix: ((adapter name, weight, rank_lo, rank_hi), ...); rank_hi = None
 # means the adapter's full rank. Empty = base model alone.
 LoraMix = tuple[tuple[str, float, int, "int | None"], ...]
+
+MAX_SEED = 2**64 - 1  # seeds are 64-bit; completion i of a request uses (seed + i) mod 2**64
 
 
 @dataclass
@@ -38,6 +38,7 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.n >= 1, "n must be at least 1"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
         ]
@@ -70,7 +71,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], sampling: SamplingParams,
-                 lora_mix: LoraMix, generator: torch.Generator | None):
+                 lora_mix: LoraMix, seed: int = 0):
         self.seq_id = next(_seq_counter)
         self.request_id = request_id
         self.index = index
@@ -78,7 +79,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.sampling = sampling
         self.lora_mix = lora_mix
-        self.generator = generator
+        self.seed = seed  # of the counter-based sampling noise (engine/sampler.py), in [0, 2**64)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []

@@ -69,22 +69,30 @@ class SentenceEmbedder:
 
 
 class BaseModelEmbedder:
-    """Mean-pooled final hidden states of the served base model (no LoRA)."""
+    """Mean-pooled final hidden states of the served base model (no LoRA).
+
+    The router calls it from request threads while the engine thread steps;
+    `model_lock` (the engine's) makes each embedding wait for the step or
+    graph capture in progress, so the model never runs twice at once (a
+    kernel launched during a CUDA-graph capture would break the capture).
+    """
 
     name = "base"
     default_threshold = 0.9
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, model_lock: threading.Lock):
         self.model = model  # loramux.engine.model.CausalLM
         self.tokenizer = tokenizer
+        self.model_lock = model_lock
         self.device = model.embed_tokens.device
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         rows = []
         for text in texts:
             ids = self.tokenizer.encode(INSTRUCTION + text, add_special_tokens=False)[:MAX_TOKENS]
-            states = self.model.final_hidden_states(torch.tensor(ids, device=self.device))
-            rows.append(states.float().mean(0).cpu())
+            with self.model_lock:
+                states = self.model.final_hidden_states(torch.tensor(ids, device=self.device))
+                rows.append(states.float().mean(0).cpu())
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
 
@@ -93,7 +101,7 @@ def build_embedder(kind: str, engine) -> Embedder:
     if kind == "minilm":
         return SentenceEmbedder(minilm_path(), default_threshold=0.5)
     if kind == "base":
-        return BaseModelEmbedder(engine.model, engine.tokenizer)
+        return BaseModelEmbedder(engine.model, engine.tokenizer, engine.model_lock)
     folder = Path(kind).expanduser()
     if not (folder / "config.json").is_file():
         raise ValueError(f"--router-embedder {kind!r}: expected minilm, base, or a local encoder folder")
