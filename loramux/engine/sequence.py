@@ -70,7 +70,9 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], sampling: SamplingParams,
-                 lora_mix: LoraMix, generator: torch.Generator | None):
+                 lora_mix: LoraMix, generator: torch.Generator | None, lora_identity: tuple | None = None):
+        """`lora_identity`: what the mix's adapters are by content (checksums), for prefix-cache keys;
+        defaults to the mix itself (names)."""
         self.seq_id = next(_seq_counter)
         self.request_id = request_id
         self.index = index
@@ -78,6 +80,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.sampling = sampling
         self.lora_mix = lora_mix
+        self.lora_identity = lora_mix if lora_identity is None else lora_identity
         self.generator = generator
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
