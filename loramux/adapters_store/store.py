@@ -151,7 +151,7 @@ class AdapterStore:
                            for k, ab in adapter.weights.items()}
         return adapter
 
-    def _check_name(self, name: str, replace: bool) -> None:
+    def check_new_name(self, name: str, replace: bool) -> None:
         """Cheap checks against the current registry (they run again in `install`, which decides)."""
         check_name(name, self.reserved_names)
         entry = self.lifecycle.entries.get(name)
@@ -195,7 +195,7 @@ class AdapterStore:
         """
         record = prepared.record
         try:
-            self._check_name(record.name, prepared.replace)
+            self.check_new_name(record.name, prepared.replace)
             old = self.lifecycle.entries.get(record.name)
             if old is not None and old.uses:
                 raise AdapterError("in_use", f"adapter {record.name!r} is in use by running requests; retry later")
@@ -217,13 +217,13 @@ class AdapterStore:
     def register_path(self, name: str, path: str | Path, metadata: dict | None = None, replace: bool = False,
                       uploaded: bool = False) -> AdapterRecord:
         """prepare_path then install, in one call (start-up and tests)."""
-        self._check_name(name, replace)
+        self.check_new_name(name, replace)
         return self.install(self.prepare_path(name, path, metadata, replace, uploaded))
 
     def register_from_files(self, name: str, config_bytes: bytes, weights_bytes: bytes,
                             metadata: dict | None = None, replace: bool = False) -> AdapterRecord:
         """prepare_upload then install, in one call (tests and scripts)."""
-        self._check_name(name, replace)
+        self.check_new_name(name, replace)
         return self.install(self.prepare_upload(name, config_bytes, weights_bytes, metadata, replace))
 
     # ------------------------------------------------------------ deleting
