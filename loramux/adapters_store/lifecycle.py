@@ -170,8 +170,13 @@ class AdapterLifecycle:
         at_cpu = sorted((e for e in self.entries.values() if e.tier is Tier.CPU and not e.is_fusion),
                         key=lambda e: e.last_used)
         for entry in at_cpu[:max(0, len(at_cpu) - self.max_cpu)]:  # the oldest: never the one just touched
-            entry.weights, entry.tier = None, Tier.DISK
-            self.stats.cpu_evictions += 1
+            self.evict_cpu(entry)
+
+    def evict_cpu(self, entry: AdapterEntry) -> None:
+        """CPU → DISK: drop the CPU copy (the next page-in reads the files again)."""
+        assert entry.tier is Tier.CPU and not entry.is_fusion
+        entry.weights, entry.tier = None, Tier.DISK
+        self.stats.cpu_evictions += 1
 
     def load_slot(self, entry: AdapterEntry) -> None:
         """CPU → SLOT; needs a free slot. The pool gives the slot back if the copy fails."""
