@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from loramux.adapters_store import AdapterError
 from loramux.adapters_store.lifecycle import Phase, Tier
 from loramux.adapters_store.synthetic import write_random_adapter
-from loramux.engine import RequestError, SamplingParams
+from loramux.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
+from loramux.engine import Engine, RequestError, SamplingParams
 from tests.test_adapter_store import GREEDY, store_engine, upload
 
 
@@ -218,3 +220,25 @@ def test_uploads_are_prepared_off_the_engine_thread(tiny_llama_dir, tmp_path):
     assert install_seconds < result["seconds"] and steps == 30
     assert [p.name for p in Path(tmp_path / "store").iterdir()] == ["big"]
     assert engine.store.lifecycle["big"].tier is Tier.CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paging_on_cuda_streams_matches_all_resident(tiny_llama_dir, folders):
+    """Two slots for eight adapters: every step evicts and pages in while the previous step may still run on
+    the compute stream; the side stream's ordering must make that invisible."""
+    def cuda_engine(slots: int) -> Engine:
+        return Engine(EngineConfig(
+            model=ModelConfig(model=str(tiny_llama_dir), device="cuda", dtype="float32", enforce_eager=True),
+            cache=CacheConfig(num_blocks=256), scheduler=SchedulerConfig(max_num_seqs=16, max_loras_per_batch=2),
+            store=StoreConfig(max_loras=slots, max_cpu_loras=8, max_lora_rank=16,
+                              adapters={name: str(folder) for name, folder in folders.items()})))
+
+    names = sorted(folders)
+    prompts = [[1 + i, 2 + i, 3 + i] for i in range(40)]
+    mixes = [[names[i % len(names)]] for i in range(40)]
+    sampling = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    paged, resident = cuda_engine(2), cuda_engine(8)
+    expected = [o[0].new_token_ids for o in resident.generate(prompts, sampling, mixes)]
+    assert [o[0].new_token_ids for o in paged.generate(prompts, sampling, mixes)] == expected
+    assert paged.store.stats.gpu_evictions > 0
