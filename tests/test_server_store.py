@@ -44,8 +44,8 @@ def serve(tiny_llama_dir, tmp, configured, extra=()) -> ServerProcess:
         for name, folder in configured.items():
             (serving / name).symlink_to(folder)
     (tmp / "load-root").mkdir(exist_ok=True)
-    return ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--num-kv-blocks", "128", "--no-router",
-                          "--adapter-dir", str(serving), "--adapter-store", str(tmp / "store"),
+    return ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--num-kv-blocks", "128",
+                          "--no-router", "--adapter-dir", str(serving), "--adapter-store", str(tmp / "store"),
                           "--adapter-load-root", str(tmp / "load-root"), *extra], tmp / "server.log")
 
 
