@@ -32,6 +32,7 @@ import torch
 from bench_common import machine_description
 from random_model import RANDOM_CONFIGS, write_random_model
 
+from loramux.adapters_store.lifecycle import Tier
 from loramux.adapters_store.synthetic import write_random_adapter
 from loramux.config import LORA_TARGET_MODULES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
 from loramux.engine import Engine, SamplingParams
@@ -82,13 +83,13 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def page_in_seconds(engine: Engine, name: str, from_disk: bool) -> float:
     """Time to make `name` resident after evicting it (and, from disk, dropping its CPU copy)."""
     store = engine.store
-    if name in engine.slots:
-        engine.slots.unload(name)
-        store._gpu_lru.pop(name, None)
-    if from_disk:
-        store._cpu.pop(name, None)
-    else:
-        store._cpu_get(name)
+    entry = store.lifecycle[name]
+    if entry.tier is Tier.SLOT:
+        store.lifecycle.evict_slot(entry)
+    if from_disk and entry.tier is Tier.CPU:
+        store.lifecycle.evict_cpu(entry)
+    elif not from_disk:
+        store._cpu_weights(entry)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()

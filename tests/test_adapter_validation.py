@@ -53,6 +53,17 @@ CASES = {
     "embedding_tensor": (lambda f: edit_tensors(
         f, lambda t: t.update({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(8, 10)})),
         "unsupported_option"),
+    # Python's json reads NaN and Infinity; 1e308 / r overflows the float32 slot scale.
+    "alpha_1e308": (lambda f: edit_config(f, lora_alpha=1e308), "invalid_config"),
+    "alpha_nan": (lambda f: edit_config(f, lora_alpha=float("nan")), "invalid_config"),
+    "alpha_infinity": (lambda f: edit_config(f, lora_alpha=float("inf")), "invalid_config"),
+    "alpha_bool": (lambda f: edit_config(f, lora_alpha=True), "invalid_config"),
+    "target_modules_not_strings": (lambda f: edit_config(f, target_modules=[1]), "invalid_config"),
+    "config_nested_100k_deep": (lambda f: (f / "adapter_config.json").write_text(
+        '{"r": 8, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"), "invalid_config"),
+    "weights_overflow_float32": (lambda f: edit_tensors(
+        f, lambda t: t.update({first_key(t, "lora_A"): t[first_key(t, "lora_A")].double() * 1e300})),
+        "unrepresentable_weights"),
     "layer_out_of_range": (lambda f: edit_tensors(f, lambda t: t.update({
         k.replace("layers.0.", "layers.7."): v.clone() for k, v in list(t.items()) if "layers.0." in k})),
         "shape_mismatch"),
@@ -96,3 +107,22 @@ def test_good_adapter_loads_and_duplicate_name_is_refused(engine, good_adapter):
     with pytest.raises(AdapterError) as err:
         engine.add_adapter("good", str(good_adapter))
     assert err.value.code == "already_exists"
+
+
+def test_weights_that_overflow_the_serving_dtype_are_refused(good_adapter):
+    """scale * B must fit the serving dtype: fine in float32, an overflow in float16."""
+    from loramux.adapters_store.peft_format import parse_peft_adapter
+
+    config = json.loads((good_adapter / "adapter_config.json").read_text())
+    config["lora_alpha"] = 1e7
+    tensors = load_file(good_adapter / "adapter_model.safetensors")
+    rank = config["r"]
+    shapes = {"q_proj": tuple(tensors[first_key(tensors, "q_proj.lora_B")].shape[:1]) + (
+        tensors[first_key(tensors, "q_proj.lora_A")].shape[1],)}
+    shapes["v_proj"] = (tensors[first_key(tensors, "v_proj.lora_B")].shape[0],
+                        tensors[first_key(tensors, "v_proj.lora_A")].shape[1])
+    args = (json.dumps(config).encode(), (good_adapter / "adapter_model.safetensors").read_bytes(), shapes, 2, rank)
+    assert parse_peft_adapter(*args, dtype=torch.float32).scale == 1e7 / rank
+    with pytest.raises(AdapterError) as err:
+        parse_peft_adapter(*args, dtype=torch.float16)
+    assert err.value.code == "unrepresentable_weights" and "float16" in str(err.value)

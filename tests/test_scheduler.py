@@ -108,20 +108,22 @@ def test_rare_adapter_is_not_starved_by_a_stream_of_popular_requests():
     assert rare.num_computed_tokens > 0, "the rare adapter's request never ran"
 
 
-def test_sequences_whose_adapter_is_not_ready_are_passed_over_and_running_ones_are_pinned():
+def test_a_sequence_waiting_for_a_slot_holds_back_later_adapter_requests_but_not_base_ones():
     residency = FakeResidency()
     residency.paging.add("cold")
     sched, _ = make(residency=residency)
-    cold, warm = fake_seq(4, adapter="cold"), fake_seq(4, adapter="warm")
-    sched.add(cold)
-    sched.add(warm)
+    cold, warm, base = fake_seq(4, adapter="cold"), fake_seq(4, adapter="warm"), fake_seq(4)
+    for seq in (cold, warm, base):
+        sched.add(seq)
     plan = sched.schedule()
-    assert [s.seq for s in plan.prefill] == [warm]
+    # warm would pin a slot and so could keep cold waiting for ever: it waits behind cold; base pins nothing.
+    assert [s.seq for s in plan.prefill] == [base]
     run_step(sched, plan)
-    assert residency.pins == Counter({"warm": 1})
+    assert +residency.pins == Counter()
     residency.paging.clear()
     plan = sched.schedule()
-    assert [s.seq for s in plan.prefill] == [cold] and [s.seq for s in plan.decode] == [warm]
+    assert [s.seq for s in plan.prefill] == [cold, warm] and [s.seq for s in plan.decode] == [base]
+    run_step(sched, plan)
     sched.finish(warm, "stop")
     assert +residency.pins == Counter({"cold": 1})
 

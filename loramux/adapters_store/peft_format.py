@@ -65,31 +65,54 @@ def _check_config(cfg: dict) -> None:
     if cfg.get("fan_in_fan_out"):
         refuse("unsupported_option", "fan_in_fan_out is not supported")
     targets = cfg.get("target_modules")
+    if targets is not None and not (isinstance(targets, str) or (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        refuse("invalid_config", f"target_modules must be a string or a list of strings, got {targets!r:.200}")
     if isinstance(targets, list):
         for t in targets:
             if t.split(".")[-1] not in LORA_TARGET_MODULES:
                 refuse("unsupported_target", f"target module {t!r} is not supported; "
                                              f"LoRA may target {', '.join(LORA_TARGET_MODULES)}")
     r = cfg.get("r")
-    if not isinstance(r, int) or r <= 0:
-        refuse("invalid_config", f"r must be a positive integer, got {r!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        refuse("invalid_config", f"r must be a positive integer, got {r!r:.200}")
     alpha = cfg.get("lora_alpha", r)
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        refuse("invalid_config", f"lora_alpha must be a positive number, got {alpha!r}")
+    # json.loads accepts NaN and Infinity; a float() of a huge int overflows.
+    if (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0
+            or alpha > _MAX_ALPHA or not math.isfinite(alpha)):
+        refuse("invalid_config", f"lora_alpha must be a finite positive number, got {alpha!r:.200}")
+
+
+_MAX_ALPHA = 1e30  # far above any trained alpha; keeps alpha / rank finite in every float type
+
+
+def _check_representable(layer: int, module: str, a: torch.Tensor, b: torch.Tensor, scale: float,
+                         dtype: torch.dtype) -> None:
+    """A and B must stay finite once cast to the serving dtype, and so must scale * B (the delta's factor)."""
+    limit = torch.finfo(dtype).max
+    a_max, b_max = a.abs().max().item(), b.abs().max().item()
+    if a_max > limit or b_max > limit or b_max * scale > limit:
+        raise AdapterError("unrepresentable_weights",
+                           f"layer {layer} {module}: weights (max |A| {a_max:.3g}, max |B| {b_max:.3g}) times the "
+                           f"scale {scale:.3g} overflow the serving dtype {str(dtype).removeprefix('torch.')} "
+                           f"(max {limit:.3g})")
 
 
 def parse_peft_adapter(config_bytes: bytes, weights_bytes: bytes,
                        target_shapes: dict[str, tuple[int, int]], num_layers: int,
-                       max_rank: int) -> LoraAdapter:
-    """Validate an adapter against the base model's projection shapes; raises AdapterError."""
+                       max_rank: int, dtype: torch.dtype = torch.float32) -> LoraAdapter:
+    """Validate an adapter against the base model's projection shapes and serving `dtype`; raises AdapterError."""
     try:
         cfg = json.loads(config_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError("invalid_config", f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise AdapterError("invalid_config", f"{CONFIG_FILE} is nested too deeply") from exc
     if not isinstance(cfg, dict):
         raise AdapterError("invalid_config", f"{CONFIG_FILE} must hold a JSON object")
     _check_config(cfg)
     rank, alpha = cfg["r"], float(cfg.get("lora_alpha", cfg["r"]))
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     if rank > max_rank:
         raise AdapterError("rank_too_large", f"adapter rank {rank} exceeds --max-lora-rank {max_rank}")
     try:
@@ -127,9 +150,10 @@ def parse_peft_adapter(config_bytes: bytes, weights_bytes: bytes,
             raise AdapterError("invalid_weights", f"layer {layer} {module}: weights must be floating point")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError("non_finite_weights", f"layer {layer} {module}: weights contain NaN or Inf")
+        _check_representable(layer, module, a, b, scale, dtype)
         weights[(layer, module)] = (a, b)
 
-    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    base_model = cfg.get("base_model_name_or_path")
     return LoraAdapter(rank=rank, alpha=alpha, scale=scale,
                        target_modules=tuple(sorted({m for _, m in weights}, key=LORA_TARGET_MODULES.index)),
-                       weights=weights, base_model=cfg.get("base_model_name_or_path"))
+                       weights=weights, base_model=base_model if isinstance(base_model, str) else None)

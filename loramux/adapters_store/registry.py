@@ -18,10 +18,14 @@ NAME_RULE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CARD_FILE = "loramux.json"  # description and example inputs beside the PEFT files
 
 
-def check_name(name: str) -> None:
+def check_name(name: str, reserved: frozenset[str] = frozenset()) -> None:
+    """`reserved`: names that mean something else in requests (`auto`, the base model's id)."""
     if not isinstance(name, str) or not NAME_RULE.fullmatch(name) or name.startswith("."):
         raise AdapterError("invalid_name", f"adapter name {name!r} must match [A-Za-z0-9._-]{{1,64}} "
                                            "and must not start with a dot")
+    if name in reserved:
+        raise AdapterError("invalid_name", f"adapter name {name!r} is reserved (it names the router or the "
+                                           "base model in requests)")
 
 
 @dataclass
@@ -78,14 +82,21 @@ def make_record(name: str, folder: Path, adapter: LoraAdapter, weights: bytes, m
         uploaded=uploaded)
 
 
-def write_adapter_dir(store_dir: Path, name: str, config_bytes: bytes, weights_bytes: bytes, metadata: dict,
-                      replace: bool) -> Path:
-    """Write a PEFT folder under store_dir/name atomically: a hidden temp folder, fsync, then rename.
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    A crash leaves at most a `.tmp-*` folder, which `clean_partial_uploads` removes at start-up.
+
+def stage_adapter_dir(store_dir: Path, name: str, config_bytes: bytes, weights_bytes: bytes,
+                      metadata: dict) -> Path:
+    """Write a PEFT folder to a hidden `.tmp-*` folder under store_dir, every file fsynced; returns it.
+
+    Slow (disk and fsync): runs off the engine thread. `commit_adapter_dir` makes it visible.
     """
     check_name(name)
-    target = store_dir / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=store_dir))
     try:
         for filename, data in ((CONFIG_FILE, config_bytes), (WEIGHTS_FILE, weights_bytes),
@@ -94,25 +105,59 @@ def write_adapter_dir(store_dir: Path, name: str, config_bytes: bytes, weights_b
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        if target.exists():
-            if not replace:
-                raise AdapterError("already_exists", f"adapter {name!r} already exists")
-            old = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=store_dir))
-            os.replace(target, old / name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
+        _fsync_dir(tmp)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def commit_adapter_dir(store_dir: Path, name: str, staged: Path) -> Path:
+    """Rename a staged folder to store_dir/name, setting any older version aside first.
+
+    Crash-safe: the older version is renamed to `.old-NAME`, then the staged one
+    to NAME, each rename fsynced. A crash between the two leaves `.old-NAME` and
+    no NAME, and `recover_store_dir` renames it back: the last acknowledged
+    version is never lost, and a replace is acknowledged only after both.
+    """
+    target, old = store_dir / name, store_dir / f".old-{name}"
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        _fsync_dir(store_dir)
+    os.replace(staged, target)
+    _fsync_dir(store_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def clean_partial_uploads(store_dir: Path) -> list[Path]:
-    """Remove what interrupted uploads left behind; returns the removed paths."""
-    removed = []
-    for leftover in store_dir.glob(".*"):
-        if leftover.is_dir() and leftover.name.startswith((".tmp-", ".old-")):
+def trash_adapter_dir(store_dir: Path, folder: Path) -> Path:
+    """Rename an uploaded folder out of sight (`.del-*`) at once; its files are removed later.
+
+    Requests still running may page the adapter in from the returned path.
+    """
+    trash = Path(tempfile.mkdtemp(prefix=f".del-{folder.name}-", dir=store_dir))
+    os.replace(folder, trash / folder.name)
+    _fsync_dir(store_dir)
+    return trash / folder.name
+
+
+def recover_store_dir(store_dir: Path) -> list[str]:
+    """Undo what a crash left at start-up; returns what was done, one line per folder.
+
+    `.old-NAME` without NAME is a replace cut between its renames: the old
+    version comes back. Staged uploads and deleted folders are removed.
+    """
+    done = []
+    for leftover in sorted(store_dir.glob(".*")):
+        if not leftover.is_dir():
+            continue
+        if leftover.name.startswith(".old-") and not (store_dir / leftover.name[5:]).exists():
+            os.replace(leftover, store_dir / leftover.name[5:])
+            done.append(f"restored {leftover.name[5:]} from an interrupted replace")
+        elif leftover.name.startswith((".tmp-", ".old-", ".del-")):
             shutil.rmtree(leftover, ignore_errors=True)
-            removed.append(leftover)
-    return removed
+            done.append(f"removed {leftover.name}")
+    if done:
+        _fsync_dir(store_dir)
+    return done

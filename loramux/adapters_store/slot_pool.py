@@ -37,20 +37,26 @@ class LoraSlotPool:
         if not self.free_slots:
             raise AdapterError("no_free_slot", f"all {self.num_slots} adapter slots are in use (--max-loras)")
         slot = self.free_slots.pop()
-        for layer, module in self.lora_linears:
-            module.reset_slot(slot)
-            for sub in module.sub_names:
-                if (layer, sub) in adapter.weights:
-                    a, b = adapter.weights[(layer, sub)]
-                    module.set_slot(slot, sub, a, b)
-        self.scales[slot] = adapter.scale
+        try:
+            for layer, module in self.lora_linears:
+                module.reset_slot(slot)
+                for sub in module.sub_names:
+                    if (layer, sub) in adapter.weights:
+                        a, b = adapter.weights[(layer, sub)]
+                        module.set_slot(slot, sub, a, b)
+            self.scales[slot] = adapter.scale
+        except BaseException:  # a failed copy gives its slot back, zeroed
+            self._clear(slot)
+            raise
         self.ranks[slot] = adapter.rank
         self.targets[slot] = frozenset(module for _, module in adapter.weights)
         self.slot_of[name] = slot
         return slot
 
     def unload(self, name: str) -> None:
-        slot = self.slot_of.pop(name)
+        self._clear(self.slot_of.pop(name))
+
+    def _clear(self, slot: int) -> None:
         for _, module in self.lora_linears:
             module.reset_slot(slot)
         self.scales[slot] = 0.0

@@ -1,20 +1,23 @@
-"""The adapter store: every registered adapter, paged between disk, CPU memory and GPU slots.
+"""The adapter store: registration, files, fusions and page-ins over the adapter lifecycle.
 
-Tiers:
-- disk: every registered adapter's PEFT folder (uploads live in `store_dir`);
-- CPU: an LRU of parsed adapters (`max_cpu_loras`), in pinned memory on CUDA;
-- GPU: the slot pool (`max_loras` slots). A slot whose adapter a running
-  sequence uses is pinned and never evicted; eviction is LRU among the rest.
+Every adapter's state (its tier: disk, CPU, GPU slot; its phase: live,
+deleting; its uses and pins) is one entry of `AdapterLifecycle`
+(lifecycle.py), the state machine. This module does what touches files and
+weights around those transitions:
 
-Fusions (LoraRetriever's averaged A and B of several experts) are derived
-adapters: built once per (experts, weights), kept in CPU memory (they have no
-files), at most `max_fused` of them, and dropped with any of their experts.
-
-Two reference counts per adapter:
-- `uses`: unfinished requests that name it (from add_request to finish). A
-  deleted adapter disappears from the registry at once but its files and slot
-  are freed only when its uses reach zero, so running requests finish.
-- `pins`: running sequences that use it; they keep its GPU slot.
+- Registration is split in two so the slow part never runs on the engine
+  thread: `prepare_upload` / `prepare_path` (worker thread: read, parse,
+  validate, sha256, cast and pin the weights, write and fsync a staged
+  folder) and `install` (engine thread: name checks, the crash-safe renames,
+  one lifecycle transition, listeners).
+- Deleting an uploaded adapter renames its folder out of sight at once (so
+  an acknowledged delete survives a crash); the files go when its last use ends.
+- Fusions (LoraRetriever's averaged A and B of several experts) are derived
+  adapters: built once per (experts, weights), kept in CPU memory (they have
+  no files), at most `max_fused` of them, and dropped with any of their experts.
+- `ensure_resident` pages adapters into GPU slots; a page-in that fails
+  raises `AdapterError("page_in_failed")` for the scheduler to fail only the
+  requests of that adapter, and its slot stays free.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import logging
 import shutil
 import time
-from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,10 +35,11 @@ from typing import Callable
 import torch
 
 from loramux.adapters_store.fusion import fuse_adapters
+from loramux.adapters_store.lifecycle import AdapterEntry, AdapterLifecycle, Phase, Tier
 from loramux.adapters_store.peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter,
                                                 parse_peft_adapter)
-from loramux.adapters_store.registry import (AdapterRecord, check_name, clean_partial_uploads, make_record,
-                                             read_card, write_adapter_dir)
+from loramux.adapters_store.registry import (AdapterRecord, check_name, commit_adapter_dir, make_record,
+                                             read_card, recover_store_dir, stage_adapter_dir, trash_adapter_dir)
 from loramux.adapters_store.slot_pool import LoraSlotPool
 
 logger = logging.getLogger(__name__)
@@ -53,92 +57,114 @@ class StoreStats:
     cpu_evictions: int = 0
     uploads: int = 0
     deletions: int = 0
+    page_in_failures: int = 0
     page_in_seconds_total: float = 0.0
+
+
+@dataclass
+class PreparedAdapter:
+    """A validated adapter ready to install: the record, its CPU-tier weights, and a staged folder for uploads."""
+
+    record: AdapterRecord
+    weights: LoraAdapter
+    replace: bool
+    staged: Path | None = None  # uploads: the fsynced `.tmp-*` folder that `install` renames into place
+
+    def discard(self) -> None:
+        if self.staged is not None:
+            shutil.rmtree(self.staged, ignore_errors=True)
 
 
 class AdapterStore:
     def __init__(self, pool: LoraSlotPool, target_shapes: dict[str, tuple[int, int]], num_layers: int,
                  max_cpu_loras: int, max_adapter_bytes: int, store_dir: Path | None, device: torch.device,
-                 max_fused: int = 16):
+                 max_fused: int = 16, reserved_names: frozenset[str] = frozenset()):
         self.pool = pool
         self.target_shapes = target_shapes
         self.num_layers = num_layers
-        self.max_cpu_loras = max_cpu_loras
         self.max_adapter_bytes = max_adapter_bytes
         self.store_dir = store_dir
         self.device = device
-        self.records: dict[str, AdapterRecord] = {}
+        self.reserved_names = reserved_names
         self.stats = StoreStats()
+        self.lifecycle = AdapterLifecycle(pool, max_cpu_loras, self.stats)
         self.page_in_listeners: list[Callable[[float], None]] = []  # called with each page-in's seconds
         # Called with (name, record) when an adapter is registered or replaced, (name, None) when deleted;
-        # not for fusions.
+        # not for fusions. Called on the engine thread: listeners must be quick (the router queues its work).
         self.change_listeners: list[Callable[[str, AdapterRecord | None], None]] = []
         self.max_fused = max_fused
-        self._fused: OrderedDict[str, LoraAdapter] = OrderedDict()  # fusion name -> weights, LRU order
-        self._cpu: OrderedDict[str, LoraAdapter] = OrderedDict()
-        self._gpu_lru: OrderedDict[str, None] = OrderedDict()
-        self._uses: Counter[str] = Counter()
-        self._pins: Counter[str] = Counter()
-        self._deleted: dict[str, AdapterRecord] = {}  # waiting for their last use to end
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: list[torch.cuda.Event] = []
         if store_dir is not None:
             store_dir.mkdir(parents=True, exist_ok=True)
-            for leftover in clean_partial_uploads(store_dir):
-                logger.warning("removed an interrupted upload: %s", leftover)
+            for line in recover_store_dir(store_dir):
+                logger.warning("adapter store recovery: %s", line)
             for folder in sorted(p for p in store_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                self._register_existing(folder, uploaded=True)
+                try:
+                    self.install(self.prepare_path(folder.name, folder, uploaded=True))
+                except AdapterError as exc:
+                    logger.error("skipping adapter folder %s: %s", folder, exc)
 
     # ------------------------------------------------------------ registry
+    @property
+    def records(self) -> dict[str, AdapterRecord]:
+        """The live adapters (fusions included), by name."""
+        return {e.name: e.record for e in self.lifecycle.live_entries()}
+
+    @property
+    def num_in_cpu(self) -> int:
+        return sum(e.tier >= Tier.CPU for e in self.lifecycle.entries.values())
+
     def __contains__(self, name: str) -> bool:
-        return name in self.records
+        return self.lifecycle.live(name) is not None
 
     def get(self, name: str) -> AdapterRecord:
-        if name not in self.records:
+        entry = self.lifecycle.live(name)
+        if entry is None:
             raise AdapterError("not_found", f"adapter {name!r} does not exist")
-        return self.records[name]
+        return entry.record
 
     def tier(self, name: str) -> str:
         self.get(name)
-        return "gpu" if name in self.pool else "cpu" if name in self._cpu else "disk"
+        return {Tier.SLOT: "gpu", Tier.CPU: "cpu", Tier.DISK: "disk"}[self.lifecycle[name].tier]
+
+    def pinned(self, name: str) -> int:
+        """Running sequences that use the adapter."""
+        self.get(name)
+        return self.lifecycle[name].pins
+
+    def is_uploaded(self, name: str) -> bool:
+        entry = self.lifecycle.live(name)
+        return entry is not None and entry.record.uploaded
 
     def _validate(self, config_bytes: bytes, weights_bytes: bytes) -> LoraAdapter:
         if len(weights_bytes) > self.max_adapter_bytes:
             raise AdapterError("too_large", f"{WEIGHTS_FILE} is {len(weights_bytes)} bytes; the limit is "
                                             f"{self.max_adapter_bytes} (--max-adapter-bytes)")
         return parse_peft_adapter(config_bytes, weights_bytes, self.target_shapes, self.num_layers,
-                                  self.pool.max_rank)
+                                  self.pool.max_rank, self.pool.dtype)
 
-    def _check_new_name(self, name: str, replace: bool) -> None:
-        check_name(name)
-        if name in self._deleted:
+    def _to_cpu_tier(self, adapter: LoraAdapter) -> LoraAdapter:
+        # Cast once to the slot dtype; on CUDA pin the pages so page-ins are asynchronous DMA copies.
+        dtype, pin = self.pool.dtype, self.device.type == "cuda"
+        adapter.weights = {k: tuple(t.to(dtype).pin_memory() if pin else t.to(dtype) for t in ab)
+                           for k, ab in adapter.weights.items()}
+        return adapter
+
+    def check_new_name(self, name: str, replace: bool) -> None:
+        """Cheap checks against the current registry (they run again in `install`, which decides)."""
+        check_name(name, self.reserved_names)
+        entry = self.lifecycle.entries.get(name)
+        if entry is not None and entry.phase is Phase.DELETING:
             raise AdapterError("in_use", f"adapter {name!r} is being deleted; running requests still use it")
-        if name in self.records:
-            if not replace:
-                raise AdapterError("already_exists", f"adapter {name!r} already exists (replacing needs replace=true)")
-            if self._uses[name]:
-                raise AdapterError("in_use", f"adapter {name!r} is in use by running requests; retry later")
+        if entry is not None and not replace:
+            raise AdapterError("already_exists", f"adapter {name!r} already exists (replacing needs replace=true)")
 
-    def _install(self, record: AdapterRecord, adapter: LoraAdapter) -> AdapterRecord:
-        if record.name in self.records:  # a replacement: drop every cached copy of the old one
-            self._drop_copies(record.name)
-            self._drop_fusions_of(record.name)
-        self.records[record.name] = record
-        self._cpu_put(record.name, adapter)
-        for listener in self.change_listeners:
-            listener(record.name, record)
-        return record
-
-    def _register_existing(self, folder: Path, uploaded: bool) -> None:
-        try:
-            self.register_path(folder.name, folder, uploaded=uploaded)
-        except AdapterError as exc:
-            logger.error("skipping adapter folder %s: %s", folder, exc)
-
-    def register_path(self, name: str, path: str | Path, metadata: dict | None = None, replace: bool = False,
-                      uploaded: bool = False) -> AdapterRecord:
-        """Register a PEFT folder in place (it is read again whenever the adapter pages in from disk)."""
-        self._check_new_name(name, replace)
+    # ------------------------------------------- preparing (any thread) and installing (engine thread)
+    def prepare_path(self, name: str, path: str | Path, metadata: dict | None = None, replace: bool = False,
+                     uploaded: bool = False) -> PreparedAdapter:
+        """Read and validate a PEFT folder registered in place (it is read again when the adapter pages in)."""
+        check_name(name, self.reserved_names)
         folder = Path(path).expanduser()
         for filename in (CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / filename).is_file():
@@ -147,43 +173,81 @@ class AdapterStore:
         adapter = self._validate(config_bytes, weights_bytes)
         metadata = metadata if metadata is not None else read_card(folder)
         record = make_record(name, folder, adapter, weights_bytes, metadata, uploaded=uploaded)
-        return self._install(record, adapter)
+        return PreparedAdapter(record, self._to_cpu_tier(adapter), replace)
 
-    def register_from_files(self, name: str, config_bytes: bytes, weights_bytes: bytes,
-                            metadata: dict | None = None, replace: bool = False) -> AdapterRecord:
-        """Validate uploaded bytes, then write them to the store directory atomically and register them."""
+    def prepare_upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, metadata: dict | None = None,
+                       replace: bool = False) -> PreparedAdapter:
+        """Validate uploaded bytes and stage them (fsynced) in the store directory; `install` publishes them."""
         if self.store_dir is None:
             raise AdapterError("no_store", "this server has no adapter store directory for uploads")
-        self._check_new_name(name, replace)
+        check_name(name, self.reserved_names)
         adapter = self._validate(config_bytes, weights_bytes)
         metadata = metadata or {}
         record = make_record(name, self.store_dir / name, adapter, weights_bytes, metadata, uploaded=True)
-        write_adapter_dir(self.store_dir, name, config_bytes, weights_bytes, metadata, replace)
-        self.stats.uploads += 1
-        return self._install(record, adapter)
+        weights = self._to_cpu_tier(adapter)
+        staged = stage_adapter_dir(self.store_dir, name, config_bytes, weights_bytes, metadata)
+        return PreparedAdapter(record, weights, replace, staged)
 
+    def install(self, prepared: PreparedAdapter) -> AdapterRecord:
+        """Publish a prepared adapter (engine thread): checks, renames, one lifecycle transition.
+
+        On any refusal the staged folder is removed and nothing changes.
+        """
+        record = prepared.record
+        try:
+            self.check_new_name(record.name, prepared.replace)
+            old = self.lifecycle.entries.get(record.name)
+            if old is not None and old.uses:
+                raise AdapterError("in_use", f"adapter {record.name!r} is in use by running requests; retry later")
+            if prepared.staged is not None:
+                commit_adapter_dir(self.store_dir, record.name, prepared.staged)
+                self.stats.uploads += 1
+            elif old is not None and old.record.uploaded:  # a folder registered over an upload: the upload goes
+                shutil.rmtree(trash_adapter_dir(self.store_dir, Path(old.record.path)).parent, ignore_errors=True)
+        except BaseException:
+            prepared.discard()
+            raise
+        if old is not None:
+            self._drop_fusions_of(record.name)
+        self.lifecycle.register(record, prepared.weights)
+        for listener in self.change_listeners:
+            listener(record.name, record)
+        return record
+
+    def register_path(self, name: str, path: str | Path, metadata: dict | None = None, replace: bool = False,
+                      uploaded: bool = False) -> AdapterRecord:
+        """prepare_path then install, in one call (start-up and tests)."""
+        self.check_new_name(name, replace)
+        return self.install(self.prepare_path(name, path, metadata, replace, uploaded))
+
+    def register_from_files(self, name: str, config_bytes: bytes, weights_bytes: bytes,
+                            metadata: dict | None = None, replace: bool = False) -> AdapterRecord:
+        """prepare_upload then install, in one call (tests and scripts)."""
+        self.check_new_name(name, replace)
+        return self.install(self.prepare_upload(name, config_bytes, weights_bytes, metadata, replace))
+
+    # ------------------------------------------------------------ deleting
     def delete(self, name: str) -> None:
-        """Unregister now; free slot and files once no request uses the adapter."""
-        self.get(name)
+        """Unregister now (an upload's folder is renamed away at once); slot and files go after the last use."""
+        entry = self.lifecycle.live(name)
+        if entry is None or entry.is_fusion:
+            raise AdapterError("not_found", f"adapter {name!r} does not exist")
+        if entry.record.uploaded:
+            entry.record.path = str(trash_adapter_dir(self.store_dir, Path(entry.record.path)))
         self.stats.deletions += 1
         self._unregister(name)
+        for listener in self.change_listeners:
+            listener(name, None)
 
     def _unregister(self, name: str) -> None:
-        record = self.records.pop(name)
-        if self._uses[name]:
-            self._deleted[name] = record
-        else:
-            self._finish_delete(record)
         self._drop_fusions_of(name)
-        if not record.fused_from:  # fusions come and go without telling anyone: nobody was told of them
-            for listener in self.change_listeners:
-                listener(name, None)
+        gone = self.lifecycle.delete(name)
+        if gone is not None:
+            self._remove_files(gone)
 
-    def _finish_delete(self, record: AdapterRecord) -> None:
-        self._drop_copies(record.name)
-        self._fused.pop(record.name, None)
-        if record.uploaded:
-            shutil.rmtree(record.path, ignore_errors=True)
+    def _remove_files(self, entry: AdapterEntry) -> None:
+        if entry.record.uploaded:  # already in its `.del-*` folder
+            shutil.rmtree(Path(entry.record.path).parent, ignore_errors=True)
 
     # ------------------------------------------------------------ fusions
     def fuse(self, names: list[str], weights: list[float]) -> str:
@@ -191,135 +255,132 @@ class AdapterStore:
         sources = [self.get(name) for name in names]
         signature = json.dumps([[r.name, r.checksum, round(float(w), 4)] for r, w in zip(sources, weights)])
         name = "fusion-" + hashlib.sha256(signature.encode()).hexdigest()[:16]
-        if name in self.records:
-            self._fused.move_to_end(name)
+        existing = self.lifecycle.entries.get(name)
+        if existing is not None:
+            if existing.phase is Phase.DELETING:
+                self.lifecycle.revive(name)
+            existing.touch()
             return name
-        fused = fuse_adapters([self._cpu_get(n) for n in names], [round(float(w), 4) for w in weights])
-        self._fused[name] = self._to_cpu_tier(fused)
-        self.records[name] = AdapterRecord(
+        fused = fuse_adapters([self._cpu_weights(self.lifecycle[n]) for n in names],
+                              [round(float(w), 4) for w in weights])
+        record = AdapterRecord(
             name=name, path="", base_model=fused.base_model, rank=fused.rank, alpha=fused.alpha,
             target_modules=list(fused.target_modules), size_bytes=fused.num_bytes, checksum=name,
             description="fusion of " + ", ".join(f"{n} ({w:.3f})" for n, w in zip(names, weights)),
             fused_from=list(names))
-        live = [n for n in self._fused if n in self.records]
-        idle = [n for n in live if n != name and not self._uses[n]]
+        self.lifecycle.register(record, self._to_cpu_tier(fused))
+        live = sorted((e for e in self.lifecycle.live_entries() if e.is_fusion), key=lambda e: e.last_used)
+        idle = [e.name for e in live if e.name != name and not e.uses]
         for victim in idle[:max(0, len(live) - self.max_fused)]:
             self._unregister(victim)
         return name
 
     def _drop_fusions_of(self, expert: str) -> None:
-        for name in [n for n in self._fused if n in self.records and expert in self.records[n].fused_from]:
-            self._unregister(name)
-
-    def _drop_copies(self, name: str) -> None:
-        self._cpu.pop(name, None)
-        if name in self.pool:
-            self.pool.unload(name)
-            self._gpu_lru.pop(name, None)
+        for entry in self.lifecycle.live_entries():
+            if expert in entry.record.fused_from:
+                self._unregister(entry.name)
 
     # ------------------------------------------------------------ uses and pins
     def acquire(self, names) -> None:
         """A request that names these adapters was accepted (they must exist)."""
         for name in names:
             self.get(name)
-        self._uses.update(names)
+        for name in names:
+            self.lifecycle.acquire(name)
 
     def release(self, names) -> None:
         """That request has finished or was aborted."""
         for name in names:
-            self._uses[name] -= 1
-            if not self._uses[name]:
-                del self._uses[name]
-                if name in self._deleted:
-                    self._finish_delete(self._deleted.pop(name))
+            gone = self.lifecycle.release(name)
+            if gone is not None:
+                self._remove_files(gone)
 
     def pin(self, names) -> None:
         """A sequence using these (resident) adapters starts running."""
-        assert all(name in self.pool for name in names)
-        self._pins.update(names)
+        for name in names:
+            self.lifecycle.pin(name)
 
     def unpin(self, names) -> None:
         for name in names:
-            self._pins[name] -= 1
-            if not self._pins[name]:
-                del self._pins[name]
-
-    def pinned(self, name: str) -> int:
-        return self._pins[name]
+            self.lifecycle.unpin(name)
 
     # ------------------------------------------------------------ paging
-    def _to_cpu_tier(self, adapter: LoraAdapter) -> LoraAdapter:
-        # Cast once to the slot dtype; on CUDA pin the pages so page-ins are asynchronous DMA copies.
-        dtype, pin = self.pool.dtype, self.device.type == "cuda"
-        adapter.weights = {k: tuple(t.to(dtype).pin_memory() if pin else t.to(dtype) for t in ab)
-                           for k, ab in adapter.weights.items()}
-        return adapter
-
-    def _cpu_put(self, name: str, adapter: LoraAdapter) -> None:
-        self._cpu[name] = self._to_cpu_tier(adapter)
-        self._cpu.move_to_end(name)
-        while len(self._cpu) > self.max_cpu_loras:
-            self._cpu.popitem(last=False)
-            self.stats.cpu_evictions += 1
-
-    def _cpu_get(self, name: str) -> LoraAdapter:
-        if name in self._fused:
-            return self._fused[name]
-        if name in self._cpu:
-            self._cpu.move_to_end(name)
+    def _cpu_weights(self, entry: AdapterEntry) -> LoraAdapter:
+        """The adapter's CPU copy, read from its files first if it is only on disk."""
+        if entry.tier >= Tier.CPU:
+            entry.touch()
             self.stats.cpu_hits += 1
-            return self._cpu[name]
-        record = self.records.get(name) or self._deleted[name]
-        folder = Path(record.path)
+            return entry.weights
+        folder = Path(entry.record.path)
         try:
             config_bytes, weights_bytes = (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
         except OSError as exc:
-            raise AdapterError("not_found", f"adapter {name!r}: its files at {folder} cannot be read: {exc}") from exc
-        adapter = self._validate(config_bytes, weights_bytes)
+            raise AdapterError("page_in_failed", f"adapter {entry.name!r}: its files at {folder} cannot be read "
+                                                 f"({exc.strerror or exc})") from exc
+        if hashlib.sha256(weights_bytes).hexdigest() != entry.record.checksum:
+            raise AdapterError("page_in_failed", f"adapter {entry.name!r}: {folder / WEIGHTS_FILE} changed on disk "
+                                                 "after it was registered; register it again")
+        try:
+            adapter = self._validate(config_bytes, weights_bytes)
+        except AdapterError as exc:
+            raise AdapterError("page_in_failed", f"adapter {entry.name!r} no longer validates: {exc}") from exc
         self.stats.disk_loads += 1
-        self._cpu_put(name, adapter)
-        return adapter
-
-    def _free_slot(self, keep: frozenset[str]) -> bool:
-        if self.pool.free_slots:
-            return True
-        victim = next((n for n in self._gpu_lru if not self._pins[n] and n not in keep), None)
-        if victim is None:
-            return False
-        self.pool.unload(victim)
-        del self._gpu_lru[victim]
-        self.stats.gpu_evictions += 1
-        return True
+        self.lifecycle.hold_in_cpu(entry, self._to_cpu_tier(adapter))
+        return entry.weights
 
     def ensure_resident(self, names: frozenset[str]) -> bool:
         """Page in every adapter of `names` that is not in a GPU slot; False when slots are all pinned.
 
-        On CUDA the copies run on a side stream; `wait_for_page_ins` orders the next step after them.
+        Raises AdapterError("page_in_failed") naming the adapter whose page-in
+        failed; no slot is lost. On CUDA the slot writes (eviction's zeroing
+        and the copy) run on a side stream that first waits for the compute
+        stream, so a slot is never rewritten while a step still reads it;
+        `wait_for_page_ins` orders the next step after them.
         """
-        for name in names:
-            if name in self.pool:
-                self._gpu_lru.move_to_end(name)
+        for name in sorted(names):
+            entry = self.lifecycle[name]
+            if entry.tier is Tier.SLOT:
+                entry.touch()
                 self.stats.gpu_hits += 1
                 continue
-            if not self._free_slot(names):
-                return False
+            if not self.pool.free_slots:
+                victim = self.lifecycle.slot_victim(keep=names)
+                if victim is None:
+                    return False
+                with self._on_side_stream():
+                    self.lifecycle.evict_slot(victim)
+                self.stats.gpu_evictions += 1
             start = time.perf_counter()
-            adapter = self._cpu_get(name)
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
-                    self.pool.load(name, adapter)
-                    event = torch.cuda.Event()
-                    event.record(self._stream)
-                self._pending.append(event)
-            else:
-                self.pool.load(name, adapter)
-            self._gpu_lru[name] = None
+            try:
+                self._cpu_weights(entry)
+                with self._on_side_stream():
+                    self.lifecycle.load_slot(entry)
+            except Exception as exc:
+                self.stats.page_in_failures += 1
+                logger.error("page-in of adapter %s failed: %s", name, exc)
+                if isinstance(exc, AdapterError) and exc.code == "page_in_failed":
+                    raise
+                raise AdapterError("page_in_failed", f"adapter {name!r} could not be loaded into a slot: {exc}") \
+                    from exc
             seconds = time.perf_counter() - start
             self.stats.page_ins += 1
             self.stats.page_in_seconds_total += seconds
             for listener in self.page_in_listeners:
                 listener(seconds)
         return True
+
+    @contextmanager
+    def _on_side_stream(self):
+        """Slot writes on the side stream, after the compute stream's queued work; the next step waits for them."""
+        if self._stream is None:
+            yield
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            yield
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._pending.append(event)
 
     def wait_for_page_ins(self) -> None:
         """Make the compute stream wait for the copies started since the last step (no host sync)."""
@@ -328,3 +389,4 @@ class AdapterStore:
             for event in self._pending:
                 stream.wait_event(event)
             self._pending.clear()
+

@@ -21,8 +21,22 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class EngineDeadError(RuntimeError):
-    """The step loop failed; in-flight requests were aborted."""
+class RequestFailedError(RuntimeError):
+    """This request failed in the engine; the others go on. `code` names why, `status` is the HTTP status."""
+
+    STATUS = {"adapter_unavailable": 503, "engine_error": 500, "engine_unavailable": 503}
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+        self.status = self.STATUS.get(code, 500)
+
+
+class EngineDeadError(RequestFailedError):
+    """The step loop failed outside any request, or the server is shutting down; every request ends."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "engine_unavailable")
 
 
 class AsyncEngine:
@@ -114,7 +128,7 @@ class AsyncEngine:
                 with self.engine.model_lock:  # the base router embedder runs the model on other threads
                     outputs = self.engine.step()
             except Exception:
-                logger.exception("engine step failed; aborting in-flight requests")
+                logger.exception("engine step failed outside any request's forward pass; aborting in-flight requests")
                 self._fail_all(EngineDeadError("the engine failed while running this request"))
                 continue
             seconds = time.perf_counter() - start
@@ -122,7 +136,8 @@ class AsyncEngine:
                 listener(seconds)
             for out in outputs:
                 if out.request_id in self._streams:
-                    self._deliver(out.request_id, out)
+                    self._deliver(out.request_id,
+                                  out if out.error is None else RequestFailedError(out.error, out.error_code))
             # Only after the whole step: n > 1 completions may all finish in the same step.
             for request_id in {out.request_id for out in outputs if out.finished}:
                 if not self.engine.is_request_active(request_id):

@@ -1,8 +1,10 @@
 """KV-cache blocks: a free list, reference counts and automatic prefix caching.
 
 A full block is identified by its tokens, the identity of every block before
-it, and the LoRA mix of the sequence (adapters change K and V, so the same
-tokens under another adapter are another block). Freed blocks keep that
+it, and the LoRA mix of the sequence by content (`Sequence.lora_identity`:
+each adapter's checksum, weight and rank range). Adapters change K and V, so
+the same tokens under another adapter — or under a replaced version of the
+same name — are another block. Freed blocks keep that
 identity until they are reused, so a later request with the same prefix can
 revive them.
 """
@@ -43,7 +45,7 @@ class BlockManager:
     def _key(self, seq: Sequence, block_index: int, parent: BlockKey | None) -> BlockKey:
         start = block_index * self.block_size
         tokens = tuple(seq.token_ids[start:start + self.block_size])
-        return (hash(parent), tokens, seq.lora_mix)
+        return (hash(parent), tokens, seq.lora_identity)
 
     def _take_free(self) -> int:
         block, _ = self.free_blocks.popitem(last=False)

@@ -55,6 +55,8 @@ class RequestOutput:
     num_output_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     queue_seconds: float | None = None  # arrival to first scheduled step, on a completion's first output
+    error: str | None = None  # finish_reason "error": why this request (and only it) failed
+    error_code: str | None = None  # "adapter_unavailable" (page-in failed) or "engine_error" (its step raised)
 
     @property
     def finished(self) -> bool:
@@ -111,7 +113,8 @@ class Engine:
         self.store = AdapterStore(self.slots, self.shape.lora_target_shapes(), self.shape.num_layers,
                                   config.store.max_cpu_loras, config.store.max_adapter_bytes,
                                   Path(config.store.store_dir).expanduser() if config.store.store_dir else None,
-                                  self.device, max_fused=config.router.max_fused)
+                                  self.device, max_fused=config.router.max_fused,
+                                  reserved_names=frozenset({"auto", self.model_id}))
         self.num_blocks = self._allocate_kv_cache()
         self.max_model_len = min(model_max, self.num_blocks * config.cache.block_size)
         self.blocks = BlockManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
@@ -125,11 +128,14 @@ class Engine:
         self.last_step_num_tokens = 0
         self._sequences: dict[str, list[Sequence]] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
-        for name, path in config.store.adapters.items():
+        configured = [(name, path) for name, path in config.store.adapters.items()] + [
+            (sub.name, str(sub)) for folder in config.store.adapter_dirs
+            for sub in sorted(p for p in Path(folder).expanduser().iterdir() if (p / "adapter_config.json").is_file())]
+        for name, path in configured:
+            if self.store.is_uploaded(name):  # replaced by an upload (replace=true): the upload wins
+                logger.info("adapter %s: serving the uploaded version, not %s", name, path)
+                continue
             self.add_adapter(name, path)
-        for folder in config.store.adapter_dirs:
-            for sub in sorted(p for p in Path(folder).expanduser().iterdir() if (p / "adapter_config.json").is_file()):
-                self.add_adapter(sub.name, str(sub))
         logger.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d (block %d tokens) adapter_slots=%d "
                     "(rank <= %d) adapters=%d lora_backend=%s", self.model_id, self.device,
                     str(self.dtype).removeprefix("torch."), self.num_blocks, config.cache.block_size,
@@ -251,9 +257,10 @@ class Engine:
                                f"{self.max_model_len} tokens and at least one must be generated",
                                param="prompt", code="context_length_exceeded")
         mix = self._normalize_mix(lora_mix)
+        identity = tuple((self.store.get(name).checksum, w, lo, hi) for name, w, lo, hi in mix)
         # Nothing that can fail comes after the first registration below, so a refusal leaves no state.
         base_seed = sampling.seed if sampling.seed is not None else self._seed_source.getrandbits(64)
-        seqs = [Sequence(request_id, index, prompt_ids, sampling, mix, (base_seed + index) % 2**64)
+        seqs = [Sequence(request_id, index, prompt_ids, sampling, mix, (base_seed + index) % 2**64, identity)
                 for index in range(sampling.n)]
         self._sequences[request_id] = seqs
         for seq in seqs:
@@ -280,27 +287,61 @@ class Engine:
 
     # -------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, sample, and report what changed."""
+        """Schedule, run one forward pass, sample, and report what changed.
+
+        Errors stay with the requests that caused them: a failed page-in fails
+        the sequences of that adapter; a forward pass that raises puts the
+        step's sequences in quarantine (the scheduler reruns them one at a
+        time) and one that raises alone fails that request only.
+        """
         plan = self.scheduler.schedule()
         self.last_step_num_tokens = plan.num_tokens
+        failed = [self._fail(seq, message, "adapter_unavailable") for seq, message in plan.failed]
         if plan.is_empty:
-            return []
-        inputs = prepare_step_inputs(plan, self.config.cache.block_size, self.shape.sliding_window, self.slots,
-                                     self.device, self.attention.uses_sdpa_plan)
-        self.store.wait_for_page_ins()
-        if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
-            logits = self.decode_graphs.run(inputs)
-        else:
-            logits = self.model(inputs.input_ids, inputs.positions, inputs.ctx, inputs.logit_rows)
+            return failed
         sampling_seqs = [item.seq for item in plan.scheduled if item.samples]
+        try:
+            inputs = prepare_step_inputs(plan, self.config.cache.block_size, self.shape.sliding_window,
+                                         self.slots, self.device, self.attention.uses_sdpa_plan)
+            self.store.wait_for_page_ins()
+            if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
+                logits = self.decode_graphs.run(inputs)
+            else:
+                logits = self.model(inputs.input_ids, inputs.positions, inputs.ctx, inputs.logit_rows)
+            if sampling_seqs:
+                tokens, logprobs = sample(logits, [s.sampling for s in sampling_seqs], [s.seed for s in sampling_seqs],
+                                          [len(s.output_ids) for s in sampling_seqs])
+        except Exception as exc:
+            return failed + self._contain_step_error(plan, exc)
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.blocks.commit(item.seq)
+            self.scheduler.cleared(item.seq)
         if not sampling_seqs:
+            return failed
+        return failed + [self._append_token(seq, token, lp) for seq, token, lp in zip(sampling_seqs, tokens, logprobs)]
+
+    def _contain_step_error(self, plan, exc: Exception) -> list[RequestOutput]:
+        seqs = [item.seq for item in plan.scheduled]
+        if len(seqs) > 1:
+            logger.warning("a step of %d sequences failed (%s: %s); rerunning them one at a time to find the "
+                           "cause", len(seqs), type(exc).__name__, exc)
+            self.scheduler.quarantine(seqs)
             return []
-        tokens, logprobs = sample(logits, [s.sampling for s in sampling_seqs], [s.seed for s in sampling_seqs],
-                                  [len(s.output_ids) for s in sampling_seqs])
-        return [self._append_token(seq, token, lp) for seq, token, lp in zip(sampling_seqs, tokens, logprobs)]
+        logger.error("request %s failed its step alone", seqs[0].request_id, exc_info=exc)
+        return [self._fail(seqs[0], f"the engine failed while running this request ({type(exc).__name__}: {exc})",
+                           "engine_error")]
+
+    def _fail(self, seq: Sequence, message: str, code: str) -> RequestOutput:
+        """End one sequence with finish_reason "error"; its request's other completions go too."""
+        for other in self._sequences.get(seq.request_id, [seq]):
+            if not other.is_finished:
+                self._finish(other, "error")
+            self._detokenizers.pop(other.seq_id, None)
+        self._sequences.pop(seq.request_id, None)
+        return RequestOutput(request_id=seq.request_id, index=seq.index, new_token_ids=[], new_text="",
+                             finish_reason="error", num_prompt_tokens=len(seq.prompt_ids),
+                             num_output_tokens=len(seq.output_ids), error=message, error_code=code)
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         p = seq.sampling

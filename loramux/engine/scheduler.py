@@ -8,9 +8,18 @@ Policy, in order:
 3. Waiting sequences are admitted first-come first-served while token budget,
    sequence slots, KV blocks and the adapter cap allow. Admission stops at the
    first sequence that does not fit, so a request for a rare adapter cannot be
-   overtaken forever by requests for popular ones. Sequences whose adapters
-   cannot be made resident yet (every slot pinned) are passed over without
-   blocking the others.
+   overtaken forever by requests for popular ones.
+4. Bounded wait for a GPU slot: when a waiting sequence's adapters cannot be
+   made resident (every slot pinned), later sequences that need an adapter are
+   not admitted this step (requests for the base model alone still are). No
+   new pin lands on a slot meanwhile, so the next slot to be unpinned goes to
+   the first waiting sequence: first come first served among adapters, and a
+   wait no longer than the running sequences that hold the slots.
+5. A page-in that fails (unreadable files, a copy that raises) fails the
+   sequences that need that adapter (`plan.failed`), nobody else.
+6. After a step that raised, its sequences are suspects: preempted, then run
+   one per step until each has run a step alone. A suspect that fails alone
+   caused it; the others go on (`quarantine`, `cleared`).
 
 Adapter residency goes through `residency` (the adapter store): a sequence's
 adapters are paged in before it is admitted and pinned while it runs.
@@ -25,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
+from loramux.adapters_store.peft_format import AdapterError
 from loramux.config import SchedulerConfig
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.sequence import Sequence, SequenceStatus
@@ -42,6 +52,7 @@ class SchedulePlan:
     decode: list[ScheduledSeq] = field(default_factory=list)
     prefill: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)  # page-in failed: (seq, why)
 
     @property
     def scheduled(self) -> list[ScheduledSeq]:
@@ -57,7 +68,8 @@ class SchedulePlan:
 
 
 class AdapterResidency(Protocol):
-    def ensure_resident(self, names: frozenset[str]) -> bool: ...
+    def ensure_resident(self, names: frozenset[str]) -> bool:
+        """False while no slot can be freed; raises AdapterError when a page-in fails."""
     def pin(self, names: Iterable[str]) -> None: ...
     def unpin(self, names: Iterable[str]) -> None: ...
 
@@ -83,6 +95,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order, oldest first
         self.num_preemptions = 0
+        self.suspects: deque[Sequence] = deque()  # after a failed step: run alone, oldest first
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -97,6 +110,8 @@ class Scheduler:
             self.residency.unpin(seq.adapter_names)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if seq in self.suspects:
+            self.suspects.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.blocks.free(seq)
@@ -112,6 +127,20 @@ class Scheduler:
         self.waiting.appendleft(seq)
         plan.preempted.append(seq)
 
+    def quarantine(self, seqs: list[Sequence]) -> None:
+        """The step that ran `seqs` raised: preempt them all; they run alone until cleared."""
+        plan = SchedulePlan()
+        for seq in sorted(seqs, key=lambda s: s.seq_id, reverse=True):
+            if seq in self.running:
+                self._preempt(seq, plan)
+            if seq not in self.suspects:
+                self.suspects.appendleft(seq)
+
+    def cleared(self, seq: Sequence) -> None:
+        """A suspect ran a step alone without error."""
+        if seq in self.suspects:
+            self.suspects.remove(seq)
+
     def _reserve(self, seq: Sequence, num_tokens: int, plan: SchedulePlan, scheduled: set[int]) -> bool:
         """Make room for `num_tokens` more tokens of a running seq, preempting the newest others.
 
@@ -126,6 +155,8 @@ class Scheduler:
         return True
 
     def schedule(self) -> SchedulePlan:
+        if self.suspects:
+            return self._schedule_alone(self.suspects[0])
         plan = SchedulePlan()
         budget = self.config.max_num_batched_tokens
         adapters: set[str] = set()
@@ -151,25 +182,62 @@ class Scheduler:
                 if self._reserve(seq, n, plan, scheduled):
                     take(seq, n, plan.decode if decoding else plan.prefill)
 
+        slot_wait = False  # an earlier waiting sequence is waiting for a slot
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs or seq in plan.preempted:
                 break
             if not fits_adapter_cap(seq):
                 break
-            if not self.residency.ensure_resident(seq.adapter_names):
+            if seq.adapter_names and slot_wait:
                 continue
-            cached = self.blocks.match_prefix(seq)
-            n = min(len(seq) - cached, budget)
-            if not self.blocks.can_grow(seq, cached + n):
-                self.blocks.free(seq)
+            resident = self._page_in(seq, plan)
+            if resident is None:
+                continue
+            if not resident:
+                slot_wait = True
+                continue
+            n = self._admit(seq, budget)
+            if n is None:
                 break
-            seq.num_computed_tokens = cached
-            self.blocks.grow(seq, cached + n)
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
-            self.running.append(seq)
-            self.residency.pin(seq.adapter_names)
             take(seq, n, plan.prefill)
+        return plan
+
+    def _page_in(self, seq: Sequence, plan: SchedulePlan) -> bool | None:
+        """ensure_resident for `seq`; None when its page-in failed (it is then in plan.failed)."""
+        try:
+            return self.residency.ensure_resident(seq.adapter_names)
+        except AdapterError as exc:  # that adapter cannot be loaded: only the sequences that need it fail
+            self.waiting.remove(seq)
+            plan.failed.append((seq, str(exc)))
+            return None
+
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Move a waiting seq (adapters resident) to running with up to `budget` tokens; None if KV is short."""
+        cached = self.blocks.match_prefix(seq)
+        n = min(len(seq) - cached, budget)
+        if not self.blocks.can_grow(seq, cached + n):
+            self.blocks.free(seq)
+            return None
+        seq.num_computed_tokens = cached
+        self.blocks.grow(seq, cached + n)
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+        self.running.append(seq)
+        self.residency.pin(seq.adapter_names)
+        return n
+
+    def _schedule_alone(self, seq: Sequence) -> SchedulePlan:
+        """A plan with one (waiting, preempted) suspect only, the others wait: it prefills from scratch."""
+        plan = SchedulePlan()
+        resident = self._page_in(seq, plan)
+        if resident is None:
+            self.suspects.remove(seq)
+            return plan
+        n = self._admit(seq, self.config.max_num_batched_tokens) if resident else None
+        if n is None:  # no slot or no KV for it now: it stops being a suspect, the others run
+            self.suspects.remove(seq)
+            return self.schedule()
+        plan.prefill.append(ScheduledSeq(seq, n, samples=seq.num_computed_tokens + n == len(seq)))
         return plan

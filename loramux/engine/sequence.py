@@ -71,7 +71,9 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], sampling: SamplingParams,
-                 lora_mix: LoraMix, seed: int = 0):
+                 lora_mix: LoraMix, seed: int = 0, lora_identity: tuple | None = None):
+        """`lora_identity`: what the mix's adapters are by content (checksums), for prefix-cache keys;
+        defaults to the mix itself (names)."""
         self.seq_id = next(_seq_counter)
         self.request_id = request_id
         self.index = index
@@ -80,6 +82,7 @@ class Sequence:
         self.sampling = sampling
         self.lora_mix = lora_mix
         self.seed = seed  # of the counter-based sampling noise (engine/sampler.py), in [0, 2**64)
+        self.lora_identity = lora_mix if lora_identity is None else lora_identity
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []

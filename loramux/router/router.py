@@ -13,6 +13,7 @@ No candidate above the threshold: the base model answers alone.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import time
@@ -78,6 +79,8 @@ class Router:
         self.embedder = embedder
         self.config = config
         self.index = ExpertIndex()
+        # Re-keying runs the embedder: one worker does it in order, off the engine thread (queue_update).
+        self._updates = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-rekey")
         for name, record in records.items():
             self.update(name, record)
         logger.info("router: %d experts indexed with the %s embedder", len(self.index), embedder.name)
@@ -86,6 +89,14 @@ class Router:
     def threshold(self) -> float:
         """The server's default: --router-threshold, else the embedder's calibrated value."""
         return self.embedder.default_threshold if self.config.threshold is None else self.config.threshold
+
+    def queue_update(self, name: str, record: AdapterRecord | None) -> None:
+        """`update` on the router's worker (the store calls this on the engine thread: it must return at once)."""
+        self._updates.submit(self.update, name, record)
+
+    def wait_for_updates(self) -> None:
+        """Block until every queued update is in the index (an upload answers after its adapter is routable)."""
+        self._updates.submit(lambda: None).result()
 
     def update(self, name: str, record: AdapterRecord | None) -> None:
         """Re-key one adapter after it was registered or replaced (record), or forget it (None)."""

@@ -11,10 +11,10 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from loramux.engine import Engine, RequestOutput, SamplingParams
-from loramux.engine.async_engine import EngineDeadError, RequestStream
+from loramux.engine.async_engine import EngineDeadError, RequestFailedError, RequestStream
 from loramux.engine.sequence import LoraMix
 from loramux.router import RoutingDecision
-from loramux.server.errors import APIError, OrjsonResponse
+from loramux.server.errors import STATUS_TYPE, APIError, OrjsonResponse
 from loramux.server.openai_format import SSE_DONE, ResponseContext, adapters_header, sse
 from loramux.server.schemas import SamplingFields
 from loramux.server.state import ServerState
@@ -168,10 +168,10 @@ class Generation:
                 yield ctx.usage_chunk(prompt_tokens, sum(c.num_output_tokens for c in choices.values()))
             yield SSE_DONE
             status = "success"
-        except EngineDeadError as exc:
+        except RequestFailedError as exc:
             status = "error"
-            yield sse({"error": {"message": str(exc), "type": "service_unavailable_error", "param": None,
-                                 "code": "engine_unavailable"}})
+            yield sse({"error": {"message": str(exc), "type": STATUS_TYPE[exc.status], "param": None,
+                                 "code": exc.code}})
             yield SSE_DONE
         finally:
             await stream.aclose()
@@ -199,9 +199,10 @@ class Generation:
                     return Response(status_code=499)
             try:
                 task.result()
-            except EngineDeadError as exc:
+            except RequestFailedError as exc:
                 status = "error"
-                raise APIError(503, str(exc), None, "engine_unavailable", {"Retry-After": "5"}) from exc
+                retry = {"Retry-After": "5"} if isinstance(exc, EngineDeadError) else None
+                raise APIError(exc.status, str(exc), None, exc.code, retry) from exc
             status = "success"
             body = ctx.full_body([choices[i] for i in sorted(choices)], prompt_tokens)
             return OrjsonResponse(body, headers=headers)

@@ -40,7 +40,7 @@ class EngineCollector:
         yield gauge("kv_blocks_total", "KV-cache blocks", e.blocks.num_blocks)
         yield gauge("gpu_adapter_slots_used", "Adapter slots holding an adapter", len(e.slots.slot_of))
         yield gauge("gpu_adapter_slots_total", "Adapter slots", e.slots.num_slots)
-        yield gauge("cpu_adapters_cached", "Adapters held in CPU memory", len(e.store._cpu))
+        yield gauge("cpu_adapters_cached", "Adapters held in CPU memory", e.store.num_in_cpu)
         yield gauge("adapters_registered", "Adapters in the registry", len(e.store.records))
         yield gauge("batch_size", "Tokens in the last engine step", self.last_batch_size())
         yield counter("adapter_loads", "Adapters read from disk into CPU memory", stats.disk_loads)

@@ -1,7 +1,13 @@
-"""Adapter management: list, describe, upload, load from a server path, delete."""
+"""Adapter management: list, describe, upload, load from a server path, delete.
+
+Uploads and loads do their slow part (parse, validate, sha256, cast, write
+and fsync) on a worker thread; the engine thread only checks the name and
+installs the finished record (`AdapterStore.prepare_*` / `install`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -16,6 +22,12 @@ from loramux.server.state import ServerState, check_key
 def describe(e: Engine, name: str) -> dict:
     record = e.store.get(name)
     return record.to_json() | {"tier": e.store.tier(name), "running_requests": e.store.pinned(name)}
+
+
+async def routable(state: ServerState) -> None:
+    """Wait until the router has re-keyed the adapters changed so far (it embeds on its own worker)."""
+    if state.router is not None:
+        await asyncio.to_thread(state.router.wait_for_updates)
 
 
 def adapters_router(state: ServerState) -> APIRouter:
@@ -37,6 +49,7 @@ def adapters_router(state: ServerState) -> APIRouter:
     async def delete_adapter(name: str, request: Request):
         check_key(request, state.admin_keys)
         await state.running_engine().call(lambda e: e.remove_adapter(name))
+        await routable(state)
         return {"id": name, "object": "adapter", "deleted": True}
 
     @api.post("/v1/adapters", status_code=201)
@@ -57,9 +70,13 @@ def adapters_router(state: ServerState) -> APIRouter:
             replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
         finally:
             await form.close()
-        await state.running_engine().call(
-            lambda e: e.store.register_from_files(name, config_bytes, weights_bytes, metadata, replace=replace))
-        return await state.running_engine().call(lambda e: describe(e, name))
+        engine = state.running_engine()
+        await engine.call(lambda e: e.store.check_new_name(name, replace))  # refuse early, before the slow part
+        prepared = await asyncio.to_thread(state.engine.store.prepare_upload, name, config_bytes, weights_bytes,
+                                           metadata, replace)
+        described = await engine.call(lambda e: describe(e, e.store.install(prepared).name))
+        await routable(state)
+        return described
 
     @api.post("/v1/adapters/load", status_code=201)
     async def load_adapter(body: LoadAdapterRequest, request: Request):
@@ -72,8 +89,12 @@ def adapters_router(state: ServerState) -> APIRouter:
         if not path.is_relative_to(root):
             raise APIError(400, f"path must lie under the allowed root {str(root)!r}", "path", "path_not_allowed")
         metadata = {"description": body.description, "examples": body.examples}
-        await state.running_engine().call(lambda e: e.add_adapter(body.name, str(path), metadata, body.replace))
-        return await state.running_engine().call(lambda e: describe(e, body.name))
+        engine = state.running_engine()
+        await engine.call(lambda e: e.store.check_new_name(body.name, body.replace))
+        prepared = await asyncio.to_thread(state.engine.store.prepare_path, body.name, path, metadata, body.replace)
+        described = await engine.call(lambda e: describe(e, e.store.install(prepared).name))
+        await routable(state)
+        return described
 
     return api
 
@@ -84,7 +105,7 @@ def _form_examples(form) -> list:
     if len(values) == 1 and values[0].lstrip().startswith("["):
         try:
             parsed = json.loads(values[0])
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise APIError(400, f"examples is not a valid JSON list: {exc}", "examples") from exc
         return parsed
     return values
