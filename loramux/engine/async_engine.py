@@ -24,6 +24,14 @@ T = TypeVar("T")
 class EngineDeadError(RuntimeError):
     """The step loop failed; in-flight requests were aborted."""
 
+    code = "engine_unavailable"
+
+
+class ServerStoppingError(EngineDeadError):
+    """The server's shutdown grace period ended before the request did."""
+
+    code = "server_shutting_down"
+
 
 class AsyncEngine:
     def __init__(self, engine: Engine):
@@ -71,6 +79,10 @@ class AsyncEngine:
 
         self._commands.put((run, None))
         self._wake.set()
+
+    async def abort_all(self, error: Exception) -> None:
+        """End every open request: its stream raises `error`."""
+        await self.call(lambda engine: self._fail_all(error))
 
     @property
     def num_requests(self) -> int:
