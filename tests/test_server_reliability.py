@@ -136,8 +136,9 @@ def test_huge_prompt_is_refused_without_stalling_other_streams(server):
     gaps, results = asyncio.run(run())
     for r, seconds in results:
         assert_error(r, 400, "context_length_exceeded")
-        assert seconds < 2.0
-    assert len(gaps) > 10 and max(gaps[1:]) < 1.0, f"longest pause between chunks: {max(gaps[1:]):.2f} s"
+        assert seconds < 3.0
+    # tokenising 3.9 MB on the event loop paused every stream for 5-12 s; a loaded 2-core machine pauses ~0.2 s
+    assert len(gaps) > 10 and max(gaps[1:]) < 2.0, f"longest pause between chunks: {max(gaps[1:]):.2f} s"
     settled(server)
 
 
