@@ -24,4 +24,6 @@ USER loramux
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
   CMD curl -fsS http://127.0.0.1:8000/health || exit 1
+# Bound to 0.0.0.0: adapter uploads, loads and deletes answer 403 until LORAMUX_ADMIN_API_KEY (or
+# LORAMUX_API_KEY) is set; `--allow-unauthenticated-admin` after the image name opens them without a key.
 ENTRYPOINT ["loramux", "serve", "--host", "0.0.0.0", "--port", "8000", "--adapter-store", "/adapters"]

@@ -125,11 +125,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from loramux.engine import Engine
     from loramux.router import attach_router
     from loramux.server import create_app
+    from loramux.server.serve import serve
 
     server = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAMUX_API_KEY"),
@@ -137,7 +136,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
         max_completion_tokens=args.max_completion_tokens,
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
-        adapter_load_root=args.adapter_load_root, metrics_per_adapter=args.metrics_per_adapter)
+        adapter_load_root=args.adapter_load_root, metrics_per_adapter=args.metrics_per_adapter,
+        graceful_shutdown_seconds=args.graceful_shutdown_seconds,
+        allow_unauthenticated_admin=args.allow_unauthenticated_admin)
     if args.adapter_store is None:
         args.adapter_store = str(DEFAULT_ADAPTER_STORE)
     engine = Engine(engine_config_from_args(args))
@@ -147,8 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "serving %s on %s (%s) with %d KV blocks, %d adapter slots, %d adapters at http://%s:%d/v1",
         engine.model_id, engine.device, str(engine.dtype).removeprefix("torch."), engine.num_blocks,
         engine.slots.num_slots, len(engine.store.records), server.host, server.port)
-    uvicorn.run(app, host=server.host, port=server.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=server.graceful_shutdown_seconds, access_log=False)
+    serve(app, server, args.log_level.lower())
     return 0
 
 
@@ -170,6 +170,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter-load-root", default=None,
                    help="folder under which POST /v1/adapters/load may read adapters (default: disabled)")
     g.add_argument("--metrics-per-adapter", action="store_true", help="per-adapter request counters")
+    g.add_argument("--graceful-shutdown-seconds", type=float, default=d.graceful_shutdown_seconds,
+                   help="after SIGTERM, open requests get this long to finish; then each stream gets an "
+                        "error event and [DONE]")
+    g.add_argument("--allow-unauthenticated-admin", action="store_true",
+                   help="serve adapter uploads, loads and deletes without an admin key on a non-loopback "
+                        "--host (refused by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -142,7 +142,8 @@ class ServerConfig:
     max_concurrent_requests: int = 256
     adapter_load_root: str | None = None  # POST /v1/adapters/load only reads under this folder
     metrics_per_adapter: bool = False  # per-adapter request counters (bounded by the registry size)
-    graceful_shutdown_seconds: float = 30.0
+    graceful_shutdown_seconds: float = 30.0  # after SIGTERM; then open streams get an error event and [DONE]
+    allow_unauthenticated_admin: bool = False  # adapter writes without a key on a non-loopback address
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "--port must be in 1..65535")
@@ -151,6 +152,7 @@ class ServerConfig:
         _require(0 < self.default_max_tokens <= self.max_completion_tokens,
                  "--default-max-tokens must be in 1..--max-completion-tokens")
         _require(self.max_concurrent_requests > 0, "--max-concurrent-requests must be positive")
+        _require(self.graceful_shutdown_seconds >= 0, "--graceful-shutdown-seconds must be >= 0")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from loramux.cli import build_parser
+from loramux.server.state import is_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,3 +36,5 @@ def test_dockerfile_runs_serve_as_non_root_with_volumes_and_healthcheck():
     assert args[:2] == ["loramux", "serve"]
     parsed = build_parser().parse_args(args[1:])  # every flag it passes exists
     assert (parsed.host, parsed.port, parsed.adapter_store) == ("0.0.0.0", 8000, "/adapters")
+    # A public address and no opt-out: without a key in the environment, adapter writes are refused.
+    assert not parsed.allow_unauthenticated_admin and not is_loopback(parsed.host)

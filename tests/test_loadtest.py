@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -86,3 +88,16 @@ def test_short_run_against_a_real_server_matches_its_metrics(tiny_llama_dir, tmp
     assert summary["ttft_s"]["count"] == 12 and summary["ttft_s"]["p50"] <= summary["e2e_s"]["p50"]
     for name in ("latency_cdf.png", "ttft_hot_cold.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_soak_runs_and_finds_nothing_leaked(tiny_llama_dir, tmp_path):
+    """A 30-second soak with the tiny model: exit 0, and its report holds the leak checks it promises."""
+    out = tmp_path / "soak.json"
+    done = subprocess.run([sys.executable, "-m", "loadtest.soak", "--minutes", "0.5", "--model", str(tiny_llama_dir),
+                           "--users", "6", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["server_errors"] == 0 and report["all_slots_probe_completed"]
+    assert not any(v for k, v in report["after"].items() if "slots" not in k)
+    assert report["outcomes"]["probe 200"] > 10

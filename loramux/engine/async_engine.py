@@ -38,6 +38,14 @@ class EngineDeadError(RequestFailedError):
     def __init__(self, message: str):
         super().__init__(message, "engine_unavailable")
 
+    code = "engine_unavailable"
+
+
+class ServerStoppingError(EngineDeadError):
+    """The server's shutdown grace period ended before the request did."""
+
+    code = "server_shutting_down"
+
 
 class AsyncEngine:
     def __init__(self, engine: Engine):
@@ -85,6 +93,10 @@ class AsyncEngine:
 
         self._commands.put((run, None))
         self._wake.set()
+
+    async def abort_all(self, error: Exception) -> None:
+        """End every open request: its stream raises `error`."""
+        await self.call(lambda engine: self._fail_all(error))
 
     @property
     def num_requests(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -12,11 +13,13 @@ from loramux.engine.async_engine import AsyncEngine
 from loramux.router import Router
 from loramux.server.errors import OrjsonResponse, install_error_handlers
 from loramux.server.metrics import ServerMetrics
-from loramux.server.middleware import BodySizeLimit
+from loramux.server.middleware import ApiKeyAuth, BodySizeLimit
 from loramux.server.routes.adapters import adapters_router
 from loramux.server.routes.health import health_router
 from loramux.server.routes.inference import inference_router
 from loramux.server.state import ServerState
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(engine: Engine, config: ServerConfig, router: Router | None = None) -> FastAPI:
@@ -37,6 +40,12 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes,
                        upload_limit=engine.config.store.max_adapter_bytes + 2**20)
+    # Added last, so it runs first: a request without a valid key is refused before its body is read.
+    app.add_middleware(ApiKeyAuth, user_keys=state.user_keys, admin_keys=state.admin_keys,
+                       admin_locked=state.admin_locked)
+    if state.admin_locked:
+        logger.warning("adapter uploads, loads and deletes are refused: %s is not a loopback address and no admin "
+                       "key is set (--admin-api-key, or --allow-unauthenticated-admin)", config.host)
     for api in (health_router(state), inference_router(state), adapters_router(state)):
         app.include_router(api)
     return app

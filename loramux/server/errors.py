@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_ERROR_STATUS = {"not_found": 404, "already_exists": 409, "in_use": 409, "invalid_name": 400,
                         "too_large": 413, "no_store": 400}
-STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable_error", 500: "internal_server_error"}
 
@@ -40,8 +40,14 @@ class APIError(Exception):
         self.headers = headers
 
 
+def _printable(text: str | None) -> str | None:
+    """Unpaired surrogates echoed from a request (an unknown field "\\ud800") escaped: orjson refuses them."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> OrjsonResponse:
+    message, param = _printable(message), _printable(param)
     body = {"error": {"message": message, "type": STATUS_TYPE.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
     return OrjsonResponse(body, status_code=status, headers=headers)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -17,23 +19,50 @@ from loramux.router import RoutingDecision
 from loramux.server.errors import STATUS_TYPE, APIError, OrjsonResponse
 from loramux.server.openai_format import SSE_DONE, ResponseContext, adapters_header, sse
 from loramux.server.schemas import SamplingFields
-from loramux.server.state import ServerState
+from loramux.server.state import Admission, ServerState
 
 DISCONNECT_POLL_SECONDS = 0.25
 
 
 @dataclass
-class RequestTimer:
-    """Client-visible latencies of one request, observed into the histograms when it ends."""
+class RequestRecord:
+    """What one request did: client-visible latencies, tokens and final status, observed into metrics at its end."""
 
     start: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     tokens: int = 0
+    prompt_tokens: int = 0
+    status: str = "aborted"
 
-    def saw(self, new_tokens: int) -> None:
-        if new_tokens and self.first_token is None:
+    def saw(self, out: RequestOutput) -> None:
+        if out.new_token_ids and self.first_token is None:
             self.first_token = time.monotonic()
-        self.tokens += new_tokens
+        self.tokens += len(out.new_token_ids)
+        self.prompt_tokens = out.num_prompt_tokens
+
+
+@dataclass
+class Prompt:
+    """A request's prompt before tokenisation; both callables run on the tokenizer thread after admission."""
+
+    chars: int  # its text's length, for the size check before any tokenising (0 for token ids)
+    token_ids: Callable[[], list[int]]
+    router_text: Callable[[], str]  # what the router reads; called only for routed requests
+    param: str = "prompt"
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that runs `on_close` however it ends, even when its body was never iterated."""
+
+    def __init__(self, content, on_close: Callable, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
 
 
 class Generation:
@@ -44,6 +73,23 @@ class Generation:
         self.engine = state.engine
         self.config = state.config
         self.metrics = state.metrics
+        self.max_prompt_tokens = min(state.config.max_prompt_tokens or state.engine.max_model_len,
+                                     state.engine.max_model_len)
+        # No token spans more characters than the longest vocabulary entry (+1 for a decoded word marker):
+        # a prompt longer than max_prompt_tokens such tokens is refused without tokenising it.
+        self.max_token_chars = max(map(len, state.engine.tokenizer.get_vocab())) + 1
+        # One thread: the tokenizer is not safe to share between threads, and tokenising never blocks the loop.
+        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-tokenize")
+
+    def check_prompt_size(self, chars: int, param: str) -> None:
+        """Refuse text that cannot fit the prompt limit, before spending time on tokenising it."""
+        if chars > self.max_prompt_tokens * self.max_token_chars:
+            raise APIError(400, f"the prompt has {chars} characters, more than {self.max_prompt_tokens} tokens "
+                                "(this server's prompt limit) can hold", param, "context_length_exceeded")
+
+    async def off_loop(self, fn: Callable, *args):
+        """Run tokenizer work (encoding, chat templates) on the tokenizer thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, fn, *args)
 
     def named_mix(self, body: SamplingFields) -> LoraMix:
         engine = self.engine
@@ -90,41 +136,47 @@ class Generation:
         except ValueError as exc:
             raise APIError(400, str(exc), None, "invalid_value") from exc
 
-    def finish_request(self, timer: RequestTimer, status: str, prompt_tokens: int, mix: LoraMix) -> None:
+    def finish_request(self, record: RequestRecord, mix: LoraMix) -> None:
         metrics = self.metrics
-        metrics.requests.labels(status=status).inc()
-        if status != "success":
+        metrics.requests.labels(status=record.status).inc()
+        if record.status != "success":
             return
         end = time.monotonic()
-        metrics.e2e.observe(end - timer.start)
-        metrics.prompt_tokens.inc(prompt_tokens)
-        metrics.generation_tokens.inc(timer.tokens)
-        if timer.first_token is not None:
-            metrics.ttft.observe(timer.first_token - timer.start)
-            if timer.tokens > 1:
-                metrics.tpot.observe((end - timer.first_token) / (timer.tokens - 1))
+        metrics.e2e.observe(end - record.start)
+        metrics.prompt_tokens.inc(record.prompt_tokens)
+        metrics.generation_tokens.inc(record.tokens)
+        if record.first_token is not None:
+            metrics.ttft.observe(record.first_token - record.start)
+            if record.tokens > 1:
+                metrics.tpot.observe((end - record.first_token) / (record.tokens - 1))
         if metrics.adapter_requests is not None:
             for name, *_ in mix:
                 metrics.adapter_requests.labels(adapter=name).inc()
 
-    async def generate(self, request: Request, body: SamplingFields, prompt, chat: bool, max_tokens: int | None,
-                       logprobs: int | None, text_for_router: str):
-        engine, config = self.engine, self.config
-        timer = RequestTimer()  # from arrival: routing counts towards time to first token
+    async def generate(self, request: Request, body: SamplingFields, prompt: Prompt, chat: bool,
+                       max_tokens: int | None, logprobs: int | None):
+        """Check cheaply, admit, tokenise (off the event loop), route or name the mix, submit, stream or collect."""
+        record = RequestRecord()  # from arrival: routing counts towards time to first token
         sampling = self.build_sampling(body, max_tokens, logprobs)
-        async_engine = self.state.running_engine()
-        # Tokenize here, not on the engine thread, and hold prompts to the server's limit.
-        prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else prompt
-        if config.max_prompt_tokens is not None and len(prompt_ids) > config.max_prompt_tokens:
+        self.state.running_engine()
+        self.check_prompt_size(prompt.chars, prompt.param)
+        admission = self.state.admit()
+        try:
+            return await self._admitted(request, body, prompt, chat, sampling, logprobs, record, admission)
+        except BaseException:
+            admission.release()
+            raise
+
+    async def _admitted(self, request: Request, body: SamplingFields, prompt: Prompt, chat: bool,
+                        sampling: SamplingParams, logprobs: int | None, record: RequestRecord, admission: Admission):
+        engine = self.engine
+        prompt_ids = await self.off_loop(prompt.token_ids)
+        if len(prompt_ids) > self.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most "
-                                f"{config.max_prompt_tokens}", "prompt", "context_length_exceeded")
-        # Counted by the engine's live streams: a stream that no client reads still ends with its request.
-        if async_engine.num_requests >= config.max_concurrent_requests:
-            raise APIError(429, f"the server is at its limit of {config.max_concurrent_requests} concurrent "
-                                "requests; retry shortly", None, "overloaded", {"Retry-After": "1"})
+                                f"{self.max_prompt_tokens}", prompt.param, "context_length_exceeded")
         decision = None
         if body.model == "auto" or body.router is not None:
-            decision = await self.route(body, text_for_router)
+            decision = await self.route(body, await self.off_loop(prompt.router_text))
 
             def mix(e: Engine) -> LoraMix:  # on the engine thread as the request is added: a fusion is held at once
                 return decision.lora_mix(e.store)
@@ -132,80 +184,83 @@ class Generation:
             mix = self.named_mix(body)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
-            stream = await async_engine.submit(request_id, prompt_ids, sampling, mix)
+            stream = await self.state.running_engine().submit(request_id, prompt_ids, sampling, mix)
         except Exception:
             self.metrics.requests.labels(status="rejected").inc()
             raise
         mix = stream.lora_mix
+
+        closed = False
+
+        async def close() -> None:  # however the response ends: abort what runs, count it, free the place
+            nonlocal closed
+            if not closed:
+                closed = True
+                await stream.aclose()
+                admission.release()
+                self.finish_request(record, mix)
+
         ctx = ResponseContext(request_id, body.model, chat, mix, engine.tokenizer, logprobs is not None,
                               decision.to_json() if decision else None)
         headers = {"x-loramux-adapters": adapters_header(mix), "x-request-id": request_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self.stream_events(stream, ctx, timer, include_usage, mix),
-                                     media_type="text/event-stream", headers=headers)
-        return await self.collect(request, stream, ctx, timer, mix, headers)
+            return ClosingStreamingResponse(self.stream_events(stream, ctx, record, include_usage), close,
+                                            media_type="text/event-stream", headers=headers)
+        try:
+            return await self.collect(request, stream, ctx, record, headers)
+        finally:
+            await close()
 
-    def observe(self, out, timer: RequestTimer) -> None:
-        timer.saw(len(out.new_token_ids))
+    def observe(self, out: RequestOutput, record: RequestRecord) -> None:
+        record.saw(out)
         if out.queue_seconds is not None:
             self.metrics.queue_wait.observe(out.queue_seconds)
 
-    async def stream_events(self, stream: RequestStream, ctx: ResponseContext, timer: RequestTimer,
-                            include_usage: bool, mix: LoraMix):
+    async def stream_events(self, stream: RequestStream, ctx: ResponseContext, record: RequestRecord,
+                            include_usage: bool):
+        """SSE chunks, then [DONE]; an engine failure or the end of the shutdown grace period becomes an
+        OpenAI-format error event followed by [DONE]. Clean-up is the response's `on_close`."""
         choices: dict[int, RequestOutput] = {}
-        prompt_tokens, status = 0, "aborted"
         try:
             async for out in stream:
-                self.observe(out, timer)
-                prompt_tokens = out.num_prompt_tokens
+                self.observe(out, record)
                 choice = choices.setdefault(out.index, RequestOutput.accumulator(out))
                 first, offset = choice.num_output_tokens == 0, len(choice.new_text)
                 choice.merge(out)
                 if out.new_text or out.finished or out.logprobs or first:
                     yield ctx.chunk(out.index, out.new_text, out.finish_reason, out.logprobs, offset, first)
             if include_usage:
-                yield ctx.usage_chunk(prompt_tokens, sum(c.num_output_tokens for c in choices.values()))
+                yield ctx.usage_chunk(record.prompt_tokens, sum(c.num_output_tokens for c in choices.values()))
             yield SSE_DONE
-            status = "success"
+            record.status = "success"
         except RequestFailedError as exc:
-            status = "error"
+            record.status = "error"
             yield sse({"error": {"message": str(exc), "type": STATUS_TYPE[exc.status], "param": None,
                                  "code": exc.code}})
             yield SSE_DONE
-        finally:
-            await stream.aclose()
-            self.finish_request(timer, status, prompt_tokens, mix)
 
-    async def collect(self, request: Request, stream: RequestStream, ctx: ResponseContext, timer: RequestTimer,
-                      mix: LoraMix, headers: dict):
+    async def collect(self, request: Request, stream: RequestStream, ctx: ResponseContext, record: RequestRecord,
+                      headers: dict):
         choices: dict[int, RequestOutput] = {}
-        prompt_tokens = 0
 
         async def drain() -> None:
-            nonlocal prompt_tokens
             async for out in stream:
-                self.observe(out, timer)
-                prompt_tokens = out.num_prompt_tokens
+                self.observe(out, record)
                 choices.setdefault(out.index, RequestOutput.accumulator(out)).merge(out)
 
         task = asyncio.ensure_future(drain())
-        status = "aborted"
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                return Response(status_code=499)
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-                    return Response(status_code=499)
-            try:
-                task.result()
-            except RequestFailedError as exc:
-                status = "error"
-                retry = {"Retry-After": "5"} if isinstance(exc, EngineDeadError) else None
-                raise APIError(exc.status, str(exc), None, exc.code, retry) from exc
-            status = "success"
-            body = ctx.full_body([choices[i] for i in sorted(choices)], prompt_tokens)
-            return OrjsonResponse(body, headers=headers)
-        finally:
-            await stream.aclose()
-            self.finish_request(timer, status, prompt_tokens, mix)
+            task.result()
+        except RequestFailedError as exc:
+            record.status = "error"
+            retry = {"Retry-After": "5"} if isinstance(exc, EngineDeadError) else None
+            raise APIError(exc.status, str(exc), None, exc.code, retry) from exc
+        record.status = "success"
+        body = ctx.full_body([choices[i] for i in sorted(choices)], record.prompt_tokens)
+        return OrjsonResponse(body, headers=headers)

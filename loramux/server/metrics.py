@@ -8,7 +8,7 @@ counters only with `--metrics-per-adapter`.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from loramux.engine import Engine
@@ -76,6 +76,8 @@ class ServerMetrics:
                               buckets=FAST_BUCKETS)
         self.page_in = Histogram("loramux_adapter_page_in_seconds", "Adapter page-in time (host side)",
                                  registry=r, buckets=FAST_BUCKETS)
+        self.admitted = Gauge("loramux_requests_admitted", "HTTP requests admitted and not yet answered in full",
+                              registry=r)
         self.requests = Counter("loramux_requests", "Requests by final status", ["status"], registry=r)
         self.prompt_tokens = Counter("loramux_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("loramux_generation_tokens", "Tokens generated", registry=r)

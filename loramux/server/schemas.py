@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, AllowInfNan, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import StrictStr
 
-Number = StrictFloat | StrictInt
+from loramux.engine.sequence import MAX_SEED
+
+# JSON as Python parses it allows NaN, Infinity and 1e999 (= inf): no field takes them.
+Number = Annotated[StrictFloat, AllowInfNan(False)] | StrictInt
+
+MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_ADAPTER_WEIGHT = 100.0  # beyond this a mixture only overflows the activations
+
+
+def _encodable(value: str) -> str:
+    """Refuse unpaired surrogates ("\\ud800" in JSON): the tokenizer cannot encode them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains an unpaired UTF-16 surrogate at position {exc.start}") from None
+    return value
+
+
+def _no_nul(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+PathText = Annotated[StrictStr, AfterValidator(_encodable), AfterValidator(_no_nul)]
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_encodable)]
 
 
 class Strict(BaseModel):
@@ -14,8 +43,8 @@ class Strict(BaseModel):
 
 
 class AdapterRef(Strict):
-    name: StrictStr
-    weight: Number = 1.0
+    name: Text
+    weight: Number = Field(1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT)
     rank_lo: StrictInt = Field(0, ge=0)
     rank_hi: StrictInt | None = Field(None, ge=1)
 
@@ -36,38 +65,38 @@ class StreamOptions(Strict):
 class SamplingFields(Strict):
     """Fields shared by completions and chat completions."""
 
-    model: StrictStr
+    model: Text
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: Number = Field(1.0, ge=0, le=2)
     top_p: Number = Field(1.0, gt=0, le=1)
     n: StrictInt = Field(1, ge=1, le=16)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: Number = 0.0
     frequency_penalty: Number = 0.0
-    user: StrictStr | None = None
+    user: Text | None = None
     # Extensions, as in vLLM.
     top_k: StrictInt = Field(0, ge=0)
     min_p: Number = Field(0.0, ge=0, le=1)
     ignore_eos: StrictBool = False
-    stop_token_ids: list[StrictInt] | None = None
-    adapters: list[StrictStr | AdapterRef] | None = None
+    stop_token_ids: list[StrictInt] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    adapters: list[Text | AdapterRef] | None = None
     router: RouterOptions | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | list[StrictInt]
+    prompt: Text | list[StrictInt]
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool = False
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
 
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: StrictStr | list[dict] | None = None
-    name: StrictStr | None = None
+    content: Text | list[dict] | None = None  # text parts are checked by the chat route
+    name: Text | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -78,8 +107,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class LoadAdapterRequest(Strict):
-    name: StrictStr
-    path: StrictStr
-    description: StrictStr = ""
-    examples: list[StrictStr] = Field(default_factory=list)
+    name: PathText
+    path: PathText
+    description: Text = ""
+    examples: list[Text] = Field(default_factory=list)
     replace: StrictBool = False

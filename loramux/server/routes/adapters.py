@@ -1,4 +1,4 @@
-"""Adapter management: list, describe, upload, load from a server path, delete.
+"""Adapter management: list, describe, upload, load from a server path, delete (keys: middleware.ApiKeyAuth).
 
 Uploads and loads do their slow part (parse, validate, sha256, cast, write
 and fsync) on a worker thread; the engine thread only checks the name and
@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from loramux.engine import Engine
 from loramux.server.errors import APIError
 from loramux.server.schemas import LoadAdapterRequest
-from loramux.server.state import ServerState, check_key
+from loramux.server.state import ServerState
 
 
 def describe(e: Engine, name: str) -> dict:
@@ -35,26 +35,22 @@ def adapters_router(state: ServerState) -> APIRouter:
     config = state.config
 
     @api.get("/v1/adapters")
-    async def list_adapters(request: Request):
-        check_key(request, state.user_keys)
+    async def list_adapters():
         return {"object": "list", "data": await state.running_engine().call(
             lambda e: [describe(e, name) for name in sorted(e.store.records)])}
 
     @api.get("/v1/adapters/{name}")
-    async def get_adapter(name: str, request: Request):
-        check_key(request, state.user_keys)
+    async def get_adapter(name: str):
         return await state.running_engine().call(lambda e: describe(e, name))
 
     @api.delete("/v1/adapters/{name}")
-    async def delete_adapter(name: str, request: Request):
-        check_key(request, state.admin_keys)
+    async def delete_adapter(name: str):
         await state.running_engine().call(lambda e: e.remove_adapter(name))
         await routable(state)
         return {"id": name, "object": "adapter", "deleted": True}
 
     @api.post("/v1/adapters", status_code=201)
     async def upload_adapter(request: Request):
-        check_key(request, state.admin_keys)
         form = await request.form(max_files=2, max_fields=16)
         try:
             name = form.get("name")
@@ -79,8 +75,7 @@ def adapters_router(state: ServerState) -> APIRouter:
         return described
 
     @api.post("/v1/adapters/load", status_code=201)
-    async def load_adapter(body: LoadAdapterRequest, request: Request):
-        check_key(request, state.admin_keys)
+    async def load_adapter(body: LoadAdapterRequest):
         if config.adapter_load_root is None:
             raise APIError(400, "loading adapters from server paths is disabled (start with --adapter-load-root)",
                            "path", "load_disabled")
