@@ -1,6 +1,7 @@
 """LoraRetriever-style routing: embed the request, find the nearest experts' keys, select or compose them."""
 
 from loramux.router.embedders import Embedder, build_embedder
+from loramux.router.calibration import card_margin, generic_similarity, load_prompts
 from loramux.router.index import ExpertIndex, build_key
 from loramux.router.router import Router, RoutingDecision, softmax_weights
 
@@ -9,9 +10,9 @@ def attach_router(engine) -> Router:
     """A router over the engine's store, kept up to date as adapters are registered and deleted."""
     config = engine.config.router
     router = Router(build_embedder(config.embedder, engine), config, engine.store.records)
-    engine.store.change_listeners.append(router.update)
+    engine.store.change_listeners.append(router.update)  # called on the engine thread: update only queues work
     return router
 
 
 __all__ = ["Embedder", "ExpertIndex", "Router", "RoutingDecision", "attach_router", "build_embedder",
-           "build_key", "softmax_weights"]
+           "build_key", "card_margin", "generic_similarity", "load_prompts", "softmax_weights"]

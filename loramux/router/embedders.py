@@ -30,7 +30,6 @@ MAX_TOKENS = 256  # longer texts are cut: the task is evident from the start of 
 
 class Embedder(Protocol):
     name: str
-    default_threshold: float  # calibrated on the demo experts (docs/router.md): routed task prompts score above it
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """texts -> [N, D] float32, each row of unit length."""
@@ -48,11 +47,10 @@ def minilm_path() -> Path:
 class SentenceEmbedder:
     """A BERT-style sentence encoder from a local folder: mean of token states over the mask."""
 
-    def __init__(self, folder: Path, name: str = "minilm", default_threshold: float = 0.0):
+    def __init__(self, folder: Path, name: str = "minilm"):
         from transformers import AutoModel, AutoTokenizer
 
         self.name = name
-        self.default_threshold = default_threshold
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
         self._lock = threading.Lock()  # fast tokenizers refuse concurrent calls on one instance
@@ -72,7 +70,6 @@ class BaseModelEmbedder:
     """Mean-pooled final hidden states of the served base model (no LoRA)."""
 
     name = "base"
-    default_threshold = 0.9
 
     def __init__(self, model, tokenizer):
         self.model = model  # loramux.engine.model.CausalLM
@@ -91,7 +88,7 @@ class BaseModelEmbedder:
 def build_embedder(kind: str, engine) -> Embedder:
     """`minilm`, `base`, or a path to a local sentence-encoder folder."""
     if kind == "minilm":
-        return SentenceEmbedder(minilm_path(), default_threshold=0.5)
+        return SentenceEmbedder(minilm_path())
     if kind == "base":
         return BaseModelEmbedder(engine.model, engine.tokenizer)
     folder = Path(kind).expanduser()
