@@ -18,11 +18,13 @@ model" key and a classifier.
 
 from __future__ import annotations
 
+import functools
 import math
 from importlib import resources
 
 import torch
 
+GENERIC_PROMPTS_FILE = "generic_prompts.txt"
 GENERIC_NEIGHBOURS = 3  # generic prompts averaged into a prompt's generic similarity
 
 
@@ -30,6 +32,12 @@ def load_prompts(filename: str) -> list[str]:
     """Prompts from a file in loramux/router/data: one per line, '#' lines are comments."""
     text = resources.files("loramux.router").joinpath("data", filename).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@functools.lru_cache(maxsize=4)
+def embedded_generic_prompts(embedder) -> torch.Tensor:
+    """The bundled generic prompts embedded by `embedder`: [G, D]; computed once per embedder."""
+    return embedder.embed(load_prompts(GENERIC_PROMPTS_FILE))
 
 
 def generic_similarity(queries: torch.Tensor, generic: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:

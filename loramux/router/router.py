@@ -30,7 +30,7 @@ import torch
 
 from loramux.adapters_store.registry import AdapterRecord
 from loramux.config import RouterConfig
-from loramux.router.calibration import card_margin, generic_similarity, load_prompts
+from loramux.router.calibration import card_margin, embedded_generic_prompts, generic_similarity
 from loramux.router.embedders import Embedder
 from loramux.router.index import ExpertIndex, embed_card, key_of
 from loramux.router.worker import UpdateWorker
@@ -38,8 +38,7 @@ from loramux.router.worker import UpdateWorker
 logger = logging.getLogger(__name__)
 
 FUSION_WEIGHT_STEP = 0.05  # fusion weights are rounded to this so one cached fusion serves many requests
-UPDATE_WAIT_SECONDS = 60.0  # a request waits at most this long for pending index updates
-GENERIC_PROMPTS_FILE = "generic_prompts.txt"
+UPDATE_WAIT_SECONDS = 120.0  # a request waits at most this long for pending index updates
 
 
 @dataclass
@@ -131,7 +130,7 @@ class Router:
                     embedder.name)
 
     def _embed_generic_prompts(self) -> None:
-        self.generic = self.embedder.embed(load_prompts(GENERIC_PROMPTS_FILE))
+        self.generic = embedded_generic_prompts(self.embedder)
 
     def update(self, name: str, record: AdapterRecord | None) -> None:
         """Re-key and recalibrate one adapter after it was registered or replaced (record), or forget it
