@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from loramux.adapters_store.registry import AdapterRecord
 from loramux.adapters_store.synthetic import write_random_adapter
 from loramux.config import CacheConfig, EngineConfig, ModelConfig, RouterConfig, SchedulerConfig, StoreConfig
 from loramux.engine import Engine, SamplingParams
@@ -105,6 +106,42 @@ def compare_rules(router: Router, store_records: dict, items, general: list[str]
     return {"sweep": sweeps, "best": {rule: best_point(points) for rule, points in sweeps.items()}}
 
 
+def synthetic_records(count: int, seed: int) -> dict[str, AdapterRecord]:
+    """`count` expert cards composed from generic topics (no weights: the router reads only cards)."""
+    rng = random.Random(seed)
+    records = {}
+    for i in range(count):
+        topic = rng.choice(DISTRACTOR_TOPICS)
+        records[f"synthetic-{i}"] = AdapterRecord(
+            name=f"synthetic-{i}", path="", base_model=None, rank=2, alpha=4.0, target_modules=["q_proj"],
+            size_bytes=0, checksum="", description=f"Helps with {topic}.",
+            examples=[e.format(t=topic) for e in rng.sample(DISTRACTOR_EXAMPLES, 3)])
+    return records
+
+
+def benchmark_latency(embedder, records: dict[str, AdapterRecord], prompts: list[str], repeats: int) -> dict:
+    """Router latency per request, one at a time on one torch thread, over `records` (the bundled experts and
+    synthetic ones): wall-clock and the routing thread's CPU time (less disturbed by a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        router = Router(embedder, RouterConfig(), records)
+        router.wait_for_updates(None)
+        wall, cpu = [], []
+        for _ in range(repeats):
+            for prompt in prompts:
+                start_cpu = time.thread_time()
+                wall.append(router.route(prompt).seconds)
+                cpu.append(time.thread_time() - start_cpu)
+    finally:
+        torch.set_num_threads(threads)
+    summary = {}
+    for name, values in (("wall_ms", wall), ("cpu_ms", cpu)):
+        summary[name] = {"mean": 1e3 * sum(values) / len(values), "p50": 1e3 * percentile(values, 0.5),
+                         "p99": 1e3 * percentile(values, 0.99)}
+    return {"experts": len(records), "requests": len(wall), "torch_threads": 1, **summary}
+
+
 def routed_mixes(engine: Engine, router: Router, items, strategy: str, k: int) -> list[tuple]:
     """The lora_mix the server would use for every prompt under one strategy."""
     return [router.route(prompt, strategy=strategy, top_k=k).lora_mix(engine.store) for _, prompt, _ in items]
@@ -144,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--embedders", default="minilm,base", help="first one drives the task-accuracy runs")
     parser.add_argument("--distractors", type=int, default=500)
+    parser.add_argument("--latency-experts", type=int, default=500,
+                        help="registered experts (bundled + synthetic cards) for the latency benchmark; 0: none")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--skip-generation", action="store_true", help="routing numbers only")
     parser.add_argument("--out", default="loadtest/results/eval_router.json")
@@ -180,6 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     report["no_expert_rules"] = compare_rules(main_router, engine.store.records, items, general)
     if args.plot:
         plot_tradeoff(report["no_expert_rules"]["sweep"], main_router.config.margin, Path(args.plot))
+    if args.latency_experts:
+        records = {**engine.store.records, **synthetic_records(args.latency_experts - len(experts), args.seed)}
+        report["latency"] = benchmark_latency(main_router.embedder, records,
+                                              [p for _, p, _ in items] + general, repeats=2)
+        logger.info("latency with %d experts: %s", len(records), report["latency"])
 
     if not args.skip_generation:
         runs = {"base": [()] * len(items), "oracle": [((task, 1.0),) for task, _, _ in items],
@@ -220,6 +264,11 @@ def format_report(report: dict) -> str:
                                         f"{d['latency_ms']['p99']:.1f}")
         lines.append(f"| {kind} | {r['accuracy']:.3f} | {r['task_routed_right']:.3f} | {r['general_to_base']:.3f} | "
                      f"{r['latency_ms']['mean']:.1f} / {r['latency_ms']['p99']:.1f} | {with_d} |")
+    if "latency" in report:
+        lat = report["latency"]
+        lines += ["", f"router latency, {lat['experts']} experts, {lat['requests']} requests, 1 torch thread: "
+                      f"wall p50 {lat['wall_ms']['p50']:.1f} ms, p99 {lat['wall_ms']['p99']:.1f} ms; "
+                      f"CPU p50 {lat['cpu_ms']['p50']:.1f} ms, p99 {lat['cpu_ms']['p99']:.1f} ms"]
     lines += ["", "| rule | best setting | task prompts routed right | general prompts to base |", "|---|---|---|---|"]
     for rule, p in report["no_expert_rules"]["best"].items():
         lines.append(f"| {rule} | {p['setting']:g} | {p['task_routed_right']:.3f} | {p['general_to_base']:.3f} |")
