@@ -5,6 +5,7 @@ bundled generic prompts (loramux/router/data/generic_prompts.txt). Each has
 one setting, swept to trace its trade-off between task prompts routed to the
 right expert and general prompts left to the base model:
 
+- global_threshold: one cosine threshold for all experts (loramux before this rule).
 - per_expert_threshold: a cosine threshold per expert, between the top of the
   generic prompts' similarities to its key (99th percentile) and the lowest
   leave-one-out similarity of its own card texts; setting = where between (0..1).
@@ -28,6 +29,7 @@ from loramux.router.calibration import card_margin, generic_similarity, leave_on
 from loramux.router.index import key_of
 
 SETTINGS = {
+    "global_threshold": [0.6 + i / 50 for i in range(0, 9)],
     "per_expert_threshold": [i / 10 for i in range(0, 11)],
     "base_key_margin": [i / 100 for i in range(-10, 21, 2)],
     "classifier": [i / 2 for i in range(-6, 7)],
@@ -78,6 +80,8 @@ class RuleScores:
 
     def accept(self, rule: str, setting: float, queries: torch.Tensor) -> torch.Tensor:
         best, index = self.nearest(queries)
+        if rule == "global_threshold":
+            return best >= setting
         if rule == "per_expert_threshold":
             threshold = (1 - setting) * self.threshold_low + setting * self.threshold_high
             return best >= threshold[index]
@@ -126,6 +130,8 @@ def plot_tradeoff(sweeps: dict[str, list[dict]], default_setting: float, path: P
                   markersize=3, label=rule, linewidth=2.5 if rule == "calibrated_margin" else 1.2)
     left.axhline(0.95, color="grey", linestyle=":")
     left.axvline(0.90, color="grey", linestyle=":")
+    left.set_xlim(0.6, 1.01)
+    left.set_ylim(0.75, 1.01)
     left.set_xlabel("general prompts answered by the base model")
     left.set_ylabel("task prompts routed to the right expert")
     left.set_title("candidate rules, each swept over its setting")
