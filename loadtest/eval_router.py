@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind in args.embedders.split(","):
         start = time.perf_counter()
         routers[kind] = Router(build_embedder(kind, engine), RouterConfig(embedder=kind), engine.store.records)
-        engine.store.change_listeners.append(routers[kind].update)
+        engine.store.change_listeners.append(routers[kind].queue_update)
         routers[kind].wait_for_updates(None)
         report["routing"][kind] = evaluate_routing(routers[kind], items, general)
         report["routing"][kind]["index_seconds"] = time.perf_counter() - start

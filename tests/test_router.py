@@ -124,7 +124,7 @@ def test_index_follows_store_registrations_replacements_and_deletions(tiny_llama
                                   targets=("q_proj",))
     embedder = TableEmbedder({"up": [1, 0, 0], "rev": [0, 1, 0], "q": [0.1, 1, 0]})
     router = Router(embedder, RouterConfig(), engine.store.records)
-    engine.store.change_listeners.append(router.update)
+    engine.store.change_listeners.append(router.queue_update)
     engine.add_adapter("a", str(folder), {"description": "up", "examples": []})
     engine.add_adapter("b", str(folder), {"description": "", "examples": ["rev"]})
     assert router.route("q").experts[0][0] == "b"  # a route waits for the updates submitted before it

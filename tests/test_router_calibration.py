@@ -107,17 +107,17 @@ def test_an_uploaded_expert_is_calibrated_and_takes_its_prompts(embedder, bundle
     router = Router(embedder, RouterConfig(), bundled_records)
     before = router.route(FRENCH_PROMPT)
     assert before.experts == []
-    router.update("french", card_record("french", FRENCH_CARD))  # what the store's change listener does
+    router.queue_update("french", card_record("french", FRENCH_CARD))  # the store's change listener
     after = router.route(FRENCH_PROMPT)  # waits for the update
     assert [name for name, _, _ in after.experts] == ["french"]
     # Its own examples look like generic requests (the generic set asks for translations too), so
-    # calibration lowered the margin it needs below the setting; the prompt passes only because of that.
+    # calibration lowered the margin it needs below the setting.
     required = after.required_margins["french"]
     assert required == pytest.approx(reference_card_margin(embedder, card_record("french", FRENCH_CARD)), abs=2e-4)
     assert required < router.config.margin
     assert Router(embedder, RouterConfig(), {}).route(FRENCH_PROMPT).reason == "no routable experts are registered"
     assert router.route(ORDINARY_CHAT[0]).experts == []  # ordinary chat still goes to the base model
-    router.update("french", None)
+    router.queue_update("french", None)
     assert router.route(FRENCH_PROMPT).experts == [] and router.wait_for_updates()
     assert "french" not in router.index
 

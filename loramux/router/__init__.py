@@ -10,7 +10,7 @@ def attach_router(engine) -> Router:
     """A router over the engine's store, kept up to date as adapters are registered and deleted."""
     config = engine.config.router
     router = Router(build_embedder(config.embedder, engine), config, engine.store.records)
-    engine.store.change_listeners.append(router.update)  # called on the engine thread: update only queues work
+    engine.store.change_listeners.append(router.queue_update)
     return router
 
 

@@ -125,17 +125,23 @@ class Router:
         self._updates = UpdateWorker()
         self._updates.submit(self._embed_generic_prompts)
         for name, record in list(records.items()):
-            self.update(name, record)
+            self.queue_update(name, record)
         logger.info("router: indexing %d experts with the %s embedder in the background", len(records),
                     embedder.name)
 
     def _embed_generic_prompts(self) -> None:
         self.generic = embedded_generic_prompts(self.embedder)
 
-    def update(self, name: str, record: AdapterRecord | None) -> None:
+    def queue_update(self, name: str, record: AdapterRecord | None) -> None:
         """Re-key and recalibrate one adapter after it was registered or replaced (record), or forget it
-        (None). Called on the engine thread: the work is queued for the update worker."""
+        (None), on the update worker. The store's change listener: it runs on the engine thread and returns
+        at once."""
         self._updates.submit(lambda: self._apply(name, record))
+
+    def update(self, name: str, record: AdapterRecord | None) -> None:
+        """`queue_update`, returning once the change is in the index."""
+        self.queue_update(name, record)
+        self.wait_for_updates()
 
     def wait_for_updates(self, timeout: float | None = UPDATE_WAIT_SECONDS) -> bool:
         """True once every update submitted so far is in the index."""
