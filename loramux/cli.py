@@ -100,7 +100,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           store_dir=args.adapter_store, adapters=dict(args.adapter), adapter_dirs=adapter_dirs),
         router=RouterConfig(enabled=not args.no_router, embedder=args.router_embedder, strategy=args.router_strategy,
                             top_k=args.router_top_k, temperature=args.router_temperature,
-                            threshold=args.router_threshold, margin=args.router_margin, max_fused=args.router_max_fused),
+                            threshold=args.router_threshold, margin=args.router_margin,
+                            max_fused=args.router_max_fused),
         seed=args.seed,
     )
 

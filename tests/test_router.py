@@ -1,4 +1,4 @@
-"""Router units: expert keys, top-k search, threshold, each strategy's weights, index updates, embedders."""
+"""Router units: keys, top-k search, calibrated rule and threshold, strategy weights, worker updates, embedders."""
 
 from __future__ import annotations
 
@@ -189,7 +189,8 @@ def test_router_flags_reach_the_config_and_bad_values_are_refused():
                                       "--router-margin", "0.05"])
     router = engine_config_from_args(args).router
     assert (router.strategy, router.top_k, router.threshold, router.temperature) == ("fusion", 3, 0.4, 0.2)
-    assert router.margin == 0.05 and engine_config_from_args(build_parser().parse_args(["serve"])).router.threshold is None
+    assert router.margin == 0.05
+    assert engine_config_from_args(build_parser().parse_args(["serve"])).router.threshold is None
     with pytest.raises(ValueError, match="router-margin"):
         RouterConfig(margin=2.0)
     with pytest.raises(ValueError, match="router-temperature"):
@@ -217,3 +218,18 @@ def test_decisions_become_mixes_and_only_multi_expert_fusions_are_built(three_ex
     decision = router.route("q-mid", strategy="fusion", top_k=2)
     assert decision.lora_mix(Store()) == (("fusion-x", 1.0, 0, None),) and decision.adapter == "fusion-x"
     assert built[0][0] == ["upper", "reverse"] and sum(built[0][1]) == pytest.approx(1.0)
+
+
+def test_update_worker_runs_jobs_in_order_and_survives_a_failing_one(caplog):
+    from loramux.router.worker import UpdateWorker
+
+    worker, done, release = UpdateWorker("test-updates"), [], threading.Event()
+    worker.submit(release.wait)  # holds the worker until the test lets it go
+    worker.submit(lambda: done.append(1))
+    worker.submit(lambda: 1 / 0)
+    worker.submit(lambda: done.append(2))
+    assert not worker.wait(timeout=0.2) and worker.pending == 4 and done == []
+    release.set()
+    with caplog.at_level(logging.ERROR, logger="loramux.router.worker"):
+        assert worker.wait(timeout=10)
+    assert done == [1, 2] and worker.pending == 0 and "router update failed" in caplog.text

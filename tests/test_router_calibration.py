@@ -26,7 +26,8 @@ TASK_PROMPTS = {
     "add_numbers": "Tell me what 7 and 72 make when summed.",
     "number_to_words": "What is 970 spelled with letters?",
     "date_to_iso": "Convert the calendar date 19 November 2030 to the YYYY-MM-DD layout.",
-    "json_extract": "Select the named property from the object: {\"food\": \"magnet\", \"pet\": \"engine\"} Field: food",
+    "json_extract": ("Select the named property from the object: {\"food\": \"magnet\", \"pet\": \"engine\"} "
+                     "Field: food"),
     "sentiment": "Was the writer happy or unhappy? The weather today was horrible.",
     "capital": "Name Poland's capital.",
 }
