@@ -65,6 +65,7 @@ class RoutingDecision:
         return ((self.adapter, 1.0, 0, None),)
 
     def candidate_json(self, name: str, similarity: float) -> dict:
+        """One candidate, with its margin and required margin under the calibrated rule."""
         out = {"name": name, "similarity": round(similarity, 6)}
         if self.generic_similarity is not None:
             out["margin"] = round(similarity - self.generic_similarity, 6)
