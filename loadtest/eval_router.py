@@ -1,9 +1,13 @@
 """Evaluate the router and the bundled demo experts on held-out phrasings.
 
-    python -m loadtest.eval_router [--per-task 20] [--embedders minilm,base] [--distractors 500]
+    python -m loadtest.eval_router [--per-task 20] [--embedders minilm,base] [--distractors 500] [--plot PNG]
 
 Reports, per task and overall:
-- routing top-1 accuracy and router latency for each embedder;
+- routing top-1 accuracy and router latency for each embedder, and with its
+  default (calibrated) rule: task prompts routed to the right expert, general
+  prompts (loramux/router/data/general_heldout.txt) left to the base model;
+- the candidate no-expert rules of loadtest/no_expert_rules.py swept over
+  their settings (first embedder), with a plot (--plot);
 - exact-match task accuracy of the base model alone, the oracle expert,
   router `select`, `mixture` (k = 2, 3) and `fusion` (k = 2), with the first
   embedder of --embedders;
@@ -26,12 +30,15 @@ from pathlib import Path
 
 import torch
 
+from loramux.adapters_store.registry import AdapterRecord
 from loramux.adapters_store.synthetic import write_random_adapter
 from loramux.config import CacheConfig, EngineConfig, ModelConfig, RouterConfig, SchedulerConfig, StoreConfig
 from loramux.engine import Engine, SamplingParams
 from loramux.experts import BUNDLED_EXPERTS_DIR
 from loramux.experts.tasks import TASKS
-from loramux.router import Router, build_embedder
+from loramux.router import Router, build_embedder, load_prompts
+from loramux.router.index import embed_card
+from loadtest.no_expert_rules import RuleScores, best_point, plot_tradeoff, sweep
 
 logger = logging.getLogger("eval_router")
 
@@ -43,16 +50,6 @@ DISTRACTOR_TOPICS = (
     "cybersecurity", "volcanoes", "fashion trends", "quantum physics", "sailing", "beekeeping",
     "customer service emails", "job interviews", "meditation", "travel in Japan", "film criticism",
     "kitchen plumbing", "electric cars", "wedding planning",
-)
-# Requests no demo expert is for: how often the default threshold leaves them to the base model.
-GENERAL_PROMPTS = (
-    "Tell me a joke about cats.", "Write a haiku about the sea.", "What is machine learning?",
-    "Hello, how are you today?", "Explain how photosynthesis works.", "Give me a recipe for pancakes.",
-    "Who wrote Hamlet?", "Summarize the plot of Star Wars.", "Translate 'good morning' into French.",
-    "What should I cook tonight?", "Describe the water cycle.", "Why is the sky blue?",
-    "Suggest a name for my new puppy.", "How do I change a flat tyre?", "What are the rules of chess?",
-    "Write a limerick about a programmer.", "Recommend a good science fiction novel.",
-    "How far away is the Moon?", "What causes earthquakes?", "Plan a three-day trip to Rome.",
 )
 DISTRACTOR_EXAMPLES = ("Tell me something interesting about {t}.", "Write a short paragraph on {t}.",
                        "What should a beginner know about {t}?", "Give me three tips about {t}.",
@@ -75,25 +72,74 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def evaluate_routing(router: Router, items: list[tuple[str, str, str]]) -> dict:
-    """Top-1 routing accuracy per task and overall, the router's latency per request, and how often the
-    default threshold hands task prompts and general prompts to the base model."""
+def evaluate_routing(router: Router, items: list[tuple[str, str, str]], general: list[str]) -> dict:
+    """Top-1 routing accuracy per task and overall, the router's latency per request, and with the
+    router's default rule: task prompts routed to the right expert, general prompts left to the base model."""
     hits: dict[str, list[bool]] = {}
+    routed_right: dict[str, list[bool]] = {}
     seconds = []
-    task_fallbacks = 0
     for task, prompt, _ in items:
         decision = router.route(prompt, strategy="select")
         seconds.append(decision.seconds)
         hits.setdefault(task, []).append(bool(decision.candidates) and decision.candidates[0][0] == task)
-        task_fallbacks += not decision.experts
-    per_task = {task: sum(h) / len(h) for task, h in hits.items()}
-    task_fallback = task_fallbacks / len(items)
-    general_fallback = sum(router.route(p).experts == [] for p in GENERAL_PROMPTS) / len(GENERAL_PROMPTS)
-    return {"accuracy": sum(sum(h) for h in hits.values()) / len(items), "per_task": per_task,
-            "threshold": router.threshold, "task_prompts_to_base": task_fallback,
-            "general_prompts_to_base": general_fallback,
+        routed_right.setdefault(task, []).append(bool(decision.experts) and decision.experts[0][0] == task)
+    general_decisions = [router.route(p) for p in general]
+    seconds += [d.seconds for d in general_decisions]
+    return {"accuracy": sum(sum(h) for h in hits.values()) / len(items),
+            "per_task": {task: sum(h) / len(h) for task, h in hits.items()},
+            "margin": router.config.margin,
+            "task_routed_right": sum(sum(h) for h in routed_right.values()) / len(items),
+            "task_routed_right_per_task": {task: sum(h) / len(h) for task, h in routed_right.items()},
+            "general_to_base": sum(not d.experts for d in general_decisions) / len(general),
+            "general_not_to_base": [(p, d.experts[0][0]) for p, d in zip(general, general_decisions) if d.experts],
             "latency_ms": {"mean": 1e3 * sum(seconds) / len(seconds), "p50": 1e3 * percentile(seconds, 0.5),
                            "p99": 1e3 * percentile(seconds, 0.99)}}
+
+
+def compare_rules(router: Router, store_records: dict, items, general: list[str]) -> dict:
+    """The candidate no-expert rules swept over their settings, on the router's embeddings of the cards."""
+    cards = {name: embed_card(router.embedder, r.description, r.examples) for name, r in store_records.items()
+             if not r.fused_from and (r.description or r.examples)}
+    scores = RuleScores(cards, router.generic)
+    sweeps = sweep(scores, router.embedder.embed([p for _, p, _ in items]), [t for t, _, _ in items],
+                   router.embedder.embed(general))
+    return {"sweep": sweeps, "best": {rule: best_point(points) for rule, points in sweeps.items()}}
+
+
+def synthetic_records(count: int, seed: int) -> dict[str, AdapterRecord]:
+    """`count` expert cards composed from generic topics (no weights: the router reads only cards)."""
+    rng = random.Random(seed)
+    records = {}
+    for i in range(count):
+        topic = rng.choice(DISTRACTOR_TOPICS)
+        records[f"synthetic-{i}"] = AdapterRecord(
+            name=f"synthetic-{i}", path="", base_model=None, rank=2, alpha=4.0, target_modules=["q_proj"],
+            size_bytes=0, checksum="", description=f"Helps with {topic}.",
+            examples=[e.format(t=topic) for e in rng.sample(DISTRACTOR_EXAMPLES, 3)])
+    return records
+
+
+def benchmark_latency(embedder, records: dict[str, AdapterRecord], prompts: list[str], repeats: int) -> dict:
+    """Router latency per request, one at a time on one torch thread, over `records` (the bundled experts and
+    synthetic ones): wall-clock and the routing thread's CPU time (less disturbed by a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        router = Router(embedder, RouterConfig(), records)
+        router.wait_for_updates(None)
+        wall, cpu = [], []
+        for _ in range(repeats):
+            for prompt in prompts:
+                start_cpu = time.thread_time()
+                wall.append(router.route(prompt).seconds)
+                cpu.append(time.thread_time() - start_cpu)
+    finally:
+        torch.set_num_threads(threads)
+    summary = {}
+    for name, values in (("wall_ms", wall), ("cpu_ms", cpu)):
+        summary[name] = {"mean": 1e3 * sum(values) / len(values), "p50": 1e3 * percentile(values, 0.5),
+                         "p99": 1e3 * percentile(values, 0.99)}
+    return {"experts": len(records), "requests": len(wall), "torch_threads": 1, **summary}
 
 
 def routed_mixes(engine: Engine, router: Router, items, strategy: str, k: int) -> list[tuple]:
@@ -135,9 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--embedders", default="minilm,base", help="first one drives the task-accuracy runs")
     parser.add_argument("--distractors", type=int, default=500)
+    parser.add_argument("--latency-experts", type=int, default=500,
+                        help="registered experts (bundled + synthetic cards) for the latency benchmark; 0: none")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--skip-generation", action="store_true", help="routing numbers only")
     parser.add_argument("--out", default="loadtest/results/eval_router.json")
+    parser.add_argument("--plot", default="docs/figures/router_no_expert.png", help="trade-off plot ('' for none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("loramux").setLevel(logging.WARNING)
@@ -148,10 +197,12 @@ def main(argv: list[str] | None = None) -> None:
         store=StoreConfig(max_loras=16, adapter_dirs=[args.experts_dir]),
         router=RouterConfig(max_fused=1024)))  # every fusion is built before the runs: none may be evicted
     items = heldout_set(args.per_task, args.seed)
+    general = load_prompts("general_heldout.txt")
     experts = sorted(engine.store.records)
     report: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                    "experts": experts, "prompts": len(items), "per_task": args.per_task, "seed": args.seed,
+                    "experts": experts, "prompts": len(items), "general_prompts": len(general),
+                    "per_task": args.per_task, "seed": args.seed,
                     "routing": {}, "tasks": {}}
     logger.info("%d experts, %d held-out prompts", len(experts), len(items))
 
@@ -159,11 +210,20 @@ def main(argv: list[str] | None = None) -> None:
     for kind in args.embedders.split(","):
         start = time.perf_counter()
         routers[kind] = Router(build_embedder(kind, engine), RouterConfig(embedder=kind), engine.store.records)
-        engine.store.change_listeners.append(routers[kind].update)
-        report["routing"][kind] = evaluate_routing(routers[kind], items)
+        engine.store.change_listeners.append(routers[kind].queue_update)
+        routers[kind].wait_for_updates(None)
+        report["routing"][kind] = evaluate_routing(routers[kind], items, general)
         report["routing"][kind]["index_seconds"] = time.perf_counter() - start
         logger.info("routing %s: %.3f", kind, report["routing"][kind]["accuracy"])
     main_router = routers[args.embedders.split(",")[0]]
+    report["no_expert_rules"] = compare_rules(main_router, engine.store.records, items, general)
+    if args.plot:
+        plot_tradeoff(report["no_expert_rules"]["sweep"], main_router.config.margin, Path(args.plot))
+    if args.latency_experts:
+        records = {**engine.store.records, **synthetic_records(args.latency_experts - len(experts), args.seed)}
+        report["latency"] = benchmark_latency(main_router.embedder, records,
+                                              [p for _, p, _ in items] + general, repeats=2)
+        logger.info("latency with %d experts: %s", len(records), report["latency"])
 
     if not args.skip_generation:
         runs = {"base": [()] * len(items), "oracle": [((task, 1.0),) for task, _, _ in items],
@@ -182,7 +242,9 @@ def main(argv: list[str] | None = None) -> None:
             register_distractors(engine, args.distractors, Path(tmp), args.seed)
             report["distractors"] = {"count": args.distractors, "register_seconds": time.perf_counter() - start}
             for kind, router in routers.items():  # their indexes took the distractors in as they registered
-                report["distractors"][kind] = evaluate_routing(router, items)
+                router.wait_for_updates(None)
+                report["distractors"][f"{kind}_index_seconds"] = time.perf_counter() - start
+                report["distractors"][kind] = evaluate_routing(router, items, general)
                 logger.info("routing %s with %d distractors: %.3f", kind, args.distractors,
                             report["distractors"][kind]["accuracy"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -194,13 +256,22 @@ def format_report(report: dict) -> str:
     """Markdown tables: routing accuracy/latency per embedder, task accuracy per configuration."""
     tasks = [task.name for task in TASKS]
     lines = [f"machine: {report['machine']}; {report['prompts']} held-out prompts ({report['per_task']} per task)", "",
-             "| embedder | routing acc | with distractors | latency mean / p99 (ms) | threshold | "
-             "task prompts to base | general prompts to base |", "|---|---|---|---|---|---|---|"]
+             "| embedder | routing top-1 | task prompts routed right | general prompts to base | "
+             "latency mean / p99 (ms) | with distractors: top-1, routed right, p99 (ms) |", "|---|---|---|---|---|---|"]
     for kind, r in report["routing"].items():
-        with_d = report.get("distractors", {}).get(kind, {}).get("accuracy")
-        lines.append(f"| {kind} | {r['accuracy']:.3f} | {'-' if with_d is None else f'{with_d:.3f}'} | "
-                     f"{r['latency_ms']['mean']:.1f} / {r['latency_ms']['p99']:.1f} | {r['threshold']} | "
-                     f"{r['task_prompts_to_base']:.3f} | {r['general_prompts_to_base']:.3f} |")
+        d = report.get("distractors", {}).get(kind)
+        with_d = "-" if d is None else (f"{d['accuracy']:.3f}, {d['task_routed_right']:.3f}, "
+                                        f"{d['latency_ms']['p99']:.1f}")
+        lines.append(f"| {kind} | {r['accuracy']:.3f} | {r['task_routed_right']:.3f} | {r['general_to_base']:.3f} | "
+                     f"{r['latency_ms']['mean']:.1f} / {r['latency_ms']['p99']:.1f} | {with_d} |")
+    if "latency" in report:
+        lat = report["latency"]
+        lines += ["", f"router latency, {lat['experts']} experts, {lat['requests']} requests, 1 torch thread: "
+                      f"wall p50 {lat['wall_ms']['p50']:.1f} ms, p99 {lat['wall_ms']['p99']:.1f} ms; "
+                      f"CPU p50 {lat['cpu_ms']['p50']:.1f} ms, p99 {lat['cpu_ms']['p99']:.1f} ms"]
+    lines += ["", "| rule | best setting | task prompts routed right | general prompts to base |", "|---|---|---|---|"]
+    for rule, p in report["no_expert_rules"]["best"].items():
+        lines.append(f"| {rule} | {p['setting']:g} | {p['task_routed_right']:.3f} | {p['general_to_base']:.3f} |")
     if report["tasks"]:
         runs = list(report["tasks"])
         lines += ["", "| task | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]

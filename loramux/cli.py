@@ -75,9 +75,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--router-top-k", type=int, default=r.top_k, help="experts blended by mixture and fusion")
     g.add_argument("--router-temperature", type=float, default=r.temperature,
                    help="softmax temperature over similarities (mixture and fusion weights)")
+    g.add_argument("--router-margin", type=float, default=r.margin,
+                   help="how far an expert's similarity must exceed the prompt's similarity to the bundled "
+                        "generic prompts (capped per expert by its card's calibration); below it the base "
+                        "model answers")
     g.add_argument("--router-threshold", type=float, default=r.threshold,
-                   help="cosine similarity below which the base model answers alone "
-                        "(default: the embedder's calibrated value, 0.5 for minilm)")
+                   help="use a plain cosine-similarity threshold instead of the calibrated margin")
     g.add_argument("--router-max-fused", type=int, default=r.max_fused, help="fusions cached in the store")
 
 
@@ -100,7 +103,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           store_dir=args.adapter_store, adapters=dict(args.adapter), adapter_dirs=adapter_dirs),
         router=RouterConfig(enabled=not args.no_router, embedder=args.router_embedder, strategy=args.router_strategy,
                             top_k=args.router_top_k, temperature=args.router_temperature,
-                            threshold=args.router_threshold, max_fused=args.router_max_fused),
+                            threshold=args.router_threshold, margin=args.router_margin,
+                            max_fused=args.router_max_fused),
         seed=args.seed,
     )
 

@@ -114,7 +114,8 @@ class RouterConfig:
     strategy: str = "select"  # select, mixture or fusion
     top_k: int = 2  # experts blended by mixture and fusion
     temperature: float = 0.1  # softmax temperature over similarities
-    threshold: float | None = None  # cosine similarity below which the base model answers; None: the embedder's
+    threshold: float | None = None  # a plain cosine threshold instead of the calibrated rule
+    margin: float = 0.08  # calibrated rule: how far an expert must beat generic prompts (loramux/router/calibration.py)
     max_fused: int = 16  # fusions cached in the store
 
     def __post_init__(self) -> None:
@@ -124,6 +125,7 @@ class RouterConfig:
         _require(self.temperature > 0, "--router-temperature must be positive")
         _require(self.threshold is None or -1.0 <= self.threshold <= 1.0,
                  "--router-threshold is a cosine similarity in [-1, 1]")
+        _require(-1.0 <= self.margin <= 1.0, "--router-margin is a difference of cosines in [-1, 1]")
         _require(self.max_fused > 0, "--router-max-fused must be positive")
 
 

@@ -1,9 +1,10 @@
-"""Router units: expert keys, top-k search, threshold, each strategy's weights, index updates, embedders."""
+"""Router units: keys, top-k search, calibrated rule and threshold, strategy weights, worker updates, embedders."""
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import pytest
 import torch
@@ -17,18 +18,20 @@ from tests.conftest import make_engine
 
 
 class TableEmbedder:
-    """Maps each known text to a fixed vector (normalised), so similarities are chosen by the test."""
+    """Maps each known text to a fixed vector (normalised), so similarities are chosen by the test; every
+    other text (the bundled generic prompts) lies on an axis of its own, orthogonal to all of them."""
 
     name = "table"
-    default_threshold = 0.25
 
     def __init__(self, table: dict[str, list[float]]):
         self.table = table
-        self.calls: list[str] = []
+        self.threads: set[str] = set()  # the threads that embedded something
 
     def embed(self, texts):
-        self.calls += texts
-        return torch.nn.functional.normalize(torch.tensor([self.table[t] for t in texts], dtype=torch.float32), dim=-1)
+        self.threads.add(threading.current_thread().name)
+        rows = [[*self.table[t], 0.0] if t in self.table else [0.0] * len(next(iter(self.table.values()))) + [1.0]
+                for t in texts]
+        return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
 
 
 def record(name: str, description: str = "", examples: list[str] | None = None) -> AdapterRecord:
@@ -39,7 +42,7 @@ def record(name: str, description: str = "", examples: list[str] | None = None) 
 def test_key_is_the_normalised_mean_of_normalised_card_embeddings():
     embedder = TableEmbedder({"e1": [3.0, 0.0, 0.0], "e2": [0.0, 0.5, 0.0], "desc": [0.0, 0.0, 2.0]})
     key = build_key(embedder, "desc", ["e1", "e2"])
-    expected = torch.tensor([1.0, 1.0, 1.0]) / math.sqrt(3)  # unit vectors averaged: lengths must not weigh in
+    expected = torch.tensor([1.0, 1.0, 1.0, 0.0]) / math.sqrt(3)  # unit vectors averaged: lengths must not weigh in
     torch.testing.assert_close(key, expected)
     assert build_key(embedder, "", []) is None
     assert build_key(embedder, "desc", []) is not None  # a description alone still makes a key
@@ -54,11 +57,11 @@ def test_top_k_matches_a_brute_force_ranking_and_follows_updates():
     query = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
     scores = [(float(keys[i] @ query), f"e{i}") for i in range(300)]
     expected = [name for _, name in sorted(scores, reverse=True)[:5]]
-    assert [name for name, _ in index.search(query, 5)] == expected
+    assert [name for name, *_ in index.search(query, 5)] == expected
     index.remove(expected[0])
-    assert [name for name, _ in index.search(query, 4)] == expected[1:]
-    index.put(expected[3], -query)  # re-keying replaces, it does not duplicate
-    assert len(index) == 299 and index.search(query, 300)[-1] == (expected[3], pytest.approx(-1.0))
+    assert [name for name, *_ in index.search(query, 4)] == expected[1:]
+    index.put(expected[3], -query, card_margin=0.01)  # re-keying replaces, it does not duplicate
+    assert len(index) == 299 and index.search(query, 300)[-1] == (expected[3], pytest.approx(-1.0), 0.01)
     assert index.search(query, 1000)[0][0] == expected[1]
 
 
@@ -79,11 +82,14 @@ def test_select_picks_the_nearest_expert_with_weight_one(three_experts):
     assert decision.experts[0][2] == pytest.approx(0.9 / math.sqrt(0.91))
 
 
-def test_threshold_hands_the_request_to_the_base_model(three_experts):
+def test_calibrated_rule_and_threshold_hand_the_request_to_the_base_model(three_experts):
     embedder, records = three_experts
-    router = Router(embedder, RouterConfig(), records)
-    far = router.route("q-far")
-    assert far.experts == [] and far.candidates and far.threshold == embedder.default_threshold
+    router = Router(embedder, RouterConfig(margin=0.5), records)
+    far = router.route("q-far")  # similarity < 0 = its similarity to the generic prompts
+    assert far.experts == [] and far.candidates and far.threshold is None and far.generic_similarity == 0.0
+    assert far.to_json()["base_model"] and "calibrated margin is 0.500" in far.to_json()["reason"]
+    assert router.route("q-up").experts[0][0] == "upper"  # 0.94 - 0 >= 0.5
+    assert Router(embedder, RouterConfig(margin=0.95), records).route("q-up").experts == []
     assert router.route("q-up", threshold=0.99).experts == []  # per request
     assert Router(embedder, RouterConfig(threshold=0.99), records).route("q-up").experts == []  # per server
 
@@ -118,17 +124,22 @@ def test_index_follows_store_registrations_replacements_and_deletions(tiny_llama
                                   targets=("q_proj",))
     embedder = TableEmbedder({"up": [1, 0, 0], "rev": [0, 1, 0], "q": [0.1, 1, 0]})
     router = Router(embedder, RouterConfig(), engine.store.records)
-    engine.store.change_listeners.append(router.update)
+    engine.store.change_listeners.append(router.queue_update)
     engine.add_adapter("a", str(folder), {"description": "up", "examples": []})
     engine.add_adapter("b", str(folder), {"description": "", "examples": ["rev"]})
-    assert router.route("q").experts[0][0] == "b"
+    assert router.route("q").experts[0][0] == "b"  # a route waits for the updates submitted before it
     engine.add_adapter("b", str(folder), {"description": "up", "examples": []}, replace=True)
+    assert router.wait_for_updates()
     assert router.index.search(embedder.embed(["q"])[0], 1)[0][1] == pytest.approx(0.1 / math.sqrt(1.01))
     engine.remove_adapter("b")
-    assert router.index.names == ["a"]
+    assert router.wait_for_updates() and router.index.names == ["a"]
+    embedder.threads.clear()
     with caplog.at_level(logging.WARNING, logger="loramux.router.router"):
+        engine.add_adapter("c", str(folder), {"description": "rev", "examples": []})
         engine.add_adapter("blank", str(folder), {"description": "", "examples": []})
+        assert router.wait_for_updates()
     assert "blank" not in router.index and "blank" in caplog.text
+    assert embedder.threads == {"router-updates"}  # cards are embedded off the registering (engine) thread
     name = engine.store.fuse(["a"], [1.0])
     assert name in engine.store and name not in router.index  # fusions are never routed to
 
@@ -174,9 +185,14 @@ def test_router_flags_reach_the_config_and_bad_values_are_refused():
     from loramux.cli import build_parser, engine_config_from_args
 
     args = build_parser().parse_args(["serve", "--router-strategy", "fusion", "--router-top-k", "3",
-                                      "--router-threshold", "0.4", "--router-temperature", "0.2"])
+                                      "--router-threshold", "0.4", "--router-temperature", "0.2",
+                                      "--router-margin", "0.05"])
     router = engine_config_from_args(args).router
     assert (router.strategy, router.top_k, router.threshold, router.temperature) == ("fusion", 3, 0.4, 0.2)
+    assert router.margin == 0.05
+    assert engine_config_from_args(build_parser().parse_args(["serve"])).router.threshold is None
+    with pytest.raises(ValueError, match="router-margin"):
+        RouterConfig(margin=2.0)
     with pytest.raises(ValueError, match="router-temperature"):
         RouterConfig(temperature=0)
     with pytest.raises(ValueError, match="router-threshold"):
@@ -202,3 +218,18 @@ def test_decisions_become_mixes_and_only_multi_expert_fusions_are_built(three_ex
     decision = router.route("q-mid", strategy="fusion", top_k=2)
     assert decision.lora_mix(Store()) == (("fusion-x", 1.0, 0, None),) and decision.adapter == "fusion-x"
     assert built[0][0] == ["upper", "reverse"] and sum(built[0][1]) == pytest.approx(1.0)
+
+
+def test_update_worker_runs_jobs_in_order_and_survives_a_failing_one(caplog):
+    from loramux.router.worker import UpdateWorker
+
+    worker, done, release = UpdateWorker("test-updates"), [], threading.Event()
+    worker.submit(release.wait)  # holds the worker until the test lets it go
+    worker.submit(lambda: done.append(1))
+    worker.submit(lambda: 1 / 0)
+    worker.submit(lambda: done.append(2))
+    assert not worker.wait(timeout=0.2) and worker.pending == 4 and done == []
+    release.set()
+    with caplog.at_level(logging.ERROR, logger="loramux.router.worker"):
+        assert worker.wait(timeout=10)
+    assert done == [1, 2] and worker.pending == 0 and "router update failed" in caplog.text

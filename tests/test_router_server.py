@@ -75,10 +75,27 @@ def test_mixture_and_fusion_blend_the_top_experts(client):
     assert again["router"]["adapter"] == fused  # built once, then reused
 
 
+@pytest.mark.parametrize("prompt", ["Write a short poem about the sea.", "Why is the sky blue?"])
+def test_ordinary_chat_through_auto_is_answered_by_the_base_model_which_the_router_explains(server, client, prompt):
+    before = metric_values(server)
+    text, info = chat(client, prompt)
+    router = info["router"]
+    assert info["adapters"] == [] and router["experts"] == [] and router["base_model"] is True
+    assert router["rule"] == "calibrated" and router["threshold"] is None
+    closest = router["candidates"][0]
+    assert closest["margin"] < closest["required_margin"] <= router["margin"]
+    assert router["reason"].startswith("no expert covers this prompt") and closest["name"] in router["reason"]
+    base_text, base_info = chat(client, prompt, model="SmolLM2-135M-Instruct")
+    assert text == base_text and base_info["adapters"] == []  # greedy: the same answer as the base model's
+    key = ("loramux_router_decisions_total", (("adapter", "none"), ("strategy", "select")))
+    assert metric_values(server)[key] - before.get(key, 0.0) == 1
+
+
 def test_threshold_leaves_unmatched_requests_to_the_base_model(client):
     _, info = chat(client, UPPER_PROMPT, router={"threshold": 0.99})
     assert info["router"]["experts"] == [] and info["adapters"] == []
-    assert info["router"]["candidates"][0]["name"] == "uppercase"
+    assert info["router"]["candidates"][0]["name"] == "uppercase" and info["router"]["rule"] == "threshold"
+    assert "below the threshold 0.990" in info["router"]["reason"]
 
 
 def test_uploaded_expert_is_routable_at_once_and_gone_after_delete(server, client):

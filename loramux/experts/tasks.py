@@ -75,56 +75,64 @@ def _sentence(rng: random.Random, low: int, high: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
 
 
-def _upper(rng: random.Random) -> tuple[str, str]:
-    text = _sentence(rng, 3, 7)
+def _upper(rng: random.Random, wide: bool = False) -> tuple[str, str]:
+    text = _sentence(rng, 2, 10) if wide else _sentence(rng, 3, 7)
     if rng.random() < 0.3:  # some inputs are already partly capitalised
         text = text.capitalize() if rng.random() < 0.5 else text.title()
+    if wide and rng.random() < 0.4:  # digits and punctuation stay as they are
+        text += rng.choice((f" at {rng.randint(1, 12)} pm", "!", "?", f", {rng.randint(2, 99)} times", "."))
     return text, text.upper()
 
 
-def _reverse(rng: random.Random) -> tuple[str, str]:
-    words = _sentence(rng, 3, 6).split()
+def _reverse(rng: random.Random, wide: bool = False) -> tuple[str, str]:
+    words = (_sentence(rng, 2, 8) if wide else _sentence(rng, 3, 6)).split()
     return " ".join(words), " ".join(reversed(words))
 
 
-def _sort(rng: random.Random) -> tuple[str, str]:
-    numbers = [rng.randint(0, 99) for _ in range(rng.randint(4, 6))]
+def _sort(rng: random.Random, wide: bool = False) -> tuple[str, str]:
+    high = 999 if wide and rng.random() < 0.3 else 99
+    numbers = [rng.randint(0, high) for _ in range(rng.randint(3, 8) if wide else rng.randint(4, 6))]
     return ", ".join(map(str, numbers)), ", ".join(map(str, sorted(numbers)))
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+def _add(rng: random.Random, wide: bool = False) -> tuple[str, str]:
+    high = 999 if wide and rng.random() < 0.3 else 99
+    a, b = rng.randint(0, high), rng.randint(0, high)
     return f"{a} and {b}", str(a + b)
 
 
-def _spell(rng: random.Random) -> tuple[str, str]:
+def _spell(rng: random.Random, wide: bool = False) -> tuple[str, str]:
     n = rng.randint(0, 999)
     return str(n), number_in_words(n)
 
 
-def _date(rng: random.Random) -> tuple[str, str]:
+def _date(rng: random.Random, wide: bool = False) -> tuple[str, str]:
     year, month, day = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
     written = (f"{MONTHS[month - 1]} {day}, {year}" if rng.random() < 0.5
                else f"{day} {MONTHS[month - 1]} {year}")
     return written, f"{year:04d}-{month:02d}-{day:02d}"
 
 
-def _json_field(rng: random.Random) -> tuple[str, str]:
-    keys = rng.sample(("name", "city", "color", "pet", "food", "job", "sport"), 3)
+def _json_field(rng: random.Random, wide: bool = False) -> tuple[str, str]:
+    names = ("name", "city", "color", "pet", "food", "job", "sport", "car", "song", "tool", "drink", "hobby")
+    keys = rng.sample(names, rng.randint(2, 5)) if wide else rng.sample(names[:7], 3)
     record = {key: rng.choice(WORDS) for key in keys}
     key = rng.choice(keys)
     return f"{json.dumps(record)} Field: {key}", record[key]
 
 
-def _sentiment(rng: random.Random) -> tuple[str, str]:
+def _sentiment(rng: random.Random, wide: bool = False) -> tuple[str, str]:
     label = rng.choice(("positive", "negative"))
     adjective = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
     return f"{rng.choice(SUBJECTS)} was {adjective}.", label
 
 
-def _capital(rng: random.Random) -> tuple[str, str]:
+def _capital(rng: random.Random, wide: bool = False) -> tuple[str, str]:
     country = rng.choice(sorted(COUNTRY_CAPITALS))
     return country, COUNTRY_CAPITALS[country]
+
+
+WIDE_SHARE = 0.5  # share of training inputs drawn from the wider range
 
 
 @dataclass(frozen=True)
@@ -133,14 +141,17 @@ class Task:
 
     name: str
     description: str
-    make_input: Callable[[random.Random], tuple[str, str]]  # rng -> (input, exact answer)
+    make_input: Callable[..., tuple[str, str]]  # (rng, wide) -> (input, exact answer)
     train_phrasings: tuple[str, ...]
     heldout_phrasings: tuple[str, ...]
     train_steps: int = 120  # harder tasks get more
+    rank: int = 8  # harder tasks get 16 (the fp16 files stay under 4 MB)
 
     def sample(self, rng: random.Random, heldout: bool = False) -> tuple[str, str]:
-        """One (prompt, answer) pair with a random phrasing of the chosen split."""
-        text, answer = self.make_input(rng)
+        """One (prompt, answer) pair with a random phrasing of the chosen split. Training draws half of its
+        inputs from a wider range (lengths, digits, punctuation, more keys); held-out prompts never do, so
+        the evaluation's inputs stay those the shipped experts were measured on."""
+        text, answer = self.make_input(rng, not heldout and rng.random() < WIDE_SHARE)
         phrasing = rng.choice(self.heldout_phrasings if heldout else self.train_phrasings)
         return phrasing.format(x=text), answer
 
@@ -152,11 +163,15 @@ TASKS: tuple[Task, ...] = (
         "Change every letter to a capital letter: {x}", "Shout this text in caps: {x}",
         "Transform to upper-case letters: {x}", "Text: {x}\nOutput it in ALL CAPS.",
         "Capitalize every letter of: {x}", "Please uppercase: {x}", "Upper case version of \"{x}\"?",
+        "Can you write {x} in all capital letters?", "{x}\n\nCaps lock version please.",
+        "I need this in uppercase: {x}", "Make every character of this a capital: {x}",
+        "Return the upper-case form of the text: {x}", "Hey, could you capitalise all of this: {x}",
+        "Convert the sentence '{x}' to capitals.", "All caps: {x}",
     ), (
         "Turn the following into capitals only: {x}", "Give me \"{x}\" written with upper-case letters.",
         "{x} -- print this entirely in capitals", "Rewrite using only uppercase characters: {x}",
         "How does \"{x}\" look in block capitals?",
-    )),
+    ), train_steps=240),
     Task("reverse_words", "Reverses the order of the words in a sentence.", _reverse, (
         "Reverse the word order: {x}", "Write these words backwards, last word first: {x}",
         "Put the words in reverse order: {x}", "Reverse the sequence of words in: {x}",
@@ -164,35 +179,51 @@ TASKS: tuple[Task, ...] = (
         "Words: {x}\nReturn them in reversed order.", "Read this sentence backwards word by word: {x}",
         "Invert the order of words in \"{x}\"", "Reverse words: {x}",
         "Rearrange so the last word comes first and the first word last: {x}",
+        "Give me the words of \"{x}\" starting from the last one.", "Backwards word order please: {x}",
+        "Could you reverse the order of these words? {x}", "{x}\nNow write the same words, last to first.",
+        "Swap the word order around completely: {x}", "Reverse this list of words: {x}",
+        "Write the sentence with its words in reverse sequence: {x}", "Turn the word order around: {x}",
     ), (
         "Say these words in the opposite order: {x}", "{x} -- give the words from the end to the start",
         "What is \"{x}\" with its word order reversed?", "Mirror the word order of: {x}",
         "Output the words of this line in reverse: {x}",
-    ), train_steps=240),
+    ), train_steps=480, rank=16),
     Task("sort_numbers", "Sorts a list of integers in ascending order.", _sort, (
         "Sort these numbers in ascending order: {x}", "Sort from smallest to largest: {x}",
         "Order the list: {x}", "Arrange in increasing order: {x}", "{x}\nSort the numbers above.",
         "Put these integers in order, lowest first: {x}", "Numbers: {x}\nReturn them sorted.",
         "Sort ascending: {x}", "Rank these values from low to high: {x}",
         "Give the sorted version of the list [{x}]", "Reorder these numbers from least to greatest: {x}",
+        "Could you sort {x} for me?", "Sort the following values, smallest first: {x}",
+        "{x}\nPut them in ascending order.", "I have these numbers: {x}. Sort them.",
+        "Order from lowest to highest: {x}", "Arrange {x} in ascending sequence.",
+        "Sort this list of integers: [{x}]", "Please return {x} sorted in increasing order.",
     ), (
         "Can you put {x} in numerical order?", "List {x} starting with the smallest number.",
         "{x} -- order these values upward", "Which order do {x} go in from small to big?",
         "Arrange the integers {x} so they increase",
-    )),
+    ), train_steps=480, rank=16),
     Task("add_numbers", "Adds two integers and gives their sum.", _add, (
         "Add {x}.", "What is the sum of {x}?", "Compute the total of {x}.", "Calculate {x} added together.",
         "{x}: add them up.", "Sum {x}.", "Find the sum of the numbers {x}.", "Add together {x}.",
         "How much is {x} combined?", "Give the result of adding {x}.", "Addition: {x}",
+        "What do you get when you add {x}?", "Please add up {x}.", "{x} -- what is their sum?",
+        "Could you sum {x} for me?",
+        "Add the two numbers {x}.", "What is the total when adding {x}?", "Sum of {x}?",
+        "Numbers: {x}\nGive their sum.",
     ), (
         "Tell me what {x} make when summed.", "Work out the sum for {x}.",
         "If you add {x}, what do you get?", "Total up {x}", "Plus them: {x}",
-    )),
+    ), train_steps=360, rank=16),
     Task("number_to_words", "Spells an integer out in English words.", _spell, (
         "Write {x} in words.", "Spell out the number {x}.", "How do you write {x} in English words?",
         "Convert {x} to words.", "Number: {x}\nWrite it out in words.", "Express {x} in words.",
         "Spell {x}.", "Write the number {x} as English text.", "Give the word form of {x}.",
         "Turn the digits {x} into words.", "Say {x} in words.",
+        "How is {x} written in words?", "Please spell out {x} in English.",
+        "Write the number {x} out in full words.", "{x} in words, please.",
+        "Convert the number {x} into English words.", "Can you write {x} without digits?",
+        "Spell the number {x} out.", "What are the English words for {x}?",
     ), (
         "Write out {x} the way you would on a cheque.", "What is {x} spelled with letters?",
         "{x} -- English wording please", "Translate the numeral {x} into words.",
@@ -204,6 +235,10 @@ TASKS: tuple[Task, ...] = (
         "Rewrite {x} in ISO 8601 format.", "ISO format of {x}?", "Normalize the date {x}.",
         "Turn {x} into a YYYY-MM-DD string.", "Change the date {x} to numeric ISO form.",
         "What is {x} in ISO 8601?",
+        "Please convert {x} to ISO format.", "Write the date {x} in YYYY-MM-DD form.",
+        "{x}\nGive this date as YYYY-MM-DD.", "Convert {x} into ISO 8601.",
+        "What is the ISO 8601 form of {x}?", "Reformat {x} as an ISO date.", "Date to ISO: {x}",
+        "Could you give me {x} as a YYYY-MM-DD date?",
     ), (
         "Express the date {x} as year-month-day digits.", "{x} -- standard ISO date please",
         "Put {x} into the international date format.", "Machine-readable date for {x}?",
@@ -216,17 +251,25 @@ TASKS: tuple[Task, ...] = (
         "Parse this JSON and output the field value: {x}", "Return the field's value: {x}",
         "Look up the field in the JSON object: {x}", "Pull out the field value from: {x}",
         "Find the value of the key in this JSON: {x}",
+        "Get the requested field out of this JSON: {x}", "Given this JSON, what is the value? {x}",
+        "Return only the value of the field. {x}", "From this JSON record, extract the field: {x}",
+        "Please read the field from the JSON: {x}", "What does the JSON say for the field? {x}",
+        "Extract the value: {x}", "Look at this JSON and give me the field value. {x}",
     ), (
         "Which value is stored under the given key? {x}", "Answer with the key's value only. {x}",
         "Select the named property from the object: {x}", "Query the JSON record: {x}",
         "Read the key from this object and print its value: {x}",
-    )),
+    ), train_steps=240),
     Task("sentiment", "Labels the sentiment of a sentence as positive or negative.", _sentiment, (
         "Is the sentiment positive or negative? {x}", "Classify the sentiment: {x}",
         "Sentiment of this review: {x}", "Label as positive or negative: {x}",
         "{x}\nWhat is the sentiment of the text above?", "Is this review positive or negative? {x}",
         "Determine the sentiment: {x}", "Positive or negative? {x}", "Rate the tone of: {x}",
         "Sentiment analysis: {x}", "Does this sound positive or negative: {x}",
+        "Is the following positive or negative? {x}", "Tell me the sentiment: {x}",
+        "Classify this as positive or negative: {x}", "{x}\nPositive or negative?",
+        "What is the sentiment of this sentence? {x}", "Is this a positive or a negative review? {x}",
+        "Sentiment label for: {x}", "Would you call this positive or negative? {x}",
     ), (
         "Was the writer happy or unhappy? {x}", "{x} -- good or bad feeling?",
         "Tell me whether this opinion is favourable: {x}", "What attitude does this express? {x}",
@@ -238,6 +281,10 @@ TASKS: tuple[Task, ...] = (
         "Tell me the capital of {x}.", "{x}'s capital is?", "What city is {x}'s capital?",
         "The capital city of {x} is", "Give the capital of the country {x}.",
         "Where is the seat of government of {x}?",
+        "Which city is {x}'s capital?", "What is the capital city of {x}?", "Capital city of {x}?",
+        "Tell me the capital city of {x}.",
+        "Do you know the capital of {x}?", "{x}: what is its capital?", "What is {x}'s capital city?",
+        "Name the capital of {x}.",
     ), (
         "In which city does the government of {x} sit?", "{x} -- main political city?",
         "Name {x}'s capital.", "Which city serves as the capital for {x}?",

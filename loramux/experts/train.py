@@ -2,6 +2,10 @@
 
     python -m loramux.experts.train [--tasks uppercase,capital] [--out loramux/experts]
 
+Each task brings its own steps and rank (loramux/experts/tasks.py: the word-
+and number-reordering tasks and addition get rank 16 and 360-480 steps);
+--steps and --rank override them for every task.
+
 Fixed seeds and data generated here make every run the same on the same
 machine. Prompts go through the model's chat template exactly as the server
 renders a one-turn chat, and only the answer tokens (and the end-of-turn
@@ -27,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 EXPERTS_DIR = Path(__file__).resolve().parent
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-CARD_EXAMPLES = 8  # example prompts written to each card (training phrasings)
+CARD_EXAMPLES = 12  # example prompts written to each card (distinct training phrasings); the router calibrates
+# each expert from its card, so more examples give it a steadier margin
 
 
 def encode_example(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(task.name for task in TASKS))
     parser.add_argument("--out", default=str(EXPERTS_DIR))
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: each task's own)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: each task's own)")
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.tasks.split(","):
         task = TASKS_BY_NAME[name]
         train_expert(checkpoint.folder, checkpoint.tokenizer, task, Path(args.out) / name,
-                     rank=args.rank, steps=args.steps or task.train_steps, batch_size=args.batch_size, lr=args.lr,
+                     rank=args.rank or task.rank, steps=args.steps or task.train_steps, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed + TASKS.index(task))
 
 

@@ -1,6 +1,7 @@
 """LoraRetriever-style routing: embed the request, find the nearest experts' keys, select or compose them."""
 
 from loramux.router.embedders import Embedder, build_embedder
+from loramux.router.calibration import card_margin, generic_similarity, load_prompts
 from loramux.router.index import ExpertIndex, build_key
 from loramux.router.router import Router, RoutingDecision, softmax_weights
 
@@ -14,4 +15,4 @@ def attach_router(engine) -> Router:
 
 
 __all__ = ["Embedder", "ExpertIndex", "Router", "RoutingDecision", "attach_router", "build_embedder",
-           "build_key", "softmax_weights"]
+           "build_key", "card_margin", "generic_similarity", "load_prompts", "softmax_weights"]

