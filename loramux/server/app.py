@@ -55,13 +55,19 @@ class RequestTimer:
         self.tokens += new_tokens
 
 
-def _check_key(request: Request, keys: list[str]) -> None:
+def check_key(request: Request, keys: list[str]) -> None:
     if not keys:
         return
     header = request.headers.get("authorization", "")
     token = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
     if not token or not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
         raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", None, "invalid_api_key")
+
+
+def api_keys(config: ServerConfig) -> tuple[list[str], list[str]]:
+    """(keys for the API, keys for adapter management); empty: no key needed."""
+    user_keys = [k for k in (config.api_key, config.admin_api_key) if k]
+    return user_keys, [config.admin_api_key] if config.admin_api_key else user_keys
 
 
 def create_app(engine: Engine, config: ServerConfig, router: Router | None = None) -> FastAPI:
@@ -83,8 +89,7 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes,
                        upload_limit=engine.config.store.max_adapter_bytes + 2**20)
 
-    user_keys = [k for k in (config.api_key, config.admin_api_key) if k]
-    admin_keys = [config.admin_api_key] if config.admin_api_key else user_keys
+    user_keys, admin_keys = api_keys(config)
 
     def running_engine() -> AsyncEngine:
         if state.async_engine is None:
@@ -109,7 +114,7 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
     # ------------------------------------------------------------------ models
     @app.get("/v1/models")
     async def models(request: Request):
-        _check_key(request, user_keys)
+        check_key(request, user_keys)
         records = await running_engine().call(lambda e: list(e.store.records.values()))
         base = {"id": engine.model_id, "object": "model", "created": state.started, "owned_by": "loramux",
                 "root": engine.model_id, "parent": None, "max_model_len": engine.max_model_len}
@@ -279,7 +284,7 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        _check_key(request, user_keys)
+        check_key(request, user_keys)
         if body.echo or body.suffix is not None:
             raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix",
                            "unsupported_parameter")
@@ -290,7 +295,7 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        _check_key(request, user_keys)
+        check_key(request, user_keys)
         messages = []
         for i, m in enumerate(body.messages):
             content = m.content or ""
@@ -315,46 +320,32 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
 
     @app.get("/v1/adapters")
     async def list_adapters(request: Request):
-        _check_key(request, user_keys)
+        check_key(request, user_keys)
         return {"object": "list", "data": await running_engine().call(
             lambda e: [describe(e, name) for name in sorted(e.store.records)])}
 
     @app.get("/v1/adapters/{name}")
     async def get_adapter(name: str, request: Request):
-        _check_key(request, user_keys)
+        check_key(request, user_keys)
         return await running_engine().call(lambda e: describe(e, name))
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, request: Request):
-        _check_key(request, admin_keys)
+        check_key(request, admin_keys)
         await running_engine().call(lambda e: e.remove_adapter(name))
         return {"id": name, "object": "adapter", "deleted": True}
 
     @app.post("/v1/adapters", status_code=201)
     async def upload_adapter(request: Request):
-        _check_key(request, admin_keys)
-        form = await request.form(max_files=2, max_fields=16)
-        try:
-            name = form.get("name")
-            files = {key: form.get(key) for key in ("adapter_config.json", "adapter_model.safetensors")}
-            if not isinstance(name, str) or not name:
-                raise APIError(400, "the form field 'name' is required", "name")
-            for key, upload in files.items():
-                if upload is None or isinstance(upload, str):
-                    raise APIError(400, f"the file field {key!r} is required", key)
-            config_bytes = await files["adapter_config.json"].read()
-            weights_bytes = await files["adapter_model.safetensors"].read()
-            metadata = {"description": form.get("description") or "", "examples": _form_examples(form)}
-            replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
-        finally:
-            await form.close()
+        check_key(request, admin_keys)
+        name, config_bytes, weights_bytes, metadata, replace = await read_adapter_upload(request)
         await running_engine().call(
             lambda e: e.store.register_from_files(name, config_bytes, weights_bytes, metadata, replace=replace))
         return await running_engine().call(lambda e: describe(e, name))
 
     @app.post("/v1/adapters/load", status_code=201)
     async def load_adapter(body: LoadAdapterRequest, request: Request):
-        _check_key(request, admin_keys)
+        check_key(request, admin_keys)
         if config.adapter_load_root is None:
             raise APIError(400, "loading adapters from server paths is disabled (start with --adapter-load-root)",
                            "path", "load_disabled")
@@ -367,6 +358,26 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
         return await running_engine().call(lambda e: describe(e, body.name))
 
     return app
+
+
+async def read_adapter_upload(request: Request) -> tuple[str, bytes, bytes, dict, bool]:
+    """The multipart upload form: (name, config bytes, weights bytes, card metadata, replace)."""
+    form = await request.form(max_files=2, max_fields=16)
+    try:
+        name = form.get("name")
+        files = {key: form.get(key) for key in ("adapter_config.json", "adapter_model.safetensors")}
+        if not isinstance(name, str) or not name:
+            raise APIError(400, "the form field 'name' is required", "name")
+        for key, upload in files.items():
+            if upload is None or isinstance(upload, str):
+                raise APIError(400, f"the file field {key!r} is required", key)
+        config_bytes = await files["adapter_config.json"].read()
+        weights_bytes = await files["adapter_model.safetensors"].read()
+        metadata = {"description": form.get("description") or "", "examples": _form_examples(form)}
+        replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
+    finally:
+        await form.close()
+    return name, config_bytes, weights_bytes, metadata, replace
 
 
 def _form_examples(form) -> list:
