@@ -194,7 +194,8 @@ def cmd_serve_cluster(args: argparse.Namespace) -> int:
             engine_config.store.adapter_dirs.append(store_dir)
     cluster = ClusterConfig(num_replicas=args.num_replicas, num_cpus_per_replica=args.num_cpus_per_replica,
                             num_gpus_per_replica=args.num_gpus_per_replica,
-                            max_adapters_per_replica=args.max_adapters_per_replica, ray_address=args.ray_address)
+                            max_adapters_per_replica=args.max_adapters_per_replica, ray_address=args.ray_address,
+                            adapter_affinity=not args.no_adapter_affinity)
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before Ray's threads start: they inherit the mask
     start_cluster(engine_config, server_config_from_args(args), cluster, s3)
@@ -214,6 +215,8 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
                    help="1 on GPU machines (default 0: CPU replicas)")
     g.add_argument("--max-adapters-per-replica", type=int, default=None,
                    help="adapters a replica advertises for affinity routing (default: --max-loras)")
+    g.add_argument("--no-adapter-affinity", action="store_true",
+                   help="place requests on the least loaded replica whatever their adapter (for comparison)")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
 
 

@@ -120,6 +120,7 @@ class ClusterConfig:
     max_adapters_per_replica: int | None = None  # adapters a replica advertises for affinity; None: --max-loras
     ray_address: str | None = None  # None: start a local Ray cluster (or join RAY_ADDRESS)
     metrics_report_seconds: float = 2.0  # replicas push their metrics to the ingress this often
+    adapter_affinity: bool = True  # False: place every request on the least loaded replica (for comparison)
 
     def __post_init__(self) -> None:
         _require(self.num_replicas > 0, "--num-replicas must be positive")

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
 from contextlib import contextmanager
 
+from loadtest.server_process import free_port
+
 AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from loramux.config import (CacheConfig, ClusterConfig, EngineConfig, ModelConfi
                             ServerConfig, StoreConfig)
 from loramux.engine import Engine, SamplingParams
 from tests.conftest import metric_values
-from tests.s3_server import free_port
+from loadtest.server_process import free_port
 
 pytestmark = pytest.mark.slow  # a Ray cluster and two engine processes: about a minute on 2 cores
 

@@ -58,6 +58,7 @@ class ClusterIngress:
         self.replicas = replicas
         self.router_config = router_config
         self.report_seconds = cluster_config.metrics_report_seconds
+        self.affinity = cluster_config.adapter_affinity
         self.router = None
         self.model_id: str | None = None
         self._checksums: dict[str, str] = {}
@@ -144,7 +145,7 @@ class ClusterIngress:
                             media_type="application/json", headers={"Retry-After": "5"})
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_HEADERS]
         headers.append(("content-length", str(len(raw))))
-        handle = self.replicas.options(stream=True, multiplexed_model_id=adapter)
+        handle = self.replicas.options(stream=True, multiplexed_model_id=adapter if self.affinity else "")
         last_error: Exception | None = None
         for attempt in range(ATTEMPTS):
             parts = handle.handle.remote(request.method, path, request.url.query, headers, raw)
