@@ -235,7 +235,7 @@ def test_a_corrupt_object_is_refused(s3_endpoint, engines, adapter_files, tmp_pa
     boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=bucket, Key=key, Body=adapter_files[1][1][:-7])
     asyncio.run(reader.sync_once())
     assert "fine" in engines[1].store and "broken" not in engines[1].store
-    assert "sha256" in reader.errors["broken"]
+    assert reader.errors["broken"].code == "corrupt" and "sha256" in str(reader.errors["broken"])
     assert not (reader.store.cache_dir / "broken" / manifest.version).exists()
     # A manifest that is not JSON is refused with a clear error too.
     boto3.client("s3", endpoint_url=s3_endpoint).put_object(

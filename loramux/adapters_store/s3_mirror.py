@@ -42,7 +42,7 @@ class S3AdapterMirror:
         self.call = call
         self.poll_seconds = poll_seconds
         self.served: dict[str, str] = {}  # adapter name -> version registered in the engine
-        self.errors: dict[str, str] = {}  # adapter name -> why its current version is refused
+        self.errors: dict[str, AdapterError] = {}  # adapter name -> why its current version is refused
         self.last_sync: float | None = None  # time.time() of the last complete sync
         self.last_error: str | None = None  # the store's error while it is unreachable
 
@@ -91,9 +91,9 @@ class S3AdapterMirror:
         except AdapterStoreUnavailable:
             raise
         except AdapterError as exc:
-            if self.errors.get(name) != str(exc):
+            if str(self.errors.get(name)) != str(exc):
                 logger.error("adapter %s version %s refused: %s", name, manifest.version, exc)
-            self.errors[name] = str(exc)
+            self.errors[name] = exc
             if exc.code != "in_use":  # an adapter in use is replaced at a later poll, once it is free
                 self.store.drop_cached(name, keep=self.served.get(name))
 
@@ -123,8 +123,8 @@ class S3AdapterMirror:
             await self.call(lambda e: self._check_free(e, name))
         manifest = await asyncio.to_thread(self.store.upload, name, config_bytes, weights_bytes, metadata, replace)
         await self._install(manifest)
-        if name in self.errors:
-            raise AdapterError("in_use" if "in use" in self.errors[name] else "invalid_adapter", self.errors[name])
+        if name in self.errors:  # published, but this engine could not take it (e.g. the old one is in use)
+            raise self.errors[name]
 
     async def delete(self, name: str) -> None:
         """Unpublish from the bucket and stop serving here at once."""
