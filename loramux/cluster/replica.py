@@ -88,7 +88,7 @@ class EngineReplica:
     async def ready(self) -> dict:
         """The base model id and the adapters' records (the ingress routes `auto` over their cards)."""
         await self._started()
-        records = await self.app.state.loramux.async_engine.call(lambda e: dict(e.store.records))
+        records = await self.app.state.loramux.running_engine().call(lambda e: dict(e.store.records))
         return {"model_id": self.engine.model_id, "replica": self.replica_id,
                 "records": {n: r for n, r in records.items() if not r.fused_from}}
 

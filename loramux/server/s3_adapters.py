@@ -15,18 +15,18 @@ from fastapi import APIRouter, FastAPI, Request
 
 from loramux.adapters_store.s3_mirror import S3AdapterMirror
 from loramux.adapters_store.s3_store import S3AdapterStore
-from loramux.server.app import api_keys, check_key, read_adapter_upload
+from loramux.server.routes.adapters import read_adapter_upload
+from loramux.server.state import check_key
 
 
 def attach_s3_store(app: FastAPI, store: S3AdapterStore, poll_seconds: float) -> None:
     state = app.state.loramux
-    _, admin_keys = api_keys(state.config)
     serve_app_lifespan = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(app_: FastAPI):
         async with serve_app_lifespan(app_):
-            mirror = S3AdapterMirror(store, state.async_engine.call, poll_seconds)
+            mirror = S3AdapterMirror(store, state.running_engine().call, poll_seconds)
             app.state.s3_mirror = mirror
             await mirror.start()
             task = asyncio.create_task(mirror.run())
@@ -39,15 +39,15 @@ def attach_s3_store(app: FastAPI, store: S3AdapterStore, poll_seconds: float) ->
 
     @router.post("/v1/adapters", status_code=201)
     async def upload_adapter(request: Request):
-        check_key(request, admin_keys)
+        check_key(request, state.admin_keys)
         name, config_bytes, weights_bytes, metadata, replace = await read_adapter_upload(request)
         await app.state.s3_mirror.upload(name, config_bytes, weights_bytes, metadata, replace)
-        record = await state.async_engine.call(lambda e: e.store.get(name))
+        record = await state.running_engine().call(lambda e: e.store.get(name))
         return record.to_json() | {"store": store.url}
 
     @router.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, request: Request):
-        check_key(request, admin_keys)
+        check_key(request, state.admin_keys)
         await app.state.s3_mirror.delete(name)
         return {"id": name, "object": "adapter", "deleted": True}
 
