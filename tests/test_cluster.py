@@ -90,6 +90,13 @@ def test_requests_for_an_adapter_stay_on_the_replica_that_served_it(cluster):
     assert set(served) == set(first.values()) and sum(served.values()) == 4 * len(ADAPTERS)
 
 
+def test_adapter_changes_need_a_shared_store(cluster, adapter_dirs):
+    r = httpx.delete(cluster + "/v1/adapters/" + ADAPTERS[0])
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_shared_store"
+    listed = httpx.get(cluster + "/v1/adapters").json()["data"]
+    assert ADAPTERS[0] in {a["name"] for a in listed}
+
+
 def test_32_concurrent_streams_over_8_adapters_equal_one_engine(cluster, reference):
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 40000) for _ in range(rng.randrange(3, 20))] for _ in range(32)]

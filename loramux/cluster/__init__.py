@@ -32,7 +32,7 @@ def build_cluster_app(engine_config: EngineConfig, server_config: ServerConfig, 
     ingress = serve.deployment(ClusterIngress, name=INGRESS_DEPLOYMENT, num_replicas=1,
                                max_ongoing_requests=100_000, ray_actor_options={"num_cpus": INGRESS_CPUS})
     replicas = replica.bind(engine_config, server_config, cluster_config, s3_config, app_name)
-    return ingress.bind(replicas, engine_config.router, cluster_config)
+    return ingress.bind(replicas, engine_config.router, cluster_config, s3_config is not None)
 
 
 def start_cluster(engine_config: EngineConfig, server_config: ServerConfig, cluster_config: ClusterConfig,

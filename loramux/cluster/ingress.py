@@ -40,7 +40,7 @@ HOP_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
 
 
 def error_body(status: int, message: str, code: str) -> bytes:
-    kind = "service_unavailable_error" if status == 503 else "internal_server_error"
+    kind = {400: "invalid_request_error", 503: "service_unavailable_error"}.get(status, "internal_server_error")
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
 
 
@@ -54,8 +54,9 @@ def router_text(path: str, body: dict) -> str | None:
 
 
 class ClusterIngress:
-    def __init__(self, replicas, router_config: RouterConfig, cluster_config: ClusterConfig):
+    def __init__(self, replicas, router_config: RouterConfig, cluster_config: ClusterConfig, shared_store: bool):
         self.replicas = replicas
+        self.shared_store = shared_store  # an S3 store: adapter changes reach every replica
         self.router_config = router_config
         self.report_seconds = cluster_config.metrics_report_seconds
         self.affinity = cluster_config.adapter_affinity
@@ -136,6 +137,11 @@ class ClusterIngress:
         path = request.url.path
         if path == "/metrics":
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        if path.startswith("/v1/adapters") and request.method != "GET" and not self.shared_store:
+            return Response(error_body(400, "adding or deleting adapters in a cluster needs a shared adapter store "
+                                            "(--adapter-store s3://...): one replica's change would not reach the "
+                                            "others", "no_shared_store"),
+                            status_code=400, media_type="application/json")
         raw = await request.body()
         try:
             adapter = await self.placement(path, raw)
