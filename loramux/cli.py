@@ -1,4 +1,4 @@
-"""Command line: `loramux serve | generate`."""
+"""Command line: `loramux serve | serve-cluster | generate`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from loramux.config import (ATTENTION_BACKENDS, ROUTER_STRATEGIES, CacheConfig, EngineConfig, ModelConfig,
-                            RouterConfig, SchedulerConfig, ServerConfig, StoreConfig)
+from loramux.config import (ATTENTION_BACKENDS, ROUTER_STRATEGIES, CacheConfig, ClusterConfig, EngineConfig,
+                            ModelConfig, RouterConfig, S3StoreConfig, SchedulerConfig, ServerConfig, StoreConfig)
 from loramux.experts import BUNDLED_EXPERTS_DIR
 
 
@@ -53,9 +53,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="PEFT LoRA folder to register (repeatable)")
     g.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
                    help="register every PEFT folder inside DIR (repeatable)")
-    g.add_argument("--adapter-store", default=None, metavar="DIR",
-                   help="directory for uploaded adapters, kept across restarts (serve default: "
-                        "~/.local/share/loramux/adapters; generate: none)")
+    g.add_argument("--adapter-store", default=None, metavar="DIR|s3://BUCKET/PREFIX",
+                   help="where uploaded adapters are kept across restarts: a directory (serve default: "
+                        "~/.local/share/loramux/adapters; generate: none) or an S3-compatible bucket that "
+                        "several servers share (credentials from the usual AWS environment and config files)")
+    g.add_argument("--s3-endpoint-url", default=None,
+                   help="S3 endpoint for MinIO and others (default: AWS, or AWS_ENDPOINT_URL)")
+    g.add_argument("--adapter-cache-dir", default=None,
+                   help="local copies of an S3 store's adapters (default: ~/.cache/loramux/s3/BUCKET/PREFIX)")
+    g.add_argument("--adapter-store-poll-seconds", type=float, default=5.0,
+                   help="how often an S3 store is listed: the bound on how late a server sees another's change")
     g.add_argument("--max-loras", "--max-gpu-loras", type=int, default=st.max_loras, help="GPU (device) adapter slots")
     g.add_argument("--max-cpu-loras", type=int, default=st.max_cpu_loras, help="adapters cached in CPU memory")
     g.add_argument("--max-adapter-bytes", type=int, default=st.max_adapter_bytes,
@@ -84,8 +91,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--router-max-fused", type=int, default=r.max_fused, help="fusions cached in the store")
 
 
+def s3_config_from_args(args: argparse.Namespace) -> S3StoreConfig | None:
+    """The S3 store named by --adapter-store s3://..., or None for a local directory."""
+    from loramux.adapters_store.s3_store import is_s3_url, parse_s3_url
+
+    if not is_s3_url(args.adapter_store):
+        return None
+    bucket, prefix = parse_s3_url(args.adapter_store)
+    cache_dir = args.adapter_cache_dir or str(Path.home() / ".cache" / "loramux" / "s3" / bucket / prefix)
+    return S3StoreConfig(url=args.adapter_store, endpoint_url=args.s3_endpoint_url, cache_dir=cache_dir,
+                         poll_seconds=args.adapter_store_poll_seconds)
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The engine's config; an S3 --adapter-store is not the engine's directory (the S3 mirror feeds it)."""
     adapter_dirs = list(args.adapter_dir)
+    store_dir = None if s3_config_from_args(args) else args.adapter_store
     if args.model is None and not args.no_experts:
         adapter_dirs.insert(0, str(BUNDLED_EXPERTS_DIR))
     return EngineConfig(
@@ -100,7 +121,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                   max_loras_per_batch=args.max_loras_per_batch),
         store=StoreConfig(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
                           max_adapter_bytes=args.max_adapter_bytes, lora_backend=args.lora_backend,
-                          store_dir=args.adapter_store, adapters=dict(args.adapter), adapter_dirs=adapter_dirs),
+                          store_dir=store_dir, adapters=dict(args.adapter), adapter_dirs=adapter_dirs),
         router=RouterConfig(enabled=not args.no_router, embedder=args.router_embedder, strategy=args.router_strategy,
                             top_k=args.router_top_k, temperature=args.router_temperature,
                             threshold=args.router_threshold, margin=args.router_margin,
@@ -128,13 +149,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from loramux.engine import Engine
-    from loramux.router import attach_router
-    from loramux.server import create_app
-    from loramux.server.serve import serve
-
-    server = ServerConfig(
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAMUX_API_KEY"),
         admin_api_key=args.admin_api_key or os.environ.get("LORAMUX_ADMIN_API_KEY"),
         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
@@ -143,17 +159,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapter_load_root=args.adapter_load_root, metrics_per_adapter=args.metrics_per_adapter,
         graceful_shutdown_seconds=args.graceful_shutdown_seconds,
         allow_unauthenticated_admin=args.allow_unauthenticated_admin)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from loramux.engine import Engine
+    from loramux.router import attach_router
+    from loramux.server import create_app
+    from loramux.server.serve import serve
+
+    server = server_config_from_args(args)
     if args.adapter_store is None:
         args.adapter_store = str(DEFAULT_ADAPTER_STORE)
     engine = Engine(engine_config_from_args(args))
     router = attach_router(engine) if engine.config.router.enabled else None
     app = create_app(engine, server, router)
+    s3 = s3_config_from_args(args)
+    if s3 is not None:
+        from loramux.adapters_store.s3_store import S3AdapterStore
+        from loramux.server.s3_adapters import attach_s3_store
+
+        attach_s3_store(app, S3AdapterStore(s3.url, s3.cache_dir, endpoint_url=s3.endpoint_url), s3.poll_seconds)
     logging.getLogger("loramux").info(
         "serving %s on %s (%s) with %d KV blocks, %d adapter slots, %d adapters at http://%s:%d/v1",
         engine.model_id, engine.device, str(engine.dtype).removeprefix("torch."), engine.num_blocks,
         engine.slots.num_slots, len(engine.store.records), server.host, server.port)
     serve(app, server, args.log_level.lower())
     return 0
+
+
+def cmd_serve_cluster(args: argparse.Namespace) -> int:
+    import signal
+
+    from loramux.cluster import start_cluster, stop_cluster
+
+    s3 = s3_config_from_args(args)
+    engine_config = engine_config_from_args(args)
+    if s3 is None:  # replicas cannot see each other's uploads to a directory: they only read it at start
+        store_dir = engine_config.store.store_dir or str(DEFAULT_ADAPTER_STORE)
+        engine_config.store.store_dir = None
+        if Path(store_dir).expanduser().is_dir():
+            engine_config.store.adapter_dirs.append(store_dir)
+    cluster = ClusterConfig(num_replicas=args.num_replicas, num_cpus_per_replica=args.num_cpus_per_replica,
+                            num_gpus_per_replica=args.num_gpus_per_replica,
+                            max_adapters_per_replica=args.max_adapters_per_replica, ray_address=args.ray_address,
+                            adapter_affinity=not args.no_adapter_affinity)
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before Ray's threads start: they inherit the mask
+    start_cluster(engine_config, server_config_from_args(args), cluster, s3)
+    try:
+        signal.sigwait(stop_signals)
+    finally:
+        stop_cluster()
+    return 0
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    d = ClusterConfig()
+    g = parser.add_argument_group("cluster (Ray Serve)")
+    g.add_argument("--num-replicas", type=int, default=d.num_replicas, help="engine replicas (one per GPU)")
+    g.add_argument("--num-cpus-per-replica", type=float, default=d.num_cpus_per_replica)
+    g.add_argument("--num-gpus-per-replica", type=float, default=d.num_gpus_per_replica,
+                   help="1 on GPU machines (default 0: CPU replicas)")
+    g.add_argument("--max-adapters-per-replica", type=int, default=None,
+                   help="adapters a replica advertises for affinity routing (default: --max-loras)")
+    g.add_argument("--no-adapter-affinity", action="store_true",
+                   help="place requests on the least loaded replica whatever their adapter (for comparison)")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else start one)")
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
+    cluster = sub.add_parser("serve-cluster", help="serve with several engine replicas on Ray Serve")
+    add_engine_args(cluster)
+    add_server_args(cluster)
+    add_cluster_args(cluster)
+    cluster.set_defaults(func=cmd_serve_cluster)
     gen = sub.add_parser("generate", help="generate text for one prompt and print it")
     add_engine_args(gen)
     gen.add_argument("--prompt", required=True)

@@ -102,6 +102,41 @@ class StoreConfig:
                  f"--lora-backend must be auto, torch or triton, got {self.lora_backend!r}")
 
 
+@dataclass
+class S3StoreConfig:
+    """An S3-compatible adapter store (`--adapter-store s3://bucket/prefix`) shared by servers and replicas."""
+
+    url: str  # s3://bucket/prefix
+    endpoint_url: str | None = None  # MinIO and others; None: AWS (or AWS_ENDPOINT_URL)
+    cache_dir: str | None = None  # verified local copies; None: ~/.cache/loramux/s3/<bucket>/<prefix>
+    poll_seconds: float = 5.0  # how often the bucket is listed: the bound on how late a server sees a change
+
+    def __post_init__(self) -> None:
+        _require(self.url.startswith("s3://") and len(self.url) > 5, "an S3 adapter store is s3://BUCKET[/PREFIX]")
+        _require(self.poll_seconds > 0, "--adapter-store-poll-seconds must be positive")
+
+
+@dataclass
+class ClusterConfig:
+    """`loramux serve-cluster`: Ray Serve replicas of the engine behind one ingress."""
+
+    num_replicas: int = 2
+    num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0  # 1 on a GPU machine: one replica per GPU
+    max_adapters_per_replica: int | None = None  # adapters a replica advertises for affinity; None: --max-loras
+    ray_address: str | None = None  # None: start a local Ray cluster (or join RAY_ADDRESS)
+    metrics_report_seconds: float = 2.0  # replicas push their metrics to the ingress this often
+    adapter_affinity: bool = True  # False: place every request on the least loaded replica (for comparison)
+
+    def __post_init__(self) -> None:
+        _require(self.num_replicas > 0, "--num-replicas must be positive")
+        _require(self.num_cpus_per_replica >= 0 and self.num_gpus_per_replica >= 0,
+                 "replica resources must not be negative")
+        _require(self.max_adapters_per_replica is None or self.max_adapters_per_replica > 0,
+                 "--max-adapters-per-replica must be positive")
+        _require(self.metrics_report_seconds > 0, "metrics_report_seconds must be positive")
+
+
 ROUTER_STRATEGIES = ("select", "mixture", "fusion")
 
 

@@ -38,3 +38,19 @@ def test_dockerfile_runs_serve_as_non_root_with_volumes_and_healthcheck():
     assert (parsed.host, parsed.port, parsed.adapter_store) == ("0.0.0.0", 8000, "/adapters")
     # A public address and no opt-out: without a key in the environment, adapter writes are refused.
     assert not parsed.allow_unauthenticated_admin and not is_loopback(parsed.host)
+
+
+def test_cluster_profile_runs_two_replicas_on_minio_scraped_by_prometheus():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    cluster = services["loramux-cluster"]
+    assert all("cluster" in services[name]["profiles"]
+               for name in ("loramux-cluster", "minio", "minio-init", "prometheus-cluster"))
+    args = build_parser().parse_args(cluster["entrypoint"][1:])
+    assert args.command == "serve-cluster" and args.num_replicas == 2 and args.num_gpus_per_replica == 1
+    assert args.adapter_store.startswith("s3://loramux-adapters/") and args.s3_endpoint_url == "http://minio:9000"
+    assert "mc mb --ignore-existing store/loramux-adapters" in services["minio-init"]["entrypoint"][-1]
+    assert cluster["environment"]["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
+    config_mount = next(v for v in services["prometheus-cluster"]["volumes"] if v.endswith("prometheus.yml:ro"))
+    [job] = yaml.safe_load((ROOT / config_mount.split(":")[0]).read_text())["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["loramux-cluster:8000"]

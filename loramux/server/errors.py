@@ -16,7 +16,7 @@ from loramux.engine import RequestError
 logger = logging.getLogger(__name__)
 
 ADAPTER_ERROR_STATUS = {"not_found": 404, "already_exists": 409, "in_use": 409, "invalid_name": 400,
-                        "too_large": 413, "no_store": 400}
+                        "too_large": 413, "no_store": 400, "store_unavailable": 503}
 STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable_error", 500: "internal_server_error"}

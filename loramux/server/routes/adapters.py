@@ -51,21 +51,7 @@ def adapters_router(state: ServerState) -> APIRouter:
 
     @api.post("/v1/adapters", status_code=201)
     async def upload_adapter(request: Request):
-        form = await request.form(max_files=2, max_fields=16)
-        try:
-            name = form.get("name")
-            files = {key: form.get(key) for key in ("adapter_config.json", "adapter_model.safetensors")}
-            if not isinstance(name, str) or not name:
-                raise APIError(400, "the form field 'name' is required", "name")
-            for key, upload in files.items():
-                if upload is None or isinstance(upload, str):
-                    raise APIError(400, f"the file field {key!r} is required", key)
-            config_bytes = await files["adapter_config.json"].read()
-            weights_bytes = await files["adapter_model.safetensors"].read()
-            metadata = {"description": form.get("description") or "", "examples": _form_examples(form)}
-            replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
-        finally:
-            await form.close()
+        name, config_bytes, weights_bytes, metadata, replace = await read_adapter_upload(request)
         engine = state.running_engine()
         await engine.call(lambda e: e.store.check_new_name(name, replace))  # refuse early, before the slow part
         prepared = await asyncio.to_thread(state.engine.store.prepare_upload, name, config_bytes, weights_bytes,
@@ -92,6 +78,26 @@ def adapters_router(state: ServerState) -> APIRouter:
         return described
 
     return api
+
+
+async def read_adapter_upload(request: Request) -> tuple[str, bytes, bytes, dict, bool]:
+    """The multipart upload form: (name, config bytes, weights bytes, card metadata, replace)."""
+    form = await request.form(max_files=2, max_fields=16)
+    try:
+        name = form.get("name")
+        files = {key: form.get(key) for key in ("adapter_config.json", "adapter_model.safetensors")}
+        if not isinstance(name, str) or not name:
+            raise APIError(400, "the form field 'name' is required", "name")
+        for key, upload in files.items():
+            if upload is None or isinstance(upload, str):
+                raise APIError(400, f"the file field {key!r} is required", key)
+        config_bytes = await files["adapter_config.json"].read()
+        weights_bytes = await files["adapter_model.safetensors"].read()
+        metadata = {"description": form.get("description") or "", "examples": _form_examples(form)}
+        replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
+    finally:
+        await form.close()
+    return name, config_bytes, weights_bytes, metadata, replace
 
 
 def _form_examples(form) -> list:

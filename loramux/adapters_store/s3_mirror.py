@@ -1,0 +1,138 @@
+"""Keep one engine's adapters equal to an S3 adapter store's: poll, fetch, register, remove.
+
+The mirror changes the engine only through its public adapter methods
+(`add_adapter`, `remove_adapter`), each run by `call` on the engine thread
+(`AsyncEngine.call`); downloads and S3 requests run on worker threads. Every
+`poll_seconds` it lists the manifests: a new or changed version is fetched
+into the local cache (checksums verified) and registered, a vanished one is
+removed. So a server sees another server's upload or delete within
+`poll_seconds` plus one download. While the store is unreachable the engine
+keeps what it has; at start-up, the newest cached versions serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from loramux.adapters_store.peft_format import AdapterError, parse_peft_adapter
+from loramux.adapters_store.s3_store import AdapterManifest, AdapterStoreUnavailable, S3AdapterStore
+
+logger = logging.getLogger(__name__)
+
+EngineCall = Callable[[Callable], Awaitable]  # runs fn(engine) on the engine thread, returns its result
+DEFAULT_POLL_SECONDS = 5.0
+
+
+def validate_upload(engine, config_bytes: bytes, weights_bytes: bytes) -> None:
+    """Refuse files this engine could not serve (format, base shapes, rank, size) before they are stored."""
+    store = engine.store
+    if len(weights_bytes) > store.max_adapter_bytes:
+        raise AdapterError("too_large", f"adapter_model.safetensors is {len(weights_bytes)} bytes; the limit is "
+                                        f"{store.max_adapter_bytes} (--max-adapter-bytes)")
+    parse_peft_adapter(config_bytes, weights_bytes, store.target_shapes, store.num_layers, store.pool.max_rank)
+
+
+class S3AdapterMirror:
+    def __init__(self, store: S3AdapterStore, call: EngineCall, poll_seconds: float = DEFAULT_POLL_SECONDS):
+        self.store = store
+        self.call = call
+        self.poll_seconds = poll_seconds
+        self.served: dict[str, str] = {}  # adapter name -> version registered in the engine
+        self.errors: dict[str, AdapterError] = {}  # adapter name -> why its current version is refused
+        self.last_sync: float | None = None  # time.time() of the last complete sync
+        self.last_error: str | None = None  # the store's error while it is unreachable
+
+    # ------------------------------------------------------------ syncing
+    async def start(self) -> None:
+        """First sync; if the store is unreachable, serve the cached versions instead."""
+        try:
+            await self.sync_once()
+            for name in set(self.store.cached()) - set(self.served):  # deleted while this server was down
+                self.store.drop_cached(name)
+        except AdapterStoreUnavailable as exc:
+            self.last_error = str(exc)
+            logger.warning("%s; serving the %d adapters cached in %s", exc, len(self.store.cached()),
+                           self.store.cache_dir)
+            for name, folder in self.store.cached().items():
+                await self._register(name, folder)
+
+    async def run(self) -> None:
+        """Poll forever (cancel to stop); outages are logged once and retried."""
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                await self.sync_once()
+            except AdapterStoreUnavailable as exc:
+                if self.last_error is None:
+                    logger.warning("%s; adapters already served stay served", exc)
+                self.last_error = str(exc)
+            except Exception:  # one bad poll must not end the mirror
+                logger.exception("adapter store sync failed")
+
+    async def sync_once(self) -> None:
+        """Make the engine serve exactly the bucket's current versions. Raises AdapterStoreUnavailable."""
+        manifests = await asyncio.to_thread(self.store.manifests)
+        for name, manifest in sorted(manifests.items()):
+            if self.served.get(name) != manifest.version:
+                await self._install(manifest)
+        for name in sorted(set(self.served) - set(manifests)):
+            await self._remove(name)
+        self.last_sync, self.last_error = time.time(), None
+
+    async def _install(self, manifest: AdapterManifest) -> None:
+        name = manifest.name
+        try:
+            folder = await asyncio.to_thread(self.store.fetch, manifest)
+            await self._register(name, folder)
+        except AdapterStoreUnavailable:
+            raise
+        except AdapterError as exc:
+            if str(self.errors.get(name)) != str(exc):
+                logger.error("adapter %s version %s refused: %s", name, manifest.version, exc)
+            self.errors[name] = exc
+            if exc.code != "in_use":  # an adapter in use is replaced at a later poll, once it is free
+                self.store.drop_cached(name, keep=self.served.get(name))
+
+    async def _register(self, name: str, folder: Path) -> None:
+        replace = name in self.served
+        await self.call(lambda e: e.add_adapter(name, str(folder), None, replace))
+        self.served[name] = folder.name
+        self.errors.pop(name, None)
+        self.store.drop_cached(name, keep=folder.name)
+
+    async def _remove(self, name: str) -> None:
+        try:
+            await self.call(lambda e: e.remove_adapter(name))
+        except AdapterError as exc:
+            if exc.code != "not_found":
+                raise
+        del self.served[name]
+        self.errors.pop(name, None)
+        # The files stay until the next start: requests still running on the adapter may page it in again.
+
+    # ------------------------------------------------------------ changes from this server
+    async def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, metadata: dict,
+                     replace: bool) -> None:
+        """Validate against this engine, publish to the bucket, and serve it here at once."""
+        await self.call(lambda e: validate_upload(e, config_bytes, weights_bytes))
+        if not replace and name not in self.served:
+            await self.call(lambda e: self._check_free(e, name))
+        manifest = await asyncio.to_thread(self.store.upload, name, config_bytes, weights_bytes, metadata, replace)
+        await self._install(manifest)
+        if name in self.errors:  # published, but this engine could not take it (e.g. the old one is in use)
+            raise self.errors[name]
+
+    async def delete(self, name: str) -> None:
+        """Unpublish from the bucket and stop serving here at once."""
+        await asyncio.to_thread(self.store.delete, name)
+        if name in self.served:
+            await self._remove(name)
+
+    @staticmethod
+    def _check_free(engine, name: str) -> None:
+        if name in engine.store:
+            raise AdapterError("already_exists", f"adapter {name!r} already exists on this server")
