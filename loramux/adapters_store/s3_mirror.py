@@ -18,22 +18,13 @@ import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from loramux.adapters_store.peft_format import AdapterError, parse_peft_adapter
+from loramux.adapters_store.peft_format import AdapterError
 from loramux.adapters_store.s3_store import AdapterManifest, AdapterStoreUnavailable, S3AdapterStore
 
 logger = logging.getLogger(__name__)
 
 EngineCall = Callable[[Callable], Awaitable]  # runs fn(engine) on the engine thread, returns its result
 DEFAULT_POLL_SECONDS = 5.0
-
-
-def validate_upload(engine, config_bytes: bytes, weights_bytes: bytes) -> None:
-    """Refuse files this engine could not serve (format, base shapes, rank, size) before they are stored."""
-    store = engine.store
-    if len(weights_bytes) > store.max_adapter_bytes:
-        raise AdapterError("too_large", f"adapter_model.safetensors is {len(weights_bytes)} bytes; the limit is "
-                                        f"{store.max_adapter_bytes} (--max-adapter-bytes)")
-    parse_peft_adapter(config_bytes, weights_bytes, store.target_shapes, store.num_layers, store.pool.max_rank)
 
 
 class S3AdapterMirror:
@@ -118,7 +109,8 @@ class S3AdapterMirror:
     async def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, metadata: dict,
                      replace: bool) -> None:
         """Validate against this engine, publish to the bucket, and serve it here at once."""
-        await self.call(lambda e: validate_upload(e, config_bytes, weights_bytes))
+        engine_store = await self.call(lambda e: e.store)
+        await asyncio.to_thread(engine_store.validate, config_bytes, weights_bytes)  # off the engine thread
         if not replace and name not in self.served:
             await self.call(lambda e: self._check_free(e, name))
         manifest = await asyncio.to_thread(self.store.upload, name, config_bytes, weights_bytes, metadata, replace)

@@ -137,7 +137,8 @@ class AdapterStore:
         entry = self.lifecycle.live(name)
         return entry is not None and entry.record.uploaded
 
-    def _validate(self, config_bytes: bytes, weights_bytes: bytes) -> LoraAdapter:
+    def validate(self, config_bytes: bytes, weights_bytes: bytes) -> LoraAdapter:
+        """Parse and check PEFT files against this base, the limits and the serving dtype (AdapterError if not)."""
         if len(weights_bytes) > self.max_adapter_bytes:
             raise AdapterError("too_large", f"{WEIGHTS_FILE} is {len(weights_bytes)} bytes; the limit is "
                                             f"{self.max_adapter_bytes} (--max-adapter-bytes)")
@@ -170,7 +171,7 @@ class AdapterStore:
             if not (folder / filename).is_file():
                 raise AdapterError("not_found", f"{folder} has no {filename} (expected a PEFT LoRA folder)")
         config_bytes, weights_bytes = (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
-        adapter = self._validate(config_bytes, weights_bytes)
+        adapter = self.validate(config_bytes, weights_bytes)
         metadata = metadata if metadata is not None else read_card(folder)
         record = make_record(name, folder, adapter, weights_bytes, metadata, uploaded=uploaded)
         return PreparedAdapter(record, self._to_cpu_tier(adapter), replace)
@@ -181,7 +182,7 @@ class AdapterStore:
         if self.store_dir is None:
             raise AdapterError("no_store", "this server has no adapter store directory for uploads")
         check_name(name, self.reserved_names)
-        adapter = self._validate(config_bytes, weights_bytes)
+        adapter = self.validate(config_bytes, weights_bytes)
         metadata = metadata or {}
         record = make_record(name, self.store_dir / name, adapter, weights_bytes, metadata, uploaded=True)
         weights = self._to_cpu_tier(adapter)
@@ -321,7 +322,7 @@ class AdapterStore:
             raise AdapterError("page_in_failed", f"adapter {entry.name!r}: {folder / WEIGHTS_FILE} changed on disk "
                                                  "after it was registered; register it again")
         try:
-            adapter = self._validate(config_bytes, weights_bytes)
+            adapter = self.validate(config_bytes, weights_bytes)
         except AdapterError as exc:
             raise AdapterError("page_in_failed", f"adapter {entry.name!r} no longer validates: {exc}") from exc
         self.stats.disk_loads += 1
