@@ -189,7 +189,14 @@ class Engine:
                                  max_depth=self.graph_lora_depth, device=self.device, use_cuda_graphs=use_cuda_graphs)
 
     def _warm_up_and_capture(self) -> None:
-        """Compile every kernel variant and capture the decode graphs before serving (CUDA only)."""
+        """Compile every kernel variant and capture the decode graphs before serving (CUDA only).
+
+        The LoRA backend compiles its variants directly (the forward passes
+        below cannot guarantee to select each one); the forward passes then
+        compile attention and capture the graphs.
+        """
+        self.lora_backend.warm_up({m.shape for _, m in self.model.lora_linears()}, self.slots.max_rank, self.dtype,
+                                  self.device)
         graphs = None
         if not self.config.model.enforce_eager and self.attention.graph_capturable:
             graphs = self.make_decode_graphs()
