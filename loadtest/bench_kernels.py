@@ -41,7 +41,10 @@ PROJECTIONS = {  # config -> name -> (d_in, output size of each fused sub-projec
 POOLS = {"rank16": (16, [16]), "mixed": (64, [8, 16, 32, 64])}  # pool rank, adapter ranks in turn
 
 
-def copy_bandwidth(device: str, dtype: torch.dtype, mib: int) -> float:
+COPY_MIB = 256  # large enough to leave the caches behind on any GPU
+
+
+def copy_bandwidth(device: str, dtype: torch.dtype, mib: int = COPY_MIB) -> float:
     """Bytes/s of a large device-to-device copy (read + write counted)."""
     src = torch.empty(mib * 2**20 // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
     dst = torch.empty_like(src)
@@ -105,7 +108,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--prefill", type=int, nargs=2, default=[8, 512], metavar=("SEQS", "TOKENS"))
     parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--copy-mib", type=int, default=256, help="size of the reference copy")
+    parser.add_argument("--copy-mib", type=int, default=COPY_MIB, help="size of the reference copy")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
