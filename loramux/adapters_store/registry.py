@@ -16,6 +16,7 @@ from loramux.adapters_store.peft_format import CONFIG_FILE, WEIGHTS_FILE, Adapte
 
 NAME_RULE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CARD_FILE = "loramux.json"  # description and example inputs beside the PEFT files
+COMPOSITE_CONFIG_FILE = "loramux_composite.json"  # marks a composite expert's folder (loramux.composites)
 
 
 def check_name(name: str) -> None:
@@ -80,7 +81,13 @@ def make_record(name: str, folder: Path, adapter: LoraAdapter, weights: bytes, m
 
 def write_adapter_dir(store_dir: Path, name: str, config_bytes: bytes, weights_bytes: bytes, metadata: dict,
                       replace: bool) -> Path:
-    """Write a PEFT folder under store_dir/name atomically: a hidden temp folder, fsync, then rename.
+    """Write a PEFT folder under store_dir/name atomically (see `write_folder`)."""
+    return write_folder(store_dir, name, {CONFIG_FILE: config_bytes, WEIGHTS_FILE: weights_bytes,
+                                          CARD_FILE: json.dumps(metadata).encode()}, replace)
+
+
+def write_folder(store_dir: Path, name: str, files: dict[str, bytes], replace: bool) -> Path:
+    """Write `files` into store_dir/name atomically: a hidden temp folder, fsync, then rename.
 
     A crash leaves at most a `.tmp-*` folder, which `clean_partial_uploads` removes at start-up.
     """
@@ -88,8 +95,7 @@ def write_adapter_dir(store_dir: Path, name: str, config_bytes: bytes, weights_b
     target = store_dir / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=store_dir))
     try:
-        for filename, data in ((CONFIG_FILE, config_bytes), (WEIGHTS_FILE, weights_bytes),
-                               (CARD_FILE, json.dumps(metadata).encode())):
+        for filename, data in files.items():
             with open(tmp / filename, "wb") as f:
                 f.write(data)
                 f.flush()

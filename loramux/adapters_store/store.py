@@ -34,8 +34,8 @@ import torch
 from loramux.adapters_store.fusion import fuse_adapters
 from loramux.adapters_store.peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter,
                                                 parse_peft_adapter)
-from loramux.adapters_store.registry import (AdapterRecord, check_name, clean_partial_uploads, make_record,
-                                             read_card, write_adapter_dir)
+from loramux.adapters_store.registry import (COMPOSITE_CONFIG_FILE, AdapterRecord, check_name,
+                                             clean_partial_uploads, make_record, read_card, write_adapter_dir)
 from loramux.adapters_store.slot_pool import LoraSlotPool
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class AdapterStore:
         self.change_listeners: list[Callable[[str, AdapterRecord | None], None]] = []
         self.max_fused = max_fused
         self._fused: OrderedDict[str, LoraAdapter] = OrderedDict()  # fusion name -> weights, LRU order
+        self._derived: dict[str, LoraAdapter] = {}  # composite members built in memory (register_derived)
         self._cpu: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._gpu_lru: OrderedDict[str, None] = OrderedDict()
         self._uses: Counter[str] = Counter()
@@ -86,7 +87,8 @@ class AdapterStore:
             store_dir.mkdir(parents=True, exist_ok=True)
             for leftover in clean_partial_uploads(store_dir):
                 logger.warning("removed an interrupted upload: %s", leftover)
-            for folder in sorted(p for p in store_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for folder in sorted(p for p in store_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                                 and not (p / COMPOSITE_CONFIG_FILE).is_file()):  # composites: CompositeRegistry
                 self._register_existing(folder, uploaded=True)
 
     # ------------------------------------------------------------ registry
@@ -182,6 +184,7 @@ class AdapterStore:
     def _finish_delete(self, record: AdapterRecord) -> None:
         self._drop_copies(record.name)
         self._fused.pop(record.name, None)
+        self._derived.pop(record.name, None)
         if record.uploaded:
             shutil.rmtree(record.path, ignore_errors=True)
 
@@ -206,6 +209,22 @@ class AdapterStore:
         for victim in idle[:max(0, len(live) - self.max_fused)]:
             self._unregister(victim)
         return name
+
+    # ------------------------------------------------------------ derived (composite experts)
+    def register_derived(self, name: str, adapter: LoraAdapter, source: str) -> AdapterRecord:
+        """Hold an adapter built in memory for the composite `source` (an expert or a task's rank prefix).
+
+        It pages into slots like any adapter, is never evicted from the CPU tier,
+        and goes when the composite deletes it.
+        """
+        self._check_new_name(name, replace=False)
+        self._derived[name] = self._to_cpu_tier(adapter)
+        record = AdapterRecord(name=name, path="", base_model=adapter.base_model, rank=adapter.rank,
+                               alpha=adapter.alpha, target_modules=list(adapter.target_modules),
+                               size_bytes=adapter.num_bytes, checksum=f"{source}:{name}:{time.time_ns()}",
+                               description=f"member of composite {source}", fused_from=[source])
+        self.records[name] = record
+        return record
 
     def _drop_fusions_of(self, expert: str) -> None:
         for name in [n for n in self._fused if n in self.records and expert in self.records[n].fused_from]:
@@ -265,6 +284,8 @@ class AdapterStore:
     def _cpu_get(self, name: str) -> LoraAdapter:
         if name in self._fused:
             return self._fused[name]
+        if name in self._derived:
+            return self._derived[name]
         if name in self._cpu:
             self._cpu.move_to_end(name)
             self.stats.cpu_hits += 1

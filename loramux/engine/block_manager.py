@@ -43,7 +43,7 @@ class BlockManager:
     def _key(self, seq: Sequence, block_index: int, parent: BlockKey | None) -> BlockKey:
         start = block_index * self.block_size
         tokens = tuple(seq.token_ids[start:start + self.block_size])
-        return (hash(parent), tokens, seq.lora_mix)
+        return (hash(parent), tokens, seq.cache_identity)
 
     def _take_free(self) -> int:
         block, _ = self.free_blocks.popitem(last=False)

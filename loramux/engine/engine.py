@@ -11,7 +11,10 @@ from typing import Sequence as Seq
 import torch
 
 from loramux.adapters_store.slot_pool import LoraSlotPool
+from loramux.adapters_store.peft_format import AdapterError
+from loramux.adapters_store.registry import COMPOSITE_CONFIG_FILE
 from loramux.adapters_store.store import AdapterStore
+from loramux.composites import BaseShape, CompositeOptions, CompositeRegistry, CompositeUse
 from loramux.config import EngineConfig
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.detokenizer import IncrementalDetokenizer
@@ -51,6 +54,7 @@ class RequestOutput:
     num_output_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     queue_seconds: float | None = None  # arrival to first scheduled step, on a completion's first output
+    composite: dict | None = None  # a composite request's gate report, on its last output
 
     @property
     def finished(self) -> bool:
@@ -68,6 +72,7 @@ class RequestOutput:
         self.logprobs += out.logprobs
         self.finish_reason = out.finish_reason
         self.num_output_tokens = out.num_output_tokens
+        self.composite = out.composite or self.composite
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,6 +109,10 @@ class Engine:
                                   config.store.max_cpu_loras, config.store.max_adapter_bytes,
                                   Path(config.store.store_dir).expanduser() if config.store.store_dir else None,
                                   self.device, max_fused=config.router.max_fused)
+        self.composites = CompositeRegistry(
+            self.store, BaseShape(self.shape.lora_target_shapes(), self.shape.num_layers, self.shape.hidden_size,
+                                  config.store.max_lora_rank, config.store.max_composite_members),
+            config.store.max_composites, self.store.store_dir, self.device)
         self.num_blocks = self._allocate_kv_cache()
         self.max_model_len = min(model_max, self.num_blocks * config.cache.block_size)
         self.blocks = BlockManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
@@ -122,6 +131,11 @@ class Engine:
         for folder in config.store.adapter_dirs:
             for sub in sorted(p for p in Path(folder).expanduser().iterdir() if (p / "adapter_config.json").is_file()):
                 self.add_adapter(sub.name, str(sub))
+        for folder in config.store.adapter_dirs:  # composites after every adapter: their members must exist
+            for sub in sorted(p for p in Path(folder).expanduser().iterdir() if (p / COMPOSITE_CONFIG_FILE).is_file()):
+                self.add_adapter(sub.name, str(sub))
+        if self.store.store_dir is not None:
+            self.composites.register_existing(self.store.store_dir)
         logger.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d (block %d tokens) adapter_slots=%d "
                     "(rank <= %d) adapters=%d lora_backend=%s", self.model_id, self.device,
                     str(self.dtype).removeprefix("torch."), self.num_blocks, config.cache.block_size,
@@ -168,17 +182,47 @@ class Engine:
 
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, name: str, path: str, metadata: dict | None = None, replace: bool = False) -> None:
-        """Validate the PEFT folder at `path` and register it under `name` (it pages in when used)."""
+        """Validate the PEFT (or composite) folder at `path` and register it under `name` (it pages in when used)."""
+        if (Path(path).expanduser() / COMPOSITE_CONFIG_FILE).is_file():
+            self.composites.register_path(name, path, replace=replace)
+            return
         record = self.store.register_path(name, path, metadata, replace=replace)
         logger.info("adapter %s: rank %d, targets %s", name, record.rank, ",".join(record.target_modules))
 
     def remove_adapter(self, name: str) -> None:
         """Unregister now; requests already using it finish first, then its slot and files are freed."""
+        if name in self.composites:
+            self.composites.delete(name)
+            return
         self.store.delete(name)
 
     @property
     def adapter_names(self) -> list[str]:
         return sorted(self.store.records)
+
+    def _resolve_composite(self, lora_mix: Seq) -> tuple[Seq, CompositeUse | None]:
+        """A mix that names a composite (alone; options in a dict entry) -> its members' mix and its use."""
+        entries = [{"name": e} if isinstance(e, str) else e if isinstance(e, dict) else {"name": e[0]}
+                   for e in lora_mix]
+        named = [e for e in entries if e["name"] in self.composites]
+        if not named:
+            if any(set(e) - {"name", "weight", "rank_lo", "rank_hi"} for e in entries):
+                raise RequestError("mask, top_k, task and per_layer apply to composite experts only",
+                                   param="adapters")
+            return [(e["name"], e.get("weight", 1.0), e.get("rank_lo", 0), e.get("rank_hi")) if isinstance(e, dict)
+                    else e for e in lora_mix], None
+        if len(entries) > 1:
+            raise RequestError("a composite expert must be the only entry of a mix", param="adapters")
+        options = named[0]
+        if set(options) - {"name", "mask", "top_k", "task", "per_layer"}:
+            raise RequestError("a composite takes the options mask, top_k, task and per_layer only",
+                               param="adapters")
+        try:
+            return self.composites.resolve(options["name"], CompositeOptions(
+                mask=tuple(options.get("mask") or ()), top_k=options.get("top_k"), task=options.get("task"),
+                per_layer=bool(options.get("per_layer", False))))
+        except AdapterError as exc:
+            raise RequestError(str(exc), param="adapters", code=exc.code) from exc
 
     def _normalize_mix(self, lora_mix) -> LoraMix:
         """Accept names, (name, weight) or (name, weight, lo, hi); check them against the pool."""
@@ -216,12 +260,22 @@ class Engine:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
                                f"{self.max_model_len} tokens and at least one must be generated",
                                param="prompt", code="context_length_exceeded")
-        mix = self._normalize_mix(lora_mix)
+        lora_mix, composite = self._resolve_composite(lora_mix)
+        try:
+            mix = self._normalize_mix(lora_mix)
+        except RequestError:
+            if composite is not None:
+                self.composites.release(composite)
+            raise
         seqs = []
         for index in range(sampling.n):
             seed = (sampling.seed + index if sampling.seed is not None
                     else int(torch.randint(0, 2**62, (), generator=self._seed_source)))
             seq = Sequence(request_id, index, prompt_ids, sampling, mix, torch.Generator().manual_seed(seed))
+            if composite is not None:
+                seq.composite = composite if index == 0 else composite.fresh()
+                if index:
+                    self.composites.acquire_again(composite)
             self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
             seqs.append(seq)
         self._sequences[request_id] = seqs
@@ -239,6 +293,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self.store.release(seq.adapter_names)
+        if seq.composite is not None:
+            self.composites.release(seq.composite)
 
     def is_request_active(self, request_id: str) -> bool:
         return request_id in self._sequences
@@ -254,9 +310,10 @@ class Engine:
         if plan.is_empty:
             return []
         inputs = prepare_step_inputs(plan, self.config.cache.block_size, self.shape.sliding_window, self.slots,
-                                     self.device)
+                                     self.device, self.composites)
         self.store.wait_for_page_ins()
-        if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
+        # Composite gates write the plan's coefficients during the forward pass: such steps run eagerly.
+        if self.decode_graphs is not None and inputs.ctx.composite is None and self.decode_graphs.can_run(inputs):
             logits = self.decode_graphs.run(inputs)
         else:
             logits = self.model(inputs.input_ids, inputs.positions, inputs.ctx, inputs.logit_rows)
@@ -267,6 +324,8 @@ class Engine:
         if not sampling_seqs:
             return []
         tokens, logprobs = sample(logits, [s.sampling for s in sampling_seqs], [s.generator for s in sampling_seqs])
+        if inputs.ctx.composite is not None:
+            inputs.ctx.composite.record_sampled()
         return [self._append_token(seq, token, lp) for seq, token, lp in zip(sampling_seqs, tokens, logprobs)]
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
@@ -288,7 +347,8 @@ class Engine:
             request_id=seq.request_id, index=seq.index, new_token_ids=[token], new_text=detok.flush(finish is not None),
             finish_reason=finish, num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
             logprobs=[logprob] if logprob is not None else [],
-            queue_seconds=seq.first_scheduled_time - seq.arrival_time if len(seq.output_ids) == 1 else None)
+            queue_seconds=seq.first_scheduled_time - seq.arrival_time if len(seq.output_ids) == 1 else None,
+            composite=seq.composite.summary() if finish is not None and seq.composite is not None else None)
         if finish is not None and all(s.is_finished for s in self._sequences[seq.request_id]):
             del self._sequences[seq.request_id]
         return out

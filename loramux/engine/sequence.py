@@ -78,6 +78,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.sampling = sampling
         self.lora_mix = lora_mix
+        self.composite = None  # a CompositeUse when the request names a composite expert (lora_mix = its members)
         self.generator = generator
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
@@ -91,6 +92,11 @@ class Sequence:
     @property
     def adapter_names(self) -> frozenset[str]:
         return frozenset(name for name, *_ in self.lora_mix)
+
+    @property
+    def cache_identity(self) -> tuple:
+        """What, besides the tokens, makes this sequence's K/V: the mix, and a composite's gate settings."""
+        return self.lora_mix, None if self.composite is None else self.composite.cache_key
 
     @property
     def token_ids(self) -> list[int]:

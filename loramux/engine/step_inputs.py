@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from loramux.adapters_store.slot_pool import LoraSlotPool
+from loramux.composites.gates import build_composite_gates
+from loramux.composites.registry import CompositeRegistry
 from loramux.engine.attention import AttentionMetadata, PrefillSpan, context_slots, window_mask
 from loramux.engine.model import StepContext
 from loramux.engine.scheduler import SchedulePlan
@@ -30,11 +32,12 @@ class StepInputs:
 
 
 def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int | None, slots: LoraSlotPool,
-                        device: torch.device) -> StepInputs:
+                        device: torch.device, composites: CompositeRegistry | None = None) -> StepInputs:
     token_ids: list[int] = []
     positions: list[int] = []
     runs = []
     logit_rows = []
+    gated_rows = []  # (first row, rows, use, samples) of composite requests with a gate (MoLE, MoR)
     for item in plan.scheduled:
         seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
         row = len(token_ids)
@@ -42,6 +45,8 @@ def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int
         positions += range(start, start + n)
         if seq.lora_mix:
             runs.append((row, n, [(slots.slot_of[name], w, lo, hi) for name, w, lo, hi in seq.lora_mix]))
+        if seq.composite is not None and seq.composite.gate_index >= 0:
+            gated_rows.append((row, n, seq.composite, item.samples))
         if item.samples:
             logit_rows.append(row + n - 1)
     pos = torch.tensor(positions, dtype=torch.int64)
@@ -82,10 +87,13 @@ def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int
     attention = AttentionMetadata(slot_mapping=slot_mapping.to(device), num_decode=num_decode,
                                   decode_gather=decode_gather, decode_mask=decode_mask, prefills=prefills)
     lora_plan = build_lora_plan(runs, slots.scales, slots.max_rank, device)
+    gates = None
+    if gated_rows:
+        lora_plan, gates = build_composite_gates(gated_rows, lora_plan, len(token_ids), composites, device)
     return StepInputs(
         input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
         positions=pos.to(device),
-        ctx=StepContext(attention, lora_plan),
+        ctx=StepContext(attention, lora_plan, gates),
         logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=device),
         is_decode_only=not plan.prefill,
     )

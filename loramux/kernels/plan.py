@@ -59,7 +59,8 @@ class LoraPlanLayer:
       rank_coeff: [N, r_max]   coeff where lo <= j < hi, else 0 (the torch path's mask)
       seg_starts: [S + 1] int64  segment boundaries into the N rows
       seg_slots:  [S] int64      slot of each segment
-    `segments` describes the same rows run by run, as Python numbers, for host-side loops.
+    `segments` describes the same rows run by run, as Python numbers, for host-side loops
+    (their `coeff` only when `dynamic_coeff` is False).
     For mode "slots": slots slot_range[0]..slot_range[1]-1 are computed as a
     batch of `slot_rows` [num_slots_in_range, m] row indices (N = padding),
     and `packed_pos` [N] gives each row's place in that packed layout.
@@ -78,6 +79,9 @@ class LoraPlanLayer:
     slot_range: tuple[int, int] = (0, 0)
     slot_rows: torch.Tensor | None = None
     packed_pos: torch.Tensor | None = None
+    # Per-row coefficients written on the device during the forward pass (composite gates): `coeff` and
+    # `rank_coeff` hold them; the Python numbers in `segments` do not.
+    dynamic_coeff: bool = False
 
     @property
     def num_rows(self) -> int:

@@ -42,9 +42,12 @@ def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, l
     if layer.mode == "segments":
         # A segment's rows share coefficient and rank range: slice the ranks, scale through addmm's alpha.
         for seg in layer.segments:
+            h_seg = h[seg.start:seg.end, seg.rank_lo:seg.rank_hi]
+            if layer.dynamic_coeff:  # per-token coefficients (composite gates): scale the rows
+                h_seg = h_seg * layer.coeff[seg.start:seg.end, None]
             y_cols[seg.token:seg.token + seg.end - seg.start].addmm_(
-                h[seg.start:seg.end, seg.rank_lo:seg.rank_hi].to(y_cols.dtype),
-                lora_b[seg.slot, :, seg.rank_lo:seg.rank_hi].T, alpha=seg.coeff)
+                h_seg.to(y_cols.dtype), lora_b[seg.slot, :, seg.rank_lo:seg.rank_hi].T,
+                alpha=1.0 if layer.dynamic_coeff else seg.coeff)
         return
     h_scaled = (h * layer.rank_coeff).to(y_cols.dtype)
     if layer.mode == "slots":
