@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import torch
 
 from loramux.kernels import build_lora_plan
+from loramux.kernels.plan import Segment, with_mode
 
 POPULARITY = ("all_distinct", "uniform", "zipf", "all_same", "one_dominant", "with_base_tokens")
 
@@ -95,3 +97,26 @@ def fused_reference(x, subs, scales, runs, d_outs: list[int]):
 
 def sub_starts(d_outs: list[int]) -> tuple[int, ...]:
     return tuple(sum(d_outs[:i]) for i in range(len(d_outs)))
+
+
+def with_inert_rows(layer, tokens: list[int], r_max: int):
+    """The layer with one inert row (slot -1) per entry of `tokens` appended, as CUDA-graph padding is.
+
+    The inert rows point at real tokens and carry a non-zero coefficient and a
+    full rank range, so any read or write they caused would show in the result.
+    """
+    n, count = layer.num_rows, len(tokens)
+    device = layer.token_idx.device
+
+    def cat(name, values, dtype):
+        return torch.cat([getattr(layer, name), torch.tensor(values, dtype=dtype, device=device)])
+
+    segments = layer.segments + tuple(Segment(-1, n + i, n + i + 1, t, 0.7, 0, r_max) for i, t in enumerate(tokens))
+    return with_mode(replace(
+        layer, token_idx=cat("token_idx", tokens, torch.int64), slot_idx=cat("slot_idx", [-1] * count, torch.int64),
+        coeff=cat("coeff", [0.7] * count, torch.float32), rank_lo=cat("rank_lo", [0] * count, torch.int64),
+        rank_hi=cat("rank_hi", [r_max] * count, torch.int64),
+        rank_coeff=torch.cat([layer.rank_coeff, torch.full((count, r_max), 0.7, device=device)]),
+        seg_starts=torch.tensor([s.start for s in segments] + [n + count], dtype=torch.int64, device=device),
+        seg_slots=torch.tensor([s.slot for s in segments], dtype=torch.int64, device=device),
+        segments=segments), layer.mode)

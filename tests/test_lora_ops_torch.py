@@ -7,7 +7,8 @@ import torch
 
 from loramux.kernels import torch_ref
 from loramux.kernels.plan import with_mode
-from tests.lora_cases import POPULARITY, fused_pool, fused_reference, plan_for, random_runs, sub_starts
+from tests.lora_cases import (POPULARITY, fused_pool, fused_reference, plan_for, random_runs, sub_starts,
+                              with_inert_rows)
 
 RANKS = [4, 8, 16, 64, 8, 4, 16, 64]
 
@@ -17,6 +18,17 @@ RANKS = [4, 8, 16, 64, 8, 4, 16, 64]
 @pytest.mark.parametrize("depth", [1, 3])
 @pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
 def test_shrink_expand_match_loop(pattern, run_len, depth, mode):
+    check(pattern, run_len, depth, mode, inert=False)
+
+
+@pytest.mark.parametrize("pattern", ["all_distinct", "zipf", "with_base_tokens"])
+@pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
+def test_inert_rows_read_and_write_nothing(pattern, mode):
+    check(pattern, 1, 2, mode, inert=True)
+
+
+def check(pattern, run_len, depth, mode, inert):
+    """Fused shrink + expand of every plan layer (with inert rows appended if asked) against the loop."""
     num_tokens, d_in, d_outs, r_max = 37, 24, [40, 16, 16], 64  # three fused sub-projections, like q/k/v
     a, b, scales, subs = fused_pool(RANKS, r_max, d_in, d_outs, seed=1)
     runs = random_runs(pattern, num_tokens, len(RANKS), RANKS, depth, run_len, seed=POPULARITY.index(pattern))
@@ -25,6 +37,8 @@ def test_shrink_expand_match_loop(pattern, run_len, depth, mode):
     y = base.clone()
     for layer in plan_for(runs, scales, r_max).layers:
         layer = with_mode(layer, mode)
+        if inert:
+            layer = with_inert_rows(layer, [0, 5, num_tokens - 1, 0], r_max)
         torch_ref.lora_expand(y, b, torch_ref.lora_shrink(x, a, layer), layer, sub_starts(d_outs))
     torch.testing.assert_close(y, base + fused_reference(x, subs, scales, runs, d_outs), rtol=1e-5, atol=1e-5)
 

@@ -17,14 +17,15 @@ if not torch.cuda.is_available():
 triton_lora = pytest.importorskip("loramux.kernels.triton_lora", reason="triton is not installed")
 
 from loramux.kernels.plan import with_mode  # noqa: E402
-from tests.lora_cases import POPULARITY, fused_pool, fused_reference, plan_for, random_runs, sub_starts  # noqa: E402
+from tests.lora_cases import (POPULARITY, fused_pool, fused_reference, plan_for, random_runs, sub_starts,  # noqa: E402
+                              with_inert_rows)
 
 RANKS = [4, 8, 16, 64, 8, 4, 16, 64]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def check(pattern, run_len, depth, mode, dtype, num_tokens, d_in, d_outs, seed=0):
+def check(pattern, run_len, depth, mode, dtype, num_tokens, d_in, d_outs, seed=0, inert=False):
     """One fused shrink and one fused expand (sub-projections of uneven widths, so tiles straddle them)."""
     r_max = 64
     a, b, scales, subs = fused_pool(RANKS, r_max, d_in, d_outs, seed)
@@ -35,6 +36,8 @@ def check(pattern, run_len, depth, mode, dtype, num_tokens, d_in, d_outs, seed=0
     to = dict(device=DEVICE, dtype=dtype)
     for layer in plan_for(runs, scales, r_max, DEVICE).layers:
         layer = with_mode(layer, mode)
+        if inert:  # CUDA-graph padding: slot -1 rows pointing at real tokens
+            layer = with_inert_rows(layer, [0, 3, num_tokens - 1, 0], r_max)
         h = triton_lora.lora_shrink(x.to(**to), a.to(**to).contiguous(), layer)
         triton_lora.lora_expand(y, b.to(**to).contiguous(), h, layer, sub_starts(d_outs))
     rounded = [(sa.to(dtype).float(), sb.to(dtype).float()) for sa, sb in subs]
@@ -48,6 +51,12 @@ def check(pattern, run_len, depth, mode, dtype, num_tokens, d_in, d_outs, seed=0
 @pytest.mark.parametrize("depth", [1, 3])
 def test_kernels_match_reference_fp32(pattern, run_len, mode, depth):
     check(pattern, run_len, depth, mode, torch.float32, num_tokens=45, d_in=24, d_outs=[40, 24, 24])
+
+
+@pytest.mark.parametrize("pattern", ["all_distinct", "zipf", "with_base_tokens"])
+@pytest.mark.parametrize("run_len, mode", [(1, "gather"), (1, "slots"), (9, "segments")])
+def test_inert_rows_read_and_write_nothing(pattern, run_len, mode):
+    check(pattern, run_len, 2, mode, torch.float32, num_tokens=29, d_in=24, d_outs=[40, 24, 24], inert=True)
 
 
 @pytest.mark.parametrize("mode, run_len", [("gather", 1), ("segments", 9)])

@@ -11,6 +11,9 @@ then scatter into `y` without atomics, and the K layers are applied one after
 the other. Inside a layer the rows are sorted by slot; each segment is a run
 of consecutive tokens with the same slot (a prefill chunk, or one decode token).
 
+A row whose slot is negative is inert: the kernels read and write nothing for
+it (CUDA-graph padding uses slot -1), whatever its token, coefficient and ranks.
+
 The plan also says which formulation suits the layer (`mode`):
 - "segments": one dense GEMM per segment (SGMV); long segments (prefill),
   or very few of them (a decode batch of one or two sequences).
@@ -104,18 +107,25 @@ Assignment = tuple[int, float, int, int]  # (slot, weight, rank_lo, rank_hi)
 
 def _slot_packing(slot_idx: torch.Tensor, max_padding: float = SLOTS_MAX_PADDING
                   ) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None:
-    """Pack rows (sorted by slot) per slot for the "slots" mode, or None when padding would cost too much."""
-    lo, hi = int(slot_idx[0]), int(slot_idx[-1]) + 1
-    counts = torch.bincount(slot_idx - lo, minlength=hi - lo)
-    m = int(counts.max())
+    """Pack rows per slot for the "slots" mode, or None when padding would cost too much.
+
+    The live rows (slot >= 0) must be sorted by slot; inert rows (slot < 0) may
+    sit anywhere and get `packed_pos` = one past the packed rows (a zero row).
+    """
     n = slot_idx.shape[0]
+    live = torch.nonzero(slot_idx >= 0).flatten()
+    live_slots = slot_idx[live]
+    lo, hi = (int(live_slots[0]), int(live_slots[-1]) + 1) if live.numel() else (0, 0)
+    counts = torch.bincount(live_slots - lo, minlength=hi - lo)
+    m = int(counts.max()) if live.numel() else 0
     if (hi - lo) * m > max_padding * n:
         return None
     first_row = torch.cumsum(counts, 0) - counts
-    within = torch.arange(n) - first_row[slot_idx - lo]
-    packed_pos = (slot_idx - lo) * m + within
+    within = torch.arange(live.numel()) - first_row[live_slots - lo]
+    packed_pos = torch.full((n,), (hi - lo) * m, dtype=torch.int64)
+    packed_pos[live] = (live_slots - lo) * m + within
     slot_rows = torch.full(((hi - lo) * m,), n, dtype=torch.int64)
-    slot_rows[packed_pos] = torch.arange(n)
+    slot_rows[packed_pos[live]] = live
     return (lo, hi), slot_rows.view(hi - lo, m), packed_pos
 
 

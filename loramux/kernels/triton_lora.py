@@ -56,8 +56,8 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_
     """
     seg = tl.program_id(0)
     rows, row_ok, active = _segment_tile(seg_start_ptr, seg, BLOCK_M)
-    if active:
-        slot = tl.load(seg_slot_ptr + seg)
+    slot = tl.load(seg_slot_ptr + seg)
+    if active & (slot >= 0):  # a segment of inert rows (slot < 0) reads and writes nothing
         tokens = tl.load(token_ptr + rows, mask=row_ok, other=0)
         rs = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -81,16 +81,17 @@ def _bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, slot_ptr,
     """
     n = tl.program_id(0)
     slot = tl.load(slot_ptr + n)
-    token = tl.load(token_ptr + n)
-    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_D):
-        ks = k0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + token * stride_xt + ks, mask=ks < d_in, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + slot * stride_as + rs[:, None] * stride_ar + ks[None, :],
-                    mask=(rs[:, None] < R) & (ks[None, :] < d_in), other=0.0).to(tl.float32)
-        acc += tl.sum(a * x[None, :], axis=1)
-    tl.store(h_ptr + n * stride_hn + rs, acc, mask=rs < R)
+    if slot >= 0:  # an inert row reads and writes nothing (h is zeroed by the caller)
+        token = tl.load(token_ptr + n)
+        rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, d_in, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            x = tl.load(x_ptr + token * stride_xt + ks, mask=ks < d_in, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + slot * stride_as + rs[:, None] * stride_ar + ks[None, :],
+                        mask=(rs[:, None] < R) & (ks[None, :] < d_in), other=0.0).to(tl.float32)
+            acc += tl.sum(a * x[None, :], axis=1)
+        tl.store(h_ptr + n * stride_hn + rs, acc, mask=rs < R)
 
 
 @triton.jit
@@ -113,8 +114,8 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_
     """
     seg = tl.program_id(0)
     rows, row_ok, active = _segment_tile(seg_start_ptr, seg, BLOCK_M)
-    if active:
-        slot = tl.load(seg_slot_ptr + seg)
+    slot = tl.load(seg_slot_ptr + seg)
+    if active & (slot >= 0):  # a segment of inert rows (slot < 0) reads and writes nothing
         tokens = tl.load(token_ptr + rows, mask=row_ok, other=0)
         coeff = tl.load(coeff_ptr + rows, mask=row_ok, other=0.0)
         lo = tl.load(lo_ptr + rows, mask=row_ok, other=0)
@@ -147,23 +148,24 @@ def _bgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, slot_ptr, coeff_ptr, lo_
     """
     n = tl.program_id(0)
     slot = tl.load(slot_ptr + n)
-    token = tl.load(token_ptr + n)
-    coeff = tl.load(coeff_ptr + n)
-    lo = tl.load(lo_ptr + n)
-    hi = tl.load(hi_ptr + n)
-    rs = tl.arange(0, BLOCK_R)
-    js = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    column_ok = js < d_total
-    rank_ok = (rs >= lo) & (rs < hi) & (rs < r_max)
-    column_sub = _sub_of_column(js, sub1, sub2)
-    h = tl.load(h_ptr + n * stride_hn + column_sub[:, None] * r_max + rs[None, :],
-                mask=column_ok[:, None] & rank_ok[None, :], other=0.0)
-    b = tl.load(b_ptr + slot * stride_bs + js[:, None] * stride_bd + rs[None, :],
-                mask=column_ok[:, None] & (rs[None, :] < r_max), other=0.0).to(tl.float32)
-    delta = tl.sum(b * h, axis=1) * coeff
-    out = y_ptr + token * stride_yt + js
-    y = tl.load(out, mask=column_ok, other=0.0)
-    tl.store(out, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=column_ok)
+    if slot >= 0:  # an inert row reads and writes nothing
+        token = tl.load(token_ptr + n)
+        coeff = tl.load(coeff_ptr + n)
+        lo = tl.load(lo_ptr + n)
+        hi = tl.load(hi_ptr + n)
+        rs = tl.arange(0, BLOCK_R)
+        js = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        column_ok = js < d_total
+        rank_ok = (rs >= lo) & (rs < hi) & (rs < r_max)
+        column_sub = _sub_of_column(js, sub1, sub2)
+        h = tl.load(h_ptr + n * stride_hn + column_sub[:, None] * r_max + rs[None, :],
+                    mask=column_ok[:, None] & rank_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + slot * stride_bs + js[:, None] * stride_bd + rs[None, :],
+                    mask=column_ok[:, None] & (rs[None, :] < r_max), other=0.0).to(tl.float32)
+        delta = tl.sum(b * h, axis=1) * coeff
+        out = y_ptr + token * stride_yt + js
+        y = tl.load(out, mask=column_ok, other=0.0)
+        tl.store(out, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=column_ok)
 
 
 def _max_segment_len(layer: LoraPlanLayer) -> int:

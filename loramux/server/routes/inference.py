@@ -1,0 +1,59 @@
+"""OpenAI inference routes: /v1/completions, /v1/chat/completions and /v1/models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from loramux.server.errors import APIError
+from loramux.server.generation import Generation
+from loramux.server.schemas import ChatCompletionRequest, CompletionRequest
+from loramux.server.state import ServerState, check_key
+
+
+def inference_router(state: ServerState) -> APIRouter:
+    api = APIRouter()
+    engine = state.engine
+    generation = Generation(state)
+
+    @api.get("/v1/models")
+    async def models(request: Request):
+        check_key(request, state.user_keys)
+        records = await state.running_engine().call(lambda e: list(e.store.records.values()))
+        base = {"id": engine.model_id, "object": "model", "created": state.started, "owned_by": "loramux",
+                "root": engine.model_id, "parent": None, "max_model_len": engine.max_model_len}
+        adapters = [{"id": r.name, "object": "model", "created": int(r.created), "owned_by": "loramux",
+                     "root": r.name, "parent": engine.model_id} for r in records]
+        return {"object": "list", "data": [base] + adapters}
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_key(request, state.user_keys)
+        if body.echo or body.suffix is not None:
+            raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix",
+                           "unsupported_parameter")
+        text = body.prompt
+        if not isinstance(text, str):  # token ids: the router reads their text; bad ids are refused later
+            text = engine.tokenizer.decode([t for t in body.prompt if 0 <= t < engine.shape.vocab_size])
+        return await generation.generate(request, body, body.prompt, False, body.max_tokens, body.logprobs, text)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_key(request, state.user_keys)
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content or ""
+            if isinstance(content, list):
+                if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
+                    raise APIError(400, "only text content parts are supported", f"messages.{i}.content")
+                content = "".join(part["text"] for part in content)
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        try:
+            prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template's own errors (e.g. role order) are the client's to fix
+            raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        text = "\n".join(m["content"] for m in messages if m["role"] == "user")
+        return await generation.generate(request, body, prompt, True, body.max_completion_tokens or body.max_tokens,
+                                         logprobs, text)
+
+    return api
