@@ -247,6 +247,10 @@ class CompositeRegistry:
         if record.uploaded:
             shutil.rmtree(record.path, ignore_errors=True)
 
+    def uses(self, name: str) -> int:
+        """Sequences running (or waiting) with the composite."""
+        return self._uses[name]
+
     def release(self, use: CompositeUse) -> None:
         self._uses[use.name] -= 1
         if not self._uses[use.name]:

@@ -13,7 +13,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class AdapterRef(Strict):
+class CompositeFields(Strict):
+    """Options of a composite expert: MoLE/MoR `mask` (members to drop) and `top_k`; MoRE `task`;
+    `per_layer` adds the mean gate of every decoder layer to the response."""
+
+    mask: list[StrictStr] | None = None
+    top_k: StrictInt | None = Field(None, ge=0)
+    task: StrictStr | None = None
+    per_layer: StrictBool = False
+
+    def options(self) -> dict:
+        return self.model_dump(exclude_none=True, exclude_defaults=True)
+
+
+class AdapterRef(CompositeFields):
     name: StrictStr
     weight: Number = 1.0
     rank_lo: StrictInt = Field(0, ge=0)
@@ -54,6 +67,7 @@ class SamplingFields(Strict):
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
     adapters: list[StrictStr | AdapterRef] | None = None
+    composite: CompositeFields | None = None  # options when `model` names a composite expert
     router: RouterOptions | None = None
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 
+from loramux.adapters_store.registry import COMPOSITE_CONFIG_FILE
+from loramux.composites.format import COMPOSITE_WEIGHTS_FILE
 from loramux.engine import Engine
 from loramux.server.errors import APIError
 from loramux.server.schemas import LoadAdapterRequest
@@ -14,6 +16,8 @@ from loramux.server.state import ServerState, check_key
 
 
 def describe(e: Engine, name: str) -> dict:
+    if name in e.composites:
+        return e.composites.get(name).to_json() | {"running_requests": e.composites.uses(name)}
     record = e.store.get(name)
     return record.to_json() | {"tier": e.store.tier(name), "running_requests": e.store.pinned(name)}
 
@@ -26,7 +30,7 @@ def adapters_router(state: ServerState) -> APIRouter:
     async def list_adapters(request: Request):
         check_key(request, state.user_keys)
         return {"object": "list", "data": await state.running_engine().call(
-            lambda e: [describe(e, name) for name in sorted(e.store.records)])}
+            lambda e: [describe(e, name) for name in sorted([*e.store.records, *e.composites.records])])}
 
     @api.get("/v1/adapters/{name}")
     async def get_adapter(name: str, request: Request):
@@ -45,20 +49,28 @@ def adapters_router(state: ServerState) -> APIRouter:
         form = await request.form(max_files=2, max_fields=16)
         try:
             name = form.get("name")
-            files = {key: form.get(key) for key in ("adapter_config.json", "adapter_model.safetensors")}
+            # A PEFT adapter, or a composite expert (its card lives in its JSON).
+            composite = form.get(COMPOSITE_CONFIG_FILE) is not None
+            keys = (COMPOSITE_CONFIG_FILE, COMPOSITE_WEIGHTS_FILE) if composite else \
+                ("adapter_config.json", "adapter_model.safetensors")
+            files = {key: form.get(key) for key in keys}
             if not isinstance(name, str) or not name:
                 raise APIError(400, "the form field 'name' is required", "name")
             for key, upload in files.items():
                 if upload is None or isinstance(upload, str):
                     raise APIError(400, f"the file field {key!r} is required", key)
-            config_bytes = await files["adapter_config.json"].read()
-            weights_bytes = await files["adapter_model.safetensors"].read()
+            config_bytes = await files[keys[0]].read()
+            weights_bytes = await files[keys[1]].read()
             metadata = {"description": form.get("description") or "", "examples": _form_examples(form)}
             replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
         finally:
             await form.close()
-        await state.running_engine().call(
-            lambda e: e.store.register_from_files(name, config_bytes, weights_bytes, metadata, replace=replace))
+        if composite:
+            await state.running_engine().call(
+                lambda e: e.composites.register_from_files(name, config_bytes, weights_bytes, replace=replace))
+        else:
+            await state.running_engine().call(
+                lambda e: e.store.register_from_files(name, config_bytes, weights_bytes, metadata, replace=replace))
         return await state.running_engine().call(lambda e: describe(e, name))
 
     @api.post("/v1/adapters/load", status_code=201)
