@@ -174,3 +174,13 @@ def test_gate_rows_run_out(setup):
         engine.remove_adapter(f"g{i}")
     engine.remove_adapter("more-ok")
     assert len(engine.composites._free_gates) == capacity
+
+
+def test_a_derived_member_is_deleted_only_with_its_composite(setup):
+    engine, root = setup
+    engine.add_adapter("mine", str(root / "mor"))
+    with pytest.raises(AdapterError, match="belongs to composite 'mine'") as err:
+        engine.remove_adapter("mine.expert1")
+    assert err.value.code == "in_use" and "mine.expert1" in engine.store
+    engine.remove_adapter("mine")
+    assert "mine.expert1" not in engine.store

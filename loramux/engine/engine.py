@@ -194,6 +194,9 @@ class Engine:
         if name in self.composites:
             self.composites.delete(name)
             return
+        owners = [owner for owner in self.store.get(name).fused_from if owner in self.composites]
+        if owners and name in self.composites.get(owners[0]).members:
+            raise AdapterError("in_use", f"adapter {name!r} belongs to composite {owners[0]!r}; delete the composite")
         self.store.delete(name)
 
     @property
