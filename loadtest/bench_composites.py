@@ -81,8 +81,8 @@ def slot_mib(engine: Engine) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="HF folder or id (default: the bundled SmolLM2-135M)")
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--note", default="shared machine", help="what else ran on the machine")
     args = parser.parse_args()
@@ -105,8 +105,10 @@ def main() -> None:
         }
         reference = {"plain r8": "plain r8", "+ MoRE (r8)": "plain r8"}
         decode_step_seconds(engine, prompts, batches["plain r16"], 4)  # warm-up
-        results = {label: decode_step_seconds(engine, prompts, mixes, args.new_tokens)
-                   for label, mixes in batches.items()}
+        results = {}
+        for label, mixes in batches.items():
+            results[label] = decode_step_seconds(engine, prompts, mixes, args.new_tokens)
+            logger.info("%s: decode step %.1f ms", label, results[label] * 1e3)
     logger.info("%-24s %14s %10s", "batch (32 requests)", "decode step ms", "vs plain")
     rows = []
     for label, seconds in results.items():
