@@ -311,3 +311,15 @@ def test_bad_request_options(tiny_llama_dir, composites):
     assert engine.composites._uses == {} and not engine.has_unfinished_requests()
     with pytest.raises(AdapterError):
         engine.composites.get("nope")
+
+
+def test_n_completions_each_get_a_report_and_release_the_composite(tiny_llama_dir, composites):
+    root, _ = composites
+    engine = engine_with(tiny_llama_dir, root)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, n=2)
+    [outs] = engine.generate([[11, 12, 13]], params, [[{"name": "mor", "top_k": 2}]])
+    assert [o.new_token_ids for o in outs][0] == [o.new_token_ids for o in outs][1]
+    for out in outs:
+        assert out.composite["type"] == "mor" and math.isclose(sum(out.composite["gates"].values()), 1.0,
+                                                                rel_tol=1e-5)
+    assert engine.composites._uses == {} and engine.store._uses == {}
