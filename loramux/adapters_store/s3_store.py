@@ -17,7 +17,7 @@ and the loser removes its own objects (or, when both saw themselves
 published, a later upload removes them after ORPHAN_GRACE_SECONDS).
 
 The local cache holds `<cache_dir>/<name>/<version>/` PEFT folders, written
-atomically (`write_adapter_dir`); the engine reads them like any folder.
+atomically (`stage_adapter_dir` + `commit_adapter_dir`); the engine reads them like any folder.
 Credentials and region come from the usual AWS environment and config files;
 `endpoint_url` (or `AWS_ENDPOINT_URL`) points at MinIO and the like.
 """
@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loramux.adapters_store.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
-from loramux.adapters_store.registry import check_metadata, check_name, write_adapter_dir
+from loramux.adapters_store.registry import check_metadata, check_name, commit_adapter_dir, stage_adapter_dir
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +190,9 @@ class S3AdapterStore:
                                               f"does not match its manifest's sha256; refusing it")
             files[filename] = data
         (self.cache_dir / name).mkdir(exist_ok=True)
-        return write_adapter_dir(self.cache_dir / name, version, files[CONFIG_FILE], files[WEIGHTS_FILE],
-                                 manifest.card, replace=True)
+        staged = stage_adapter_dir(self.cache_dir / name, version, files[CONFIG_FILE], files[WEIGHTS_FILE],
+                                   manifest.card)
+        return commit_adapter_dir(self.cache_dir / name, version, staged)
 
     def cached(self) -> dict[str, Path]:
         """The newest complete cached folder of every adapter (what serves while the store is unreachable)."""
