@@ -203,7 +203,7 @@ class Engine:
         """Static decode buffers over the spare KV block (the scratch block, past the last real one)."""
         block_size = self.config.cache.block_size
         return DecodeGraphRunner(self.model, self.config.scheduler.max_num_seqs, -(-self.max_model_len // block_size),
-                                 scratch_block=self.num_blocks, block_size=block_size, r_max=self.slots.max_rank,
+                                 scratch_block=self.num_blocks, block_size=block_size,
                                  max_depth=self.graph_lora_depth, device=self.device, use_cuda_graphs=use_cuda_graphs)
 
     def _warm_up_and_capture(self) -> None:
