@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loramux.adapters_store import AdapterError
+from loramux.adapters_store.lifecycle import Tier
 from loramux.composites.synthetic import write_random_mole, write_random_mor, write_random_more
 from tests.conftest import make_engine, make_peft_adapter
 
@@ -184,3 +185,33 @@ def test_a_derived_member_is_deleted_only_with_its_composite(setup):
     assert err.value.code == "in_use" and "mine.expert1" in engine.store
     engine.remove_adapter("mine")
     assert "mine.expert1" not in engine.store
+
+
+def test_members_built_in_memory_are_lifecycle_entries_keyed_by_content(setup):
+    """MoR experts live in the store's state machine: at the CPU tier whatever the CPU bound, never on disk,
+    hidden from the router; a second composite with the same files gets members with the same checksums."""
+    engine, root = setup
+    store = engine.store
+    engine.add_adapter("twin-a", str(root / "mor"))
+    engine.add_adapter("twin-b", str(root / "mor"))
+    try:
+        entries = {n: store.lifecycle[n] for n in store.records if n.startswith("twin-")}
+        assert len(entries) == 6
+        for name, entry in entries.items():
+            assert entry.in_memory and entry.record.member_of == name.split(".")[0] and entry.record.path == ""
+            assert entry.tier >= Tier.CPU  # nothing to read back from disk
+        store.lifecycle.max_cpu = 0  # the bound evicts only adapters with files
+        store.lifecycle._enforce_cpu_bound()
+        store.lifecycle.check()
+        assert all(e.weights is not None for e in entries.values())
+        checksums = {n.split(".", 1)[1]: [] for n in entries}
+        for name, entry in entries.items():
+            checksums[name.split(".", 1)[1]].append(entry.record.checksum)
+        assert all(a == b for a, b in checksums.values())  # same content, same identity
+        assert len({a for a, _ in checksums.values()}) == 3  # the experts differ
+    finally:
+        store.lifecycle.max_cpu = engine.config.store.max_cpu_loras
+        engine.remove_adapter("twin-a")
+        engine.remove_adapter("twin-b")
+    assert not [n for n in store.lifecycle.entries if n.startswith("twin-")]
+    store.lifecycle.check()

@@ -329,3 +329,23 @@ def test_n_completions_each_get_a_report_and_release_the_composite(tiny_llama_di
         assert out.composite["type"] == "mor" and math.isclose(sum(out.composite["gates"].values()), 1.0,
                                                                 rel_tol=1e-5)
     assert engine.composites._uses == {} and store_idle(engine)
+
+
+def test_prefix_cache_shares_kv_only_between_the_same_gate_settings(tiny_llama_dir, composites):
+    """K/V under a gated composite depend on its kept members and top-k: other settings never reuse them."""
+    root, _ = composites
+    engine = engine_with(tiny_llama_dir, root)
+    ids = list(range(3, 3 + 4 * engine.config.cache.block_size))  # four full blocks
+    hits = engine.blocks
+
+    def hit_tokens(mix) -> int:
+        before = hits.prefix_hit_tokens
+        engine.generate([ids], greedy(), [mix])
+        return hits.prefix_hit_tokens - before
+
+    assert hit_tokens([{"name": "mole", "mask": ["m0"]}]) == 0
+    assert hit_tokens([{"name": "mole", "mask": ["m0"]}]) > 0  # the same settings: shared
+    assert hit_tokens([{"name": "mole", "mask": ["m1"]}]) == 0  # other members kept
+    assert hit_tokens([{"name": "mole", "top_k": 1}]) == 0  # another top-k
+    assert hit_tokens(["m0", "m1", "m2", "mole.inner"]) == 0  # its members as a plain mix: no gate
+    assert hit_tokens([{"name": "mole", "mask": ["m0"], "per_layer": True}]) > 0  # the report changes no K/V
