@@ -215,3 +215,16 @@ def test_members_built_in_memory_are_lifecycle_entries_keyed_by_content(setup):
         engine.remove_adapter("twin-b")
     assert not [n for n in store.lifecycle.entries if n.startswith("twin-")]
     store.lifecycle.check()
+
+
+def test_an_adapter_cannot_take_a_composites_name(setup):
+    engine, root = setup
+    engine.add_adapter("shared-name", str(root / "more"))
+    try:
+        before = state(engine)
+        with pytest.raises(AdapterError, match="name of a composite expert") as err:
+            engine.add_adapter("shared-name", str(root / "m0"), replace=True)
+        assert err.value.code == "already_exists"
+        assert_same(before, state(engine))
+    finally:
+        engine.remove_adapter("shared-name")

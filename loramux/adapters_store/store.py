@@ -98,6 +98,8 @@ class AdapterStore:
         # not for fusions. Called on the engine thread: listeners must be quick (the router queues its work).
         self.change_listeners: list[Callable[[str, AdapterRecord | None], None]] = []
         self.max_fused = max_fused
+        # Names an adapter may not take because something else holds them (the composite registry sets it).
+        self.name_taken_elsewhere: Callable[[str], str | None] = lambda name: None
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: list[torch.cuda.Event] = []
         if store_dir is not None:
@@ -160,6 +162,9 @@ class AdapterStore:
     def check_new_name(self, name: str, replace: bool) -> None:
         """Cheap checks against the current registry (they run again in `install`, which decides)."""
         check_name(name, self.reserved_names)
+        holder = self.name_taken_elsewhere(name)
+        if holder is not None:
+            raise AdapterError("already_exists", f"{name!r} is already the name of {holder}")
         entry = self.lifecycle.entries.get(name)
         if entry is not None and entry.phase is Phase.DELETING:
             raise AdapterError("in_use", f"adapter {name!r} is being deleted; running requests still use it")

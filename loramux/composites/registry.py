@@ -137,6 +137,13 @@ class CompositeRegistry:
         self._free_gates = list(range(max_composites - 1, -1, -1))
         self._uses: Counter[str] = Counter()
         self._deleted: dict[str, list[CompositeRecord]] = {}  # deleted while requests still use them
+        store.name_taken_elsewhere = self._holder_of
+
+    def _holder_of(self, name: str) -> str | None:
+        """What holds `name` on this side, for the store's name checks (adapters and composites share names)."""
+        if name in self.records:
+            return "a composite expert"
+        return "a composite expert being deleted" if name in self._deleted else None
 
     @property
     def max_members(self) -> int:
