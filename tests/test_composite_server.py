@@ -41,7 +41,8 @@ def folders(tiny_llama_dir, tmp_path_factory):
 def server(tiny_llama_dir, folders):
     proc = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--num-kv-blocks", "256",
                           "--adapter-dir", str(folders / "serving"), "--adapter-store", str(folders / "store"),
-                          "--admin-api-key", ADMIN_KEY, "--max-loras", "12", "--max-composite-members", "4"],
+                          "--admin-api-key", ADMIN_KEY, "--max-loras", "12", "--max-composite-members", "4",
+                          "--adapter-load-root", str(folders)],
                          folders / "server.log")
     yield proc
     proc.stop()
@@ -140,6 +141,20 @@ def test_upload_use_delete(server, folders):
         assert c.delete("/v1/adapters/mor").status_code == 200
     assert complete(server, model="mor").status_code == 404
     assert names(server) == before and not (folders / "store" / "mor").exists()
+
+
+def test_loaded_from_a_server_path_and_deleted_without_touching_its_folder(server, folders):
+    with http(server) as c:
+        r = c.post("/v1/adapters/load", json={"name": "mor-loaded", "path": "mor"})
+        assert r.status_code == 201, r.text
+        assert r.json()["type"] == "mor" and not r.json()["uploaded"]
+        assert c.post("/v1/adapters/load", json={"name": "mor-loaded", "path": "mor"}).status_code == 409
+    assert sorted(complete(server, model="mor-loaded").json()["loramux"]["composite"]["gates"]) == [
+        "mor-loaded.expert0", "mor-loaded.expert1", "mor-loaded.expert2"]
+    with http(server) as c:
+        assert c.delete("/v1/adapters/mor-loaded").status_code == 200
+    assert (folders / "mor" / "composite.safetensors").is_file()
+    assert complete(server, model="mor-loaded").status_code == 404
 
 
 def test_deleted_member_gives_a_clear_error(server, folders):

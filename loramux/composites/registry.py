@@ -57,13 +57,20 @@ class CompositeRecord:
 
 @dataclass
 class PreparedComposite:
-    """A validated composite upload, staged in a hidden folder until `CompositeRegistry.install`."""
+    """A validated composite, ready for `CompositeRegistry.install`: a folder registered in place, or an
+    upload staged in a hidden folder of the store directory (`staged`)."""
 
     name: str
     spec: CompositeSpec
     weights_bytes: bytes
     replace: bool
-    staged: Path
+    folder: Path
+    uploaded: bool = False  # lives in the store directory (deleting the composite removes it)
+    staged: bool = False
+
+    def discard(self) -> None:
+        if self.staged:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @dataclass
@@ -160,16 +167,9 @@ class CompositeRegistry:
     # ------------------------------------------------------------ registration
     def register_path(self, name: str, path: str | Path, replace: bool = False, uploaded: bool = False
                       ) -> CompositeRecord:
-        """Validate the composite folder at `path` and register it under `name`."""
-        folder = Path(path).expanduser()
-        for filename in (COMPOSITE_CONFIG_FILE, COMPOSITE_WEIGHTS_FILE):
-            if not (folder / filename).is_file():
-                raise AdapterError("not_found", f"{folder} has no {filename} (expected a composite folder)")
-        config_bytes, weights_bytes = ((folder / COMPOSITE_CONFIG_FILE).read_bytes(),
-                                       (folder / COMPOSITE_WEIGHTS_FILE).read_bytes())
+        """prepare_path then install, in one call (start-up, `Engine.add_adapter` and tests)."""
         self.check_new_name(name, replace)
-        spec = parse_composite(name, config_bytes, weights_bytes, self.base, folder)
-        return self._install(name, spec, folder, weights_bytes, uploaded, replace)
+        return self.install(self.prepare_path(name, path, replace, uploaded))
 
     def register_from_files(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False
                             ) -> CompositeRecord:
@@ -177,31 +177,43 @@ class CompositeRegistry:
         self.check_new_name(name, replace)
         return self.install(self.prepare_upload(name, config_bytes, weights_bytes, replace))
 
+    def prepare_path(self, name: str, path: str | Path, replace: bool = False, uploaded: bool = False
+                     ) -> PreparedComposite:
+        """Read and validate the composite folder at `path`, registered in place; any thread."""
+        check_name(name, self.store.reserved_names)
+        folder = Path(path).expanduser()
+        for filename in (COMPOSITE_CONFIG_FILE, COMPOSITE_WEIGHTS_FILE):
+            if not (folder / filename).is_file():
+                raise AdapterError("not_found", f"{folder} has no {filename} (expected a composite folder)")
+        config_bytes, weights_bytes = ((folder / COMPOSITE_CONFIG_FILE).read_bytes(),
+                                       (folder / COMPOSITE_WEIGHTS_FILE).read_bytes())
+        spec = parse_composite(name, config_bytes, weights_bytes, self.base, folder)
+        return PreparedComposite(name, spec, weights_bytes, replace, folder, uploaded)
+
     def prepare_upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False
                        ) -> PreparedComposite:
-        """Validate uploaded bytes and stage them (fsynced) in the store directory; any thread.
-
-        `install` (engine thread) checks them against the registry and publishes them.
-        """
+        """Validate uploaded bytes and stage them (fsynced) in the store directory; any thread."""
         if self.store_dir is None:
             raise AdapterError("no_store", "this server has no adapter store directory for uploads")
         check_name(name, self.store.reserved_names)
         spec = parse_composite(name, config_bytes, weights_bytes, self.base)
         staged = stage_folder(self.store_dir, name, {COMPOSITE_CONFIG_FILE: config_bytes,
                                                      COMPOSITE_WEIGHTS_FILE: weights_bytes})
-        return PreparedComposite(name, spec, weights_bytes, replace, staged)
+        return PreparedComposite(name, spec, weights_bytes, replace, staged, uploaded=True, staged=True)
 
     def install(self, prepared: PreparedComposite) -> CompositeRecord:
-        """Publish a prepared upload (engine thread); on any refusal the staged folder goes and nothing changes."""
-        name, spec, replace = prepared.name, prepared.spec, prepared.replace
+        """Publish a prepared composite (engine thread): checks against the registry and the store, the
+        staged folder's rename for uploads, then registration; on any refusal nothing changes."""
+        name, spec, replace, folder = prepared.name, prepared.spec, prepared.replace, prepared.folder
         try:
             self.check_new_name(name, replace)
             self._check_installable(name, spec, replace)
-            folder = commit_adapter_dir(self.store_dir, name, prepared.staged)
+            if prepared.staged:
+                folder = commit_adapter_dir(self.store_dir, name, folder)
         except BaseException:
-            shutil.rmtree(prepared.staged, ignore_errors=True)
+            prepared.discard()
             raise
-        return self._install(name, spec, folder, prepared.weights_bytes, True, replace)
+        return self._install(name, spec, folder, prepared.weights_bytes, prepared.uploaded, replace)
 
     def check_new_name(self, name: str, replace: bool) -> None:
         check_name(name, self.store.reserved_names)

@@ -83,6 +83,10 @@ def adapters_router(state: ServerState) -> APIRouter:
             raise APIError(400, f"path must lie under the allowed root {str(root)!r}", "path", "path_not_allowed")
         metadata = {"description": body.description, "examples": body.examples}
         engine = state.running_engine()
+        if (path / COMPOSITE_CONFIG_FILE).is_file():  # a composite expert (its card is in its JSON)
+            await engine.call(lambda e: e.composites.check_new_name(body.name, body.replace))
+            prepared = await asyncio.to_thread(state.engine.composites.prepare_path, body.name, path, body.replace)
+            return await engine.call(lambda e: describe(e, e.composites.install(prepared).name))
         await engine.call(lambda e: e.store.check_new_name(body.name, body.replace))
         prepared = await asyncio.to_thread(state.engine.store.prepare_path, body.name, path, metadata, body.replace)
         described = await engine.call(lambda e: describe(e, e.store.install(prepared).name))
