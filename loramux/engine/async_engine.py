@@ -24,7 +24,7 @@ T = TypeVar("T")
 class RequestFailedError(RuntimeError):
     """This request failed in the engine; the others go on. `code` names why, `status` is the HTTP status."""
 
-    STATUS = {"adapter_unavailable": 503, "engine_error": 500, "engine_unavailable": 503}
+    STATUS = {"adapter_unavailable": 503, "engine_error": 500, "engine_unavailable": 503, "server_shutting_down": 503}
 
     def __init__(self, message: str, code: str):
         super().__init__(message)
@@ -35,10 +35,10 @@ class RequestFailedError(RuntimeError):
 class EngineDeadError(RequestFailedError):
     """The step loop failed outside any request, or the server is shutting down; every request ends."""
 
-    def __init__(self, message: str):
-        super().__init__(message, "engine_unavailable")
-
     code = "engine_unavailable"
+
+    def __init__(self, message: str):
+        super().__init__(message, self.code)  # the class's code: a subclass (ServerStoppingError) keeps its own
 
 
 class ServerStoppingError(EngineDeadError):
