@@ -92,12 +92,16 @@ class StoreConfig:
     store_dir: str | None = None  # where uploads are written; None: uploads refused
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder
     adapter_dirs: list[str] = field(default_factory=list)  # every PEFT folder inside is registered
+    max_composites: int = 8  # gated composite experts (MoLE, MoR) whose gates live on the device
+    max_composite_members: int = 8  # members (experts) per gated composite; sizes the gate tensors
 
     def __post_init__(self) -> None:
         _require(self.max_loras > 0, "--max-loras must be positive")
         _require(self.max_cpu_loras > 0, "--max-cpu-loras must be positive")
         _require(self.max_adapter_bytes > 0, "--max-adapter-bytes must be positive")
         _require(self.max_lora_rank > 0, "--max-lora-rank must be positive")
+        _require(self.max_composites > 0, "--max-composites must be positive")
+        _require(self.max_composite_members >= 2, "--max-composite-members must be at least 2")
         _require(self.lora_backend in ("auto", "torch", "triton"),
                  f"--lora-backend must be auto, torch or triton, got {self.lora_backend!r}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loramux.composites.synthetic import write_random_mole
 from loramux.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
 from loramux.engine import Engine, SamplingParams
 from loramux.engine.cuda_graphs import batch_sizes_up_to
@@ -49,6 +50,28 @@ def test_static_decode_path_matches_eager(tiny_llama_dir, adapters):
     assert workload(static) == workload(eager)
     assert static.decode_graphs.input_ids is buffers
     assert static.blocks.num_free == static.num_blocks
+
+
+def test_steps_with_a_gated_composite_run_eagerly(tiny_llama_dir, adapters, tmp_path):
+    """Gates rewrite the plan's coefficients inside the forward pass, which the static path would not run:
+    a step with a MoLE request runs eagerly (same tokens as an engine without static buffers), others replay."""
+    write_random_mole(tmp_path / "mole", ["g0", "g1"], 2, 64, seed=3, gate_std=1.0)
+    engines = [make_engine(tiny_llama_dir, adapters=adapters, attention_backend="torch") for _ in range(2)]
+    for engine in engines:
+        engine.add_adapter("mole", str(tmp_path / "mole"))
+    static = engines[1]
+    static.decode_graphs = static.make_decode_graphs(use_cuda_graphs=False)
+    replays = []
+    run = static.decode_graphs.run
+    static.decode_graphs.run = lambda inputs: replays.append(inputs.ctx.composite) or run(inputs)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [engines[0].tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:3]]
+    mixes = [["mole"], ["g0"], [{"name": "mole", "top_k": 1}]]
+    expected, got = ([[o.new_token_ids for o in outs] for outs in e.generate(prompts, params, mixes)] for e in engines)
+    assert got == expected
+    assert replays == []  # every decode step had a composite request
+    static.generate(prompts[1:2], params, [["g0"]])
+    assert replays and all(gates is None for gates in replays)
 
 
 def test_padding_rows_are_inert(tiny_llama_dir, adapters):

@@ -77,6 +77,11 @@ def test_an_upload_and_a_delete_reach_every_server(shared_bucket_servers, tiny_l
     bad = upload(a, "broken", config, weights[:-50])
     assert 400 <= bad.status_code < 500 and "error" in bad.json()
     assert boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    composite = httpx.post(a.url + "/v1/adapters", data={"name": "mix"}, timeout=60, files={
+        "loramux_composite.json": ("loramux_composite.json", b'{"type": "mole", "members": ["x", "y"]}'),
+        "composite.safetensors": ("composite.safetensors", b"")})
+    assert composite.status_code == 400 and composite.json()["error"]["code"] == "unsupported_parameter"
+    assert boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
     r = upload(a, "shared-expert", config, weights)
     assert r.status_code == 201, r.text

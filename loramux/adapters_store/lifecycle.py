@@ -11,14 +11,15 @@ and every change of its state is one method here:
 "In use" is `uses` > 0 (requests that name it were accepted), "pinned" is
 `pins` > 0 (running sequences read its slot). An adapter in a slot keeps its
 CPU copy, so evicting a slot never reads the disk again; the CPU bound
-(`max_cpu`) counts the adapters whose highest tier is CPU. Fusions are built
-in memory and have no files: they never drop to DISK.
+(`max_cpu`) counts the adapters whose highest tier is CPU. Fusions and
+composite experts' members are built in memory and have no files: they never
+drop to DISK and the CPU bound does not count them.
 
 Invariants (`check` asserts them; the tests call it after every operation):
 - pins <= uses; pins > 0 implies tier SLOT.
 - tier SLOT if and only if the slot pool holds the adapter; tier >= CPU if and only if it has weights.
 - a DELETING entry is in use; a GONE entry is no longer in `entries`.
-- at most `max_cpu` entries (fusions aside) sit at tier CPU.
+- at most `max_cpu` entries (in-memory ones aside) sit at tier CPU.
 
 The methods that can make an entry GONE return it, so the caller (the store)
 removes its files: nothing here touches the disk, nothing here recurses.
@@ -67,6 +68,11 @@ class AdapterEntry:
     @property
     def is_fusion(self) -> bool:
         return bool(self.record.fused_from)
+
+    @property
+    def in_memory(self) -> bool:
+        """A fusion or a composite's member: its weights exist only in memory."""
+        return self.record.in_memory
 
     def touch(self) -> None:
         self.last_used = next(_ticks)
@@ -167,14 +173,14 @@ class AdapterLifecycle:
         self._enforce_cpu_bound()
 
     def _enforce_cpu_bound(self) -> None:
-        at_cpu = sorted((e for e in self.entries.values() if e.tier is Tier.CPU and not e.is_fusion),
+        at_cpu = sorted((e for e in self.entries.values() if e.tier is Tier.CPU and not e.in_memory),
                         key=lambda e: e.last_used)
         for entry in at_cpu[:max(0, len(at_cpu) - self.max_cpu)]:  # the oldest: never the one just touched
             self.evict_cpu(entry)
 
     def evict_cpu(self, entry: AdapterEntry) -> None:
         """CPU → DISK: drop the CPU copy (the next page-in reads the files again)."""
-        assert entry.tier is Tier.CPU and not entry.is_fusion
+        assert entry.tier is Tier.CPU and not entry.in_memory
         entry.weights, entry.tier = None, Tier.DISK
         self.stats.cpu_evictions += 1
 
@@ -207,6 +213,6 @@ class AdapterLifecycle:
             assert (e.tier is Tier.SLOT) == (name in self.pool), name
             assert (e.tier >= Tier.CPU) == (e.weights is not None), name
             assert e.phase is not Phase.DELETING or e.uses, name
-            assert not e.is_fusion or e.tier >= Tier.CPU, name
+            assert not e.in_memory or e.tier >= Tier.CPU, name
         assert set(self.pool.slot_of) <= set(self.entries)
-        assert sum(e.tier is Tier.CPU and not e.is_fusion for e in self.entries.values()) <= self.max_cpu
+        assert sum(e.tier is Tier.CPU and not e.in_memory for e in self.entries.values()) <= self.max_cpu

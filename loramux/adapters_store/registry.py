@@ -16,6 +16,7 @@ from loramux.adapters_store.peft_format import CONFIG_FILE, WEIGHTS_FILE, Adapte
 
 NAME_RULE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CARD_FILE = "loramux.json"  # description and example inputs beside the PEFT files
+COMPOSITE_CONFIG_FILE = "loramux_composite.json"  # marks a composite expert's folder (loramux.composites)
 
 
 def check_name(name: str, reserved: frozenset[str] = frozenset()) -> None:
@@ -45,6 +46,12 @@ class AdapterRecord:
     examples: list[str] = field(default_factory=list)
     uploaded: bool = False  # lives in the store directory (deleting it removes the files)
     fused_from: list[str] = field(default_factory=list)  # a fusion built by the store: its experts
+    member_of: str | None = None  # a composite expert's member built in memory: that composite
+
+    @property
+    def in_memory(self) -> bool:
+        """Built in memory by the store (a fusion or a composite's member): no files, not a user's adapter."""
+        return bool(self.fused_from) or self.member_of is not None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -92,15 +99,20 @@ def _fsync_dir(folder: Path) -> None:
 
 def stage_adapter_dir(store_dir: Path, name: str, config_bytes: bytes, weights_bytes: bytes,
                       metadata: dict) -> Path:
-    """Write a PEFT folder to a hidden `.tmp-*` folder under store_dir, every file fsynced; returns it.
+    """Write a PEFT folder to a hidden `.tmp-*` folder under store_dir (see `stage_folder`)."""
+    return stage_folder(store_dir, name, {CONFIG_FILE: config_bytes, WEIGHTS_FILE: weights_bytes,
+                                          CARD_FILE: json.dumps(metadata).encode()})
+
+
+def stage_folder(store_dir: Path, name: str, files: dict[str, bytes]) -> Path:
+    """Write `files` to a hidden `.tmp-*` folder under store_dir, every file fsynced; returns it.
 
     Slow (disk and fsync): runs off the engine thread. `commit_adapter_dir` makes it visible.
     """
     check_name(name)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=store_dir))
     try:
-        for filename, data in ((CONFIG_FILE, config_bytes), (WEIGHTS_FILE, weights_bytes),
-                               (CARD_FILE, json.dumps(metadata).encode())):
+        for filename, data in files.items():
             with open(tmp / filename, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -15,6 +15,10 @@ weights around those transitions:
 - Fusions (LoraRetriever's averaged A and B of several experts) are derived
   adapters: built once per (experts, weights), kept in CPU memory (they have
   no files), at most `max_fused` of them, and dropped with any of their experts.
+- A composite expert's members built in memory (MoR experts, MoRE rank
+  prefixes; `register_derived`) are in-memory entries too: they page into
+  slots like any adapter and go only when their composite deletes them
+  (`delete_derived`); `delete` refuses them.
 - `ensure_resident` pages adapters into GPU slots; a page-in that fails
   raises `AdapterError("page_in_failed")` for the scheduler to fail only the
   requests of that adapter, and its slot stays free.
@@ -38,8 +42,9 @@ from loramux.adapters_store.fusion import fuse_adapters
 from loramux.adapters_store.lifecycle import AdapterEntry, AdapterLifecycle, Phase, Tier
 from loramux.adapters_store.peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter,
                                                 parse_peft_adapter)
-from loramux.adapters_store.registry import (AdapterRecord, check_name, commit_adapter_dir, make_record,
-                                             read_card, recover_store_dir, stage_adapter_dir, trash_adapter_dir)
+from loramux.adapters_store.registry import (COMPOSITE_CONFIG_FILE, AdapterRecord, check_name, commit_adapter_dir,
+                                             make_record, read_card, recover_store_dir, stage_adapter_dir,
+                                             trash_adapter_dir)
 from loramux.adapters_store.slot_pool import LoraSlotPool
 
 logger = logging.getLogger(__name__)
@@ -93,13 +98,16 @@ class AdapterStore:
         # not for fusions. Called on the engine thread: listeners must be quick (the router queues its work).
         self.change_listeners: list[Callable[[str, AdapterRecord | None], None]] = []
         self.max_fused = max_fused
+        # Names an adapter may not take because something else holds them (the composite registry sets it).
+        self.name_taken_elsewhere: Callable[[str], str | None] = lambda name: None
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: list[torch.cuda.Event] = []
         if store_dir is not None:
             store_dir.mkdir(parents=True, exist_ok=True)
             for line in recover_store_dir(store_dir):
                 logger.warning("adapter store recovery: %s", line)
-            for folder in sorted(p for p in store_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for folder in sorted(p for p in store_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                                 and not (p / COMPOSITE_CONFIG_FILE).is_file()):  # composites: CompositeRegistry
                 try:
                     self.install(self.prepare_path(folder.name, folder, uploaded=True))
                 except AdapterError as exc:
@@ -155,6 +163,9 @@ class AdapterStore:
     def check_new_name(self, name: str, replace: bool) -> None:
         """Cheap checks against the current registry (they run again in `install`, which decides)."""
         check_name(name, self.reserved_names)
+        holder = self.name_taken_elsewhere(name)
+        if holder is not None:
+            raise AdapterError("already_exists", f"{name!r} is already the name of {holder}")
         entry = self.lifecycle.entries.get(name)
         if entry is not None and entry.phase is Phase.DELETING:
             raise AdapterError("in_use", f"adapter {name!r} is being deleted; running requests still use it")
@@ -233,6 +244,9 @@ class AdapterStore:
         entry = self.lifecycle.live(name)
         if entry is None or entry.is_fusion:
             raise AdapterError("not_found", f"adapter {name!r} does not exist")
+        if entry.record.member_of is not None:
+            raise AdapterError("in_use", f"adapter {name!r} belongs to composite {entry.record.member_of!r}; "
+                                         "delete the composite")
         if entry.record.uploaded:
             entry.record.path = str(trash_adapter_dir(self.store_dir, Path(entry.record.path)))
         self.stats.deletions += 1
@@ -275,6 +289,30 @@ class AdapterStore:
         for victim in idle[:max(0, len(live) - self.max_fused)]:
             self._unregister(victim)
         return name
+
+    # ------------------------------------------------------------ composite experts' members
+    def register_derived(self, name: str, adapter: LoraAdapter, composite: str) -> AdapterRecord:
+        """Hold an adapter built in memory for `composite` (an MoR expert, an MoRE task's rank prefix, a
+        MoLE member shipped inside it). Its checksum is a digest of its weights, so the prefix cache keys
+        its K/V by content, as for any adapter."""
+        self.check_new_name(name, replace=False)
+        weights = self._to_cpu_tier(adapter)
+        digest = hashlib.sha256(f"{weights.rank}:{weights.scale}".encode())
+        for module in sorted(weights.weights):
+            for t in weights.weights[module]:
+                digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        record = AdapterRecord(name=name, path="", base_model=adapter.base_model, rank=adapter.rank,
+                               alpha=adapter.alpha, target_modules=list(adapter.target_modules),
+                               size_bytes=adapter.num_bytes, checksum=digest.hexdigest(),
+                               description=f"member of composite {composite}", member_of=composite)
+        self.lifecycle.register(record, weights)
+        return record
+
+    def delete_derived(self, name: str) -> None:
+        """The composite that built `name` is going: unregister it (after its last use, like any adapter)."""
+        entry = self.lifecycle.live(name)
+        assert entry is not None and entry.record.member_of is not None, name
+        self._unregister(name)
 
     def _drop_fusions_of(self, expert: str) -> None:
         for entry in self.lifecycle.live_entries():

@@ -90,7 +90,7 @@ class EngineReplica:
         await self._started()
         records = await self.app.state.loramux.running_engine().call(lambda e: dict(e.store.records))
         return {"model_id": self.engine.model_id, "replica": self.replica_id,
-                "records": {n: r for n, r in records.items() if not r.fused_from}}
+                "records": {n: r for n, r in records.items() if not r.in_memory}}
 
     async def load_adapter(self, adapter: str) -> str:
         """Ray Serve's multiplexed 'model': the adapter's name (the engine pages it in when a request runs)."""

@@ -2,7 +2,8 @@
 
 A full block is identified by its tokens, the identity of every block before
 it, and the LoRA mix of the sequence by content (`Sequence.lora_identity`:
-each adapter's checksum, weight and rank range). Adapters change K and V, so
+each adapter's checksum, weight and rank range, and a composite expert's gate
+by checksum, mask, top-k and task). Adapters change K and V, so
 the same tokens under another adapter — or under a replaced version of the
 same name — are another block. Freed blocks keep that
 identity until they are reused, so a later request with the same prefix can

@@ -13,7 +13,10 @@ from typing import Sequence as Seq
 import torch
 
 from loramux.adapters_store.slot_pool import LoraSlotPool
+from loramux.adapters_store.peft_format import AdapterError
+from loramux.adapters_store.registry import COMPOSITE_CONFIG_FILE
 from loramux.adapters_store.store import AdapterStore
+from loramux.composites import BaseShape, CompositeOptions, CompositeRegistry, CompositeUse
 from loramux.config import EngineConfig
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.detokenizer import IncrementalDetokenizer
@@ -57,6 +60,7 @@ class RequestOutput:
     queue_seconds: float | None = None  # arrival to first scheduled step, on a completion's first output
     error: str | None = None  # finish_reason "error": why this request (and only it) failed
     error_code: str | None = None  # "adapter_unavailable" (page-in failed) or "engine_error" (its step raised)
+    composite: dict | None = None  # a composite request's gate report, on its last output
 
     @property
     def finished(self) -> bool:
@@ -74,6 +78,7 @@ class RequestOutput:
         self.logprobs += out.logprobs
         self.finish_reason = out.finish_reason
         self.num_output_tokens = out.num_output_tokens
+        self.composite = out.composite or self.composite
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,6 +120,10 @@ class Engine:
                                   Path(config.store.store_dir).expanduser() if config.store.store_dir else None,
                                   self.device, max_fused=config.router.max_fused,
                                   reserved_names=frozenset({"auto", self.model_id}))
+        self.composites = CompositeRegistry(
+            self.store, BaseShape(self.shape.lora_target_shapes(), self.shape.num_layers, self.shape.hidden_size,
+                                  config.store.max_lora_rank, config.store.max_composite_members),
+            config.store.max_composites, self.store.store_dir, self.device)
         self.num_blocks = self._allocate_kv_cache()
         self.max_model_len = min(model_max, self.num_blocks * config.cache.block_size)
         self.blocks = BlockManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
@@ -136,6 +145,15 @@ class Engine:
                 logger.info("adapter %s: serving the uploaded version, not %s", name, path)
                 continue
             self.add_adapter(name, path)
+        # Composites after every adapter (their members must exist); an uploaded one wins over a folder's.
+        if self.store.store_dir is not None:
+            self.composites.register_existing(self.store.store_dir)
+        for folder in config.store.adapter_dirs:
+            for sub in sorted(p for p in Path(folder).expanduser().iterdir() if (p / COMPOSITE_CONFIG_FILE).is_file()):
+                if sub.name in self.composites:
+                    logger.info("composite %s: serving the uploaded version, not %s", sub.name, sub)
+                    continue
+                self.add_adapter(sub.name, str(sub))
         logger.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d (block %d tokens) adapter_slots=%d "
                     "(rank <= %d) adapters=%d lora_backend=%s", self.model_id, self.device,
                     str(self.dtype).removeprefix("torch."), self.num_blocks, config.cache.block_size,
@@ -215,17 +233,47 @@ class Engine:
 
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, name: str, path: str, metadata: dict | None = None, replace: bool = False) -> None:
-        """Validate the PEFT folder at `path` and register it under `name` (it pages in when used)."""
+        """Validate the PEFT (or composite) folder at `path` and register it under `name` (it pages in when used)."""
+        if (Path(path).expanduser() / COMPOSITE_CONFIG_FILE).is_file():
+            self.composites.register_path(name, path, replace=replace)
+            return
         record = self.store.register_path(name, path, metadata, replace=replace)
         logger.info("adapter %s: rank %d, targets %s", name, record.rank, ",".join(record.target_modules))
 
     def remove_adapter(self, name: str) -> None:
         """Unregister now; requests already using it finish first, then its slot and files are freed."""
+        if name in self.composites:
+            self.composites.delete(name)
+            return
         self.store.delete(name)
 
     @property
     def adapter_names(self) -> list[str]:
         return sorted(self.store.records)
+
+    def _resolve_composite(self, lora_mix: Seq) -> tuple[Seq, CompositeUse | None]:
+        """A mix that names a composite (alone; options in a dict entry) -> its members' mix and its use."""
+        entries = [{"name": e} if isinstance(e, str) else e if isinstance(e, dict) else {"name": e[0]}
+                   for e in lora_mix]
+        named = [e for e in entries if e["name"] in self.composites]
+        if not named:
+            if any(set(e) - {"name", "weight", "rank_lo", "rank_hi"} for e in entries):
+                raise RequestError("mask, top_k, task and per_layer apply to composite experts only",
+                                   param="adapters")
+            return [(e["name"], e.get("weight", 1.0), e.get("rank_lo", 0), e.get("rank_hi")) if isinstance(e, dict)
+                    else e for e in lora_mix], None
+        if len(entries) > 1:
+            raise RequestError("a composite expert must be the only entry of a mix", param="adapters")
+        options = named[0]
+        if set(options) - {"name", "mask", "top_k", "task", "per_layer"}:
+            raise RequestError("a composite takes the options mask, top_k, task and per_layer only",
+                               param="adapters")
+        try:
+            return self.composites.resolve(options["name"], CompositeOptions(
+                mask=tuple(options.get("mask") or ()), top_k=options.get("top_k"), task=options.get("task"),
+                per_layer=bool(options.get("per_layer", False))))
+        except AdapterError as exc:
+            raise RequestError(str(exc), param="adapters", code=exc.code) from exc
 
     def _normalize_mix(self, lora_mix) -> LoraMix:
         """Accept names, (name, weight) or (name, weight, lo, hi); check them against the pool."""
@@ -263,12 +311,22 @@ class Engine:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
                                f"{self.max_model_len} tokens and at least one must be generated",
                                param="prompt", code="context_length_exceeded")
-        mix = self._normalize_mix(lora_mix)
-        identity = tuple((self.store.get(name).checksum, w, lo, hi) for name, w, lo, hi in mix)
+        lora_mix, composite = self._resolve_composite(lora_mix)
+        try:
+            mix = self._normalize_mix(lora_mix)
+        except RequestError:
+            if composite is not None:
+                self.composites.release(composite)
+            raise
+        identity = (tuple((self.store.get(name).checksum, w, lo, hi) for name, w, lo, hi in mix),
+                    None if composite is None else composite.cache_key)
         # Nothing that can fail comes after the first registration below, so a refusal leaves no state.
         base_seed = sampling.seed if sampling.seed is not None else self._seed_source.getrandbits(64)
-        seqs = [Sequence(request_id, index, prompt_ids, sampling, mix, (base_seed + index) % 2**64, identity)
+        seqs = [Sequence(request_id, index, prompt_ids, sampling, mix, (base_seed + index) % 2**64, identity,
+                         composite if index == 0 or composite is None else composite.fresh())
                 for index in range(sampling.n)]
+        for _ in seqs[1:] if composite is not None else ():
+            self.composites.acquire_again(composite)
         self._sequences[request_id] = seqs
         for seq in seqs:
             self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
@@ -285,6 +343,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self.store.release(seq.adapter_names)
+        if seq.composite is not None:
+            self.composites.release(seq.composite)
 
     def is_request_active(self, request_id: str) -> bool:
         return request_id in self._sequences
@@ -309,15 +369,19 @@ class Engine:
         sampling_seqs = [item.seq for item in plan.scheduled if item.samples]
         try:
             inputs = prepare_step_inputs(plan, self.config.cache.block_size, self.shape.sliding_window,
-                                         self.slots, self.device, self.attention.uses_sdpa_plan)
+                                         self.slots, self.device, self.attention.uses_sdpa_plan, self.composites)
             self.store.wait_for_page_ins()
-            if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
+            # Composite gates write the plan's coefficients during the forward pass: such steps run eagerly.
+            if (self.decode_graphs is not None and inputs.ctx.composite is None
+                    and self.decode_graphs.can_run(inputs)):
                 logits = self.decode_graphs.run(inputs)
             else:
                 logits = self.model(inputs.input_ids, inputs.positions, inputs.ctx, inputs.logit_rows)
             if sampling_seqs:
                 tokens, logprobs = sample(logits, [s.sampling for s in sampling_seqs], [s.seed for s in sampling_seqs],
                                           [len(s.output_ids) for s in sampling_seqs])
+                if inputs.ctx.composite is not None:
+                    inputs.ctx.composite.record_sampled()
         except Exception as exc:
             return failed + self._contain_step_error(plan, exc)
         for item in plan.scheduled:
@@ -369,7 +433,8 @@ class Engine:
             request_id=seq.request_id, index=seq.index, new_token_ids=[token], new_text=detok.flush(finish is not None),
             finish_reason=finish, num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
             logprobs=[logprob] if logprob is not None else [],
-            queue_seconds=seq.first_scheduled_time - seq.arrival_time if len(seq.output_ids) == 1 else None)
+            queue_seconds=seq.first_scheduled_time - seq.arrival_time if len(seq.output_ids) == 1 else None,
+            composite=seq.composite.summary() if finish is not None and seq.composite is not None else None)
         if finish is not None and all(s.is_finished for s in self._sequences[seq.request_id]):
             del self._sequences[seq.request_id]
         return out

@@ -8,6 +8,7 @@ q/k/v and gate/up are fused into one matmul each and every projection is a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from transformers import PretrainedConfig
 from loramux.engine.attention import AttentionBackend, AttentionMetadata
 from loramux.engine.lora_linear import LoraLinear
 from loramux.kernels import LoraBackend, LoraPlan
+
+if TYPE_CHECKING:
+    from loramux.composites.gates import CompositeGates
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 NO_LORA = LoraPlan(layers=())
@@ -27,6 +31,7 @@ class StepContext:
 
     attention: AttentionMetadata
     lora_plan: LoraPlan
+    composite: "CompositeGates | None" = None  # fills lora_plan's coefficients per decoder layer
 
 
 @dataclass(frozen=True)
@@ -243,7 +248,9 @@ class CausalLM(nn.Module):
                 logit_rows: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]; logit_rows: [B] rows to score -> logits [B, vocab] (float32)."""
         x = self.embed_tokens[input_ids]
-        for layer, kv_cache in zip(self.layers, self.kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, self.kv_caches)):
+            if ctx.composite is not None:
+                ctx.composite.apply(i, x)
             x = layer(x, positions, kv_cache, ctx)
         x = self.norm(x[logit_rows])
         return nn.functional.linear(x, self.lm_head).float()

@@ -6,6 +6,10 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loramux.composites.registry import CompositeUse
 
 # A LoRA mix: ((adapter name, weight, rank_lo, rank_hi), ...); rank_hi = None
 # means the adapter's full rank. Empty = base model alone.
@@ -71,9 +75,11 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], sampling: SamplingParams,
-                 lora_mix: LoraMix, seed: int = 0, lora_identity: tuple | None = None):
-        """`lora_identity`: what the mix's adapters are by content (checksums), for prefix-cache keys;
-        defaults to the mix itself (names)."""
+                 lora_mix: LoraMix, seed: int = 0, lora_identity: tuple | None = None,
+                 composite: CompositeUse | None = None):
+        """`lora_identity`: what makes this sequence's K/V besides the tokens, for prefix-cache keys: the
+        mix's adapters by content (checksums, weights, ranks) and a composite's gate settings; defaults
+        to the mix itself (names)."""
         self.seq_id = next(_seq_counter)
         self.request_id = request_id
         self.index = index
@@ -83,6 +89,7 @@ class Sequence:
         self.lora_mix = lora_mix
         self.seed = seed  # of the counter-based sampling noise (engine/sampler.py), in [0, 2**64)
         self.lora_identity = lora_mix if lora_identity is None else lora_identity
+        self.composite = composite  # a CompositeUse when the request names a composite expert (mix = its members)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []

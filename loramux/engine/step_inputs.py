@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from loramux.adapters_store.slot_pool import LoraSlotPool
+from loramux.composites.gates import build_composite_gates
+from loramux.composites.registry import CompositeRegistry
 from loramux.engine.attention import AttentionMetadata, build_sdpa_plan
 from loramux.kernels.attention_ref import context_slots
 from loramux.engine.model import StepContext
@@ -58,17 +60,22 @@ def attention_metadata(block_tables: list[list[int]], chunks: list[tuple[int, in
 
 
 def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int | None, slots: LoraSlotPool,
-                        device: torch.device, uses_sdpa_plan: bool) -> StepInputs:
-    """The tensors of one step; `uses_sdpa_plan`: also build the sdpa backend's gather indices."""
+                        device: torch.device, uses_sdpa_plan: bool,
+                        composites: CompositeRegistry | None = None) -> StepInputs:
+    """The tensors of one step; `uses_sdpa_plan`: also build the sdpa backend's gather indices;
+    `composites`: the registry whose gates the step's gated composite requests use."""
     token_ids: list[int] = []
     runs = []
     logit_rows = []
+    gated_rows = []  # (first row, rows, use, samples) of composite requests with a gate (MoLE, MoR)
     for item in plan.scheduled:
         seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
         row = len(token_ids)
         token_ids += seq.token_ids[start:start + n]
         if seq.lora_mix:
             runs.append((row, n, [(slots.slot_of[name], w, lo, hi) for name, w, lo, hi in seq.lora_mix]))
+        if seq.composite is not None and seq.composite.gate_index >= 0:
+            gated_rows.append((row, n, seq.composite, item.samples))
         if item.samples:
             logit_rows.append(row + n - 1)
     attention, pos = attention_metadata(
@@ -76,10 +83,13 @@ def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int
         [(item.seq.num_computed_tokens, item.num_new_tokens) for item in plan.scheduled], len(plan.decode),
         block_size, sliding_window, device, uses_sdpa_plan)
     lora_plan = build_lora_plan(runs, slots.scales, slots.max_rank, device, slots.targets)
+    gates = None
+    if gated_rows:
+        gates = build_composite_gates(gated_rows, lora_plan, len(token_ids), composites, device)
     return StepInputs(
         input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
         positions=pos,
-        ctx=StepContext(attention, lora_plan),
+        ctx=StepContext(attention, lora_plan, gates),
         logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=device),
         is_decode_only=not plan.prefill,
     )

@@ -149,7 +149,7 @@ class Router:
         return self._updates.wait(timeout)
 
     def _apply(self, name: str, record: AdapterRecord | None) -> None:
-        if record is None or record.fused_from:
+        if record is None or record.in_memory:
             self.index.remove(name)
             return
         card = embed_card(self.embedder, record.description, record.examples)

@@ -17,7 +17,7 @@ from loramux.engine.async_engine import EngineDeadError, RequestFailedError, Req
 from loramux.engine.sequence import LoraMix
 from loramux.router import RoutingDecision
 from loramux.server.errors import STATUS_TYPE, APIError, OrjsonResponse
-from loramux.server.openai_format import SSE_DONE, ResponseContext, adapters_header, sse
+from loramux.server.openai_format import SSE_DONE, ResponseContext, adapters_header, display_mix, sse
 from loramux.server.schemas import SamplingFields
 from loramux.server.state import Admission, ServerState
 
@@ -93,14 +93,18 @@ class Generation:
 
     def named_mix(self, body: SamplingFields) -> LoraMix:
         engine = self.engine
-        entries = [(a, 1.0, 0, None) if isinstance(a, str) else (a.name, float(a.weight), a.rank_lo, a.rank_hi)
+        entries = [(a, 1.0, 0, None) if isinstance(a, str) else
+                   {"name": a.name, **a.options()} if a.options() else (a.name, float(a.weight), a.rank_lo, a.rank_hi)
                    for a in body.adapters or []]
         if body.model != engine.model_id:
             if body.adapters:
                 raise APIError(400, f"'adapters' needs 'model' to be the base model {engine.model_id!r}", "adapters")
-            if body.model not in engine.store:
+            if body.model not in engine.store and body.model not in engine.composites:
                 raise APIError(404, f"the model {body.model!r} does not exist", "model", "model_not_found")
-            entries = [(body.model, 1.0, 0, None)]
+            entries = [{"name": body.model, **(body.composite.options() if body.composite else {})}]
+        elif body.composite is not None:
+            raise APIError(400, "'composite' needs 'model' to name a composite expert; in 'adapters' put the "
+                                "options in the composite's entry", "composite")
         return tuple(entries)
 
     async def route(self, body: SamplingFields, text: str) -> RoutingDecision:
@@ -188,7 +192,7 @@ class Generation:
         except Exception:
             self.metrics.requests.labels(status="rejected").inc()
             raise
-        mix = stream.lora_mix
+        mix = display_mix(stream.lora_mix)
 
         closed = False
 
@@ -216,6 +220,8 @@ class Generation:
         record.saw(out)
         if out.queue_seconds is not None:
             self.metrics.queue_wait.observe(out.queue_seconds)
+        if out.composite is not None:
+            self.metrics.observe_composite(out.composite)
 
     async def stream_events(self, stream: RequestStream, ctx: ResponseContext, record: RequestRecord,
                             include_usage: bool):
@@ -229,7 +235,8 @@ class Generation:
                 first, offset = choice.num_output_tokens == 0, len(choice.new_text)
                 choice.merge(out)
                 if out.new_text or out.finished or out.logprobs or first:
-                    yield ctx.chunk(out.index, out.new_text, out.finish_reason, out.logprobs, offset, first)
+                    yield ctx.chunk(out.index, out.new_text, out.finish_reason, out.logprobs, offset, first,
+                                    out.composite)
             if include_usage:
                 yield ctx.usage_chunk(record.prompt_tokens, sum(c.num_output_tokens for c in choices.values()))
             yield SSE_DONE

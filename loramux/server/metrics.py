@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from loramux.composites.registry import gate_entropy_buckets
 from loramux.engine import Engine
 
 MAX_ROUTED_ADAPTER_LABELS = 64  # routing counters beyond this many adapters are counted as "other"
@@ -88,9 +89,20 @@ class ServerMetrics:
             "'other': beyond the label limit) and strategy", ["adapter", "strategy"], registry=r)
         self.router_latency = Histogram("loramux_router_latency_seconds", "Time to embed a request and pick experts",
                                         registry=r, buckets=FAST_BUCKETS)
+        self.composite_requests = Counter("loramux_composite_requests", "Finished completions of composite "
+                                          "experts, by type (mole, mor, more)", ["type"], registry=r)
+        self.gate_entropy = Histogram("loramux_composite_gate_entropy", "Mean gate entropy (nats) per finished "
+                                      "MoLE/MoR completion", registry=r,
+                                      buckets=gate_entropy_buckets(engine.config.store.max_composite_members))
         self._routed_labels: set[str] = set()
         r.register(EngineCollector(engine, last_batch_size))
         engine.store.page_in_listeners.append(self.page_in.observe)
+
+    def observe_composite(self, report: dict) -> None:
+        """A finished composite completion's `loramux.composite` report."""
+        self.composite_requests.labels(type=report["type"]).inc()
+        if "gate_entropy" in report:
+            self.gate_entropy.observe(report["gate_entropy"])
 
     def observe_routing(self, decision) -> None:
         """Count a router decision per chosen expert (bounded label set) and its latency."""

@@ -12,12 +12,20 @@ from loramux.engine import RequestOutput
 from loramux.engine.sequence import LoraMix, TokenLogprob
 
 
-def loramux_info(mix: LoraMix, routing: dict | None) -> dict:
-    """The `loramux` field: which adapters served the request and, for routed requests, the router's decision."""
+def loramux_info(mix: LoraMix, routing: dict | None, composites: list[dict] | None = None) -> dict:
+    """The `loramux` field: which adapters served the request, for routed requests the router's decision,
+    and for a composite expert what its gate did (one report per completion; a dict when there is one)."""
     info = {"adapters": [{"name": n, "weight": w, "rank_lo": lo, "rank_hi": hi} for n, w, lo, hi in mix]}
     if routing is not None:
         info["router"] = routing
+    if composites:
+        info["composite"] = composites[0] if len(composites) == 1 else composites
     return info
+
+
+def display_mix(mix) -> LoraMix:
+    """The mix as submitted, with a composite's option entry ({"name", ...}) shown as its name."""
+    return tuple((e["name"], 1.0, 0, None) if isinstance(e, dict) else e for e in mix)
 
 
 def adapters_header(mix: LoraMix) -> str:
@@ -93,10 +101,10 @@ class ResponseContext:
                              "finish_reason": c.finish_reason} for c in choices]
         return self._envelope("chat.completion" if self.chat else "text_completion") | {
             "choices": body_choices, "usage": usage(prompt_tokens, sum(c.num_output_tokens for c in choices)),
-            "loramux": loramux_info(self.mix, self.routing)}
+            "loramux": loramux_info(self.mix, self.routing, [c.composite for c in choices if c.composite])}
 
     def chunk(self, index: int, text: str, finish_reason: str | None, logprobs: list[TokenLogprob],
-              text_offset: int, first: bool) -> bytes:
+              text_offset: int, first: bool, composite: dict | None = None) -> bytes:
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs),
@@ -105,7 +113,8 @@ class ResponseContext:
             choice = {"index": index, "text": text, "logprobs": self._logprobs(logprobs, text_offset),
                       "finish_reason": finish_reason}
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion") | {
-            "choices": [choice], "loramux": loramux_info(self.mix, self.routing if first else None)}
+            "choices": [choice],
+            "loramux": loramux_info(self.mix, self.routing if first else None, [composite] if composite else None)}
         return sse(body)
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:

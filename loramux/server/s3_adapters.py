@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI, Request
 
 from loramux.adapters_store.s3_mirror import S3AdapterMirror
 from loramux.adapters_store.s3_store import S3AdapterStore
+from loramux.server.errors import APIError
 from loramux.server.routes.adapters import read_adapter_upload
 
 
@@ -40,9 +41,13 @@ def attach_s3_store(app: FastAPI, store: S3AdapterStore, poll_seconds: float) ->
 
     @router.post("/v1/adapters", status_code=201)
     async def upload_adapter(request: Request):
-        name, config_bytes, weights_bytes, metadata, replace = await read_adapter_upload(request)
-        await app.state.s3_mirror.upload(name, config_bytes, weights_bytes, metadata, replace)
-        record = await state.running_engine().call(lambda e: e.store.get(name))
+        upload = await read_adapter_upload(request)
+        if upload.composite:
+            raise APIError(400, "composite experts are not stored in S3; upload them to a server with a local "
+                                "--adapter-store", "loramux_composite.json", "unsupported_parameter")
+        await app.state.s3_mirror.upload(upload.name, upload.config_bytes, upload.weights_bytes, upload.metadata,
+                                         upload.replace)
+        record = await state.running_engine().call(lambda e: e.store.get(upload.name))
         return record.to_json() | {"store": store.url}
 
     @router.delete("/v1/adapters/{name}")

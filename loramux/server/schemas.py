@@ -42,7 +42,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class AdapterRef(Strict):
+class CompositeFields(Strict):
+    """Options of a composite expert: MoLE/MoR `mask` (members to drop) and `top_k`; MoRE `task`;
+    `per_layer` adds the mean gate of every decoder layer to the response."""
+
+    mask: list[Text] | None = None
+    top_k: StrictInt | None = Field(None, ge=0)
+    task: Text | None = None
+    per_layer: StrictBool = False
+
+    def options(self) -> dict:
+        return self.model_dump(exclude_none=True, exclude_defaults=True)
+
+
+class AdapterRef(CompositeFields):
     name: Text
     weight: Number = Field(1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT)
     rank_lo: StrictInt = Field(0, ge=0)
@@ -83,6 +96,7 @@ class SamplingFields(Strict):
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     adapters: list[Text | AdapterRef] | None = None
+    composite: CompositeFields | None = None  # options when `model` names a composite expert
     router: RouterOptions | None = None
 
 

@@ -2,17 +2,21 @@
 
 Uploads and loads do their slow part (parse, validate, sha256, cast, write
 and fsync) on a worker thread; the engine thread only checks the name and
-installs the finished record (`AdapterStore.prepare_*` / `install`).
+installs the finished record (`AdapterStore.prepare_*` / `install`, and
+`CompositeRegistry.prepare_upload` / `install` for composite experts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 
+from loramux.adapters_store.registry import COMPOSITE_CONFIG_FILE
+from loramux.composites.format import COMPOSITE_WEIGHTS_FILE
 from loramux.engine import Engine
 from loramux.server.errors import APIError
 from loramux.server.schemas import LoadAdapterRequest
@@ -20,6 +24,8 @@ from loramux.server.state import ServerState
 
 
 def describe(e: Engine, name: str) -> dict:
+    if name in e.composites:
+        return e.composites.get(name).to_json() | {"running_requests": e.composites.uses(name)}
     record = e.store.get(name)
     return record.to_json() | {"tier": e.store.tier(name), "running_requests": e.store.pinned(name)}
 
@@ -37,7 +43,7 @@ def adapters_router(state: ServerState) -> APIRouter:
     @api.get("/v1/adapters")
     async def list_adapters():
         return {"object": "list", "data": await state.running_engine().call(
-            lambda e: [describe(e, name) for name in sorted(e.store.records)])}
+            lambda e: [describe(e, name) for name in sorted([*e.store.records, *e.composites.records])])}
 
     @api.get("/v1/adapters/{name}")
     async def get_adapter(name: str):
@@ -51,11 +57,17 @@ def adapters_router(state: ServerState) -> APIRouter:
 
     @api.post("/v1/adapters", status_code=201)
     async def upload_adapter(request: Request):
-        name, config_bytes, weights_bytes, metadata, replace = await read_adapter_upload(request)
+        upload = await read_adapter_upload(request)
         engine = state.running_engine()
-        await engine.call(lambda e: e.store.check_new_name(name, replace))  # refuse early, before the slow part
-        prepared = await asyncio.to_thread(state.engine.store.prepare_upload, name, config_bytes, weights_bytes,
-                                           metadata, replace)
+        if upload.composite:
+            registry = state.engine.composites
+            await engine.call(lambda e: e.composites.check_new_name(upload.name, upload.replace))
+            prepared = await asyncio.to_thread(registry.prepare_upload, upload.name, upload.config_bytes,
+                                               upload.weights_bytes, upload.replace)
+            return await engine.call(lambda e: describe(e, e.composites.install(prepared).name))
+        await engine.call(lambda e: e.store.check_new_name(upload.name, upload.replace))  # refuse early
+        prepared = await asyncio.to_thread(state.engine.store.prepare_upload, upload.name, upload.config_bytes,
+                                           upload.weights_bytes, upload.metadata, upload.replace)
         described = await engine.call(lambda e: describe(e, e.store.install(prepared).name))
         await routable(state)
         return described
@@ -71,6 +83,10 @@ def adapters_router(state: ServerState) -> APIRouter:
             raise APIError(400, f"path must lie under the allowed root {str(root)!r}", "path", "path_not_allowed")
         metadata = {"description": body.description, "examples": body.examples}
         engine = state.running_engine()
+        if (path / COMPOSITE_CONFIG_FILE).is_file():  # a composite expert (its card is in its JSON)
+            await engine.call(lambda e: e.composites.check_new_name(body.name, body.replace))
+            prepared = await asyncio.to_thread(state.engine.composites.prepare_path, body.name, path, body.replace)
+            return await engine.call(lambda e: describe(e, e.composites.install(prepared).name))
         await engine.call(lambda e: e.store.check_new_name(body.name, body.replace))
         prepared = await asyncio.to_thread(state.engine.store.prepare_path, body.name, path, metadata, body.replace)
         described = await engine.call(lambda e: describe(e, e.store.install(prepared).name))
@@ -80,24 +96,38 @@ def adapters_router(state: ServerState) -> APIRouter:
     return api
 
 
-async def read_adapter_upload(request: Request) -> tuple[str, bytes, bytes, dict, bool]:
-    """The multipart upload form: (name, config bytes, weights bytes, card metadata, replace)."""
+@dataclass
+class AdapterUpload:
+    """The multipart upload form of a PEFT adapter, or of a composite expert (its card lives in its JSON)."""
+
+    name: str
+    composite: bool  # loramux_composite.json + composite.safetensors, else adapter_config.json + its weights
+    config_bytes: bytes
+    weights_bytes: bytes
+    metadata: dict  # the card: description and examples
+    replace: bool
+
+
+async def read_adapter_upload(request: Request) -> AdapterUpload:
     form = await request.form(max_files=2, max_fields=16)
     try:
         name = form.get("name")
-        files = {key: form.get(key) for key in ("adapter_config.json", "adapter_model.safetensors")}
+        composite = form.get(COMPOSITE_CONFIG_FILE) is not None
+        keys = (COMPOSITE_CONFIG_FILE, COMPOSITE_WEIGHTS_FILE) if composite else \
+            ("adapter_config.json", "adapter_model.safetensors")
+        files = {key: form.get(key) for key in keys}
         if not isinstance(name, str) or not name:
             raise APIError(400, "the form field 'name' is required", "name")
         for key, upload in files.items():
             if upload is None or isinstance(upload, str):
                 raise APIError(400, f"the file field {key!r} is required", key)
-        config_bytes = await files["adapter_config.json"].read()
-        weights_bytes = await files["adapter_model.safetensors"].read()
+        config_bytes = await files[keys[0]].read()
+        weights_bytes = await files[keys[1]].read()
         metadata = {"description": form.get("description") or "", "examples": _form_examples(form)}
         replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
     finally:
         await form.close()
-    return name, config_bytes, weights_bytes, metadata, replace
+    return AdapterUpload(name, composite, config_bytes, weights_bytes, metadata, replace)
 
 
 def _form_examples(form) -> list:

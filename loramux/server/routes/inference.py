@@ -18,11 +18,16 @@ def inference_router(state: ServerState) -> APIRouter:
 
     @api.get("/v1/models")
     async def models():
-        records = await state.running_engine().call(lambda e: list(e.store.records.values()))
+        records, composites = await state.running_engine().call(
+            lambda e: (list(e.store.records.values()), list(e.composites.records.values())))
         base = {"id": engine.model_id, "object": "model", "created": state.started, "owned_by": "loramux",
                 "root": engine.model_id, "parent": None, "max_model_len": engine.max_model_len}
         adapters = [{"id": r.name, "object": "model", "created": int(r.created), "owned_by": "loramux",
                      "root": r.name, "parent": engine.model_id} for r in records]
+        adapters += [{"id": r.name, "object": "model", "created": int(r.created), "owned_by": "loramux",
+                      "root": r.name, "parent": engine.model_id, "composite": {"type": r.type, "members": r.members,
+                                                                               "tasks": r.tasks}}
+                     for r in composites]
         return {"object": "list", "data": [base] + adapters}
 
     @api.post("/v1/completions")

@@ -1,0 +1,75 @@
+"""The LoRA kernels with coefficients read from device tensors that are rewritten per decoder layer.
+
+Composite gates overwrite a plan layer's `coeff` in place before
+each decoder layer; every formulation (torch: segments, slots, gather; Triton
+under the interpreter: SGMV, BGMV) must read the per-token values, not the
+numbers the plan was built with. Reference: the float32 per-token loop.
+"""
+
+from __future__ import annotations
+
+import os
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from loramux.kernels import torch_ref  # noqa: E402
+from loramux.kernels.plan import with_mode  # noqa: E402
+from tests.lora_cases import POPULARITY, fused_pool, plan_for, random_runs, sub_starts  # noqa: E402
+
+RANKS = [4, 8, 16, 8, 4, 16]
+R_MAX = 16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def gated_reference(x, subs, scales, runs, gates, d_outs):
+    """y[t] = sum_k gates[t, k] * w_k * scale * B[:, lo:hi] @ A[lo:hi] @ x[t], per sub-projection, float32."""
+    y = torch.zeros(x.shape[0], sum(d_outs))
+    for start, count, assignments in runs:
+        for t in range(start, start + count):
+            offset = 0
+            for (a, b), d_out in zip(subs, d_outs):
+                for k, (slot, w, lo, hi) in enumerate(assignments):
+                    delta = b[slot, :, lo:hi] @ (a[slot, lo:hi] @ x[t])
+                    y[t, offset:offset + d_out] += float(gates[t, k]) * w * float(scales[slot]) * delta
+                offset += d_out
+    return y
+
+
+def cases():
+    """(backend, run_len, mode): Triton runs every non-segment mode as BGMV, so it takes gather and segments."""
+    out = [(("torch", torch_ref.lora_shrink, torch_ref.lora_expand), run_len, mode)
+           for run_len, mode in [(1, "gather"), (1, "slots"), (7, "segments")]]
+    try:
+        from loramux.kernels import triton_lora
+    except ImportError:
+        return out
+    return out + [(("triton", triton_lora.lora_shrink, triton_lora.lora_expand), run_len, mode)
+                  for run_len, mode in [(1, "gather"), (7, "segments")]]
+
+
+@pytest.mark.parametrize("backend, run_len, mode", cases(), ids=lambda c: c[0] if isinstance(c, tuple) else str(c))
+@pytest.mark.parametrize("pattern", ["zipf", "all_same", "with_base_tokens"])
+def test_coefficients_rewritten_per_layer(backend, pattern, run_len, mode):
+    _, shrink, expand = backend
+    num_tokens, d_in, d_outs, depth = 21, 24, [32, 16], 3
+    a, b, scales, subs = fused_pool(RANKS, R_MAX, d_in, d_outs, seed=0)
+    runs = random_runs(pattern, num_tokens, len(RANKS), RANKS, depth, run_len, seed=POPULARITY.index(pattern))
+    plan = plan_for(runs, scales, R_MAX, DEVICE)
+    layers = [with_mode(layer, mode) for layer in plan.layers]
+    built = [layer.coeff.clone() for layer in layers]
+    active = torch.ones(len(RANKS), dtype=torch.int32, device=DEVICE)
+    x = torch.randn(num_tokens, d_in, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    for decoder_layer in range(2):  # a different gate per decoder layer, written into the same tensors
+        gates = torch.rand(num_tokens, depth, generator=g)
+        y = torch.zeros(num_tokens, sum(d_outs), device=DEVICE)
+        for k, (layer, coeff) in enumerate(zip(layers, built)):
+            column = gates[:, k].to(DEVICE)[layer.token_idx]
+            torch.mul(coeff, column, out=layer.coeff)
+            h = shrink(x.to(DEVICE), a.to(DEVICE).contiguous(), active, layer, len(d_outs))
+            expand(y, b.to(DEVICE).contiguous(), h, active, layer, sub_starts(d_outs))
+        expected = gated_reference(x, subs, scales, runs, gates, d_outs)
+        torch.testing.assert_close(y.cpu(), expected, rtol=1e-4, atol=1e-4)
