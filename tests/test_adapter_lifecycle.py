@@ -8,6 +8,7 @@ follows a replace; crash recovery of the store directory; reserved names.
 from __future__ import annotations
 
 import random
+import json
 import shutil
 import threading
 import time
@@ -163,6 +164,26 @@ def test_the_prefix_cache_serves_the_new_version_after_a_replace(tiny_llama_dir,
     assert new.new_token_ids == expected.new_token_ids != old.new_token_ids
     [[again]] = engine.generate([prompt], GREEDY, [["v"]])  # the new version's blocks are reused
     assert again.new_token_ids == expected.new_token_ids and engine.blocks.prefix_hit_tokens >= 32
+
+
+def test_a_replace_that_changes_only_the_config_is_a_new_adapter_for_the_prefix_cache(tiny_llama_dir, folders,
+                                                                                      tmp_path):
+    """Same weights, another lora_alpha: another scale, so the old version's cached blocks must not be served."""
+    tripled = tmp_path / "tripled"
+    shutil.copytree(folders["a3"], tripled)
+    config = json.loads((tripled / "adapter_config.json").read_text())
+    config["lora_alpha"] *= 3
+    (tripled / "adapter_config.json").write_text(json.dumps(config))
+    engine = store_engine(tiny_llama_dir, 4, 4, tmp_path / "store")
+    prompt = list(range(10, 50))
+    upload(engine, "v", folders["a3"])
+    [[old]] = engine.generate([prompt], GREEDY, [["v"]])
+    upload(engine, "v", tripled, replace=True)
+    [[new]] = engine.generate([prompt], GREEDY, [["v"]])
+    reference = store_engine(tiny_llama_dir, 4, 4)
+    reference.add_adapter("v", str(tripled))
+    [[expected]] = reference.generate([prompt], GREEDY, [["v"]])
+    assert new.new_token_ids == expected.new_token_ids != old.new_token_ids
 
 
 def test_a_replace_cut_between_its_renames_recovers_the_acknowledged_version(tiny_llama_dir, folders, tmp_path):

@@ -100,7 +100,7 @@ def test_upload_is_seen_by_a_second_store_instance(s3_endpoint, engines, adapter
     assert "math" not in engines[1].store
     asyncio.run(reader.sync_once())
     record = engines[1].store.get("math")
-    assert record.checksum == sha(weights) and record.description == "adds numbers"
+    assert record.checksum == sha(weights + config) and record.description == "adds numbers"  # both PEFT files
     assert greedy(engines[1], "math") == greedy(engines[0], "math")
     assert greedy(engines[1], "math") != engines[1].generate([PROMPT], GREEDY)[0][0].new_token_ids
     # A second upload of the name without replace is refused and changes nothing.

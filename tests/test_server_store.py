@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -145,12 +146,17 @@ def test_start_up_after_replacing_a_configured_adapter_serves_the_upload(tiny_ll
         proc.stop()
 
 
+def files_checksum(folder: Path) -> str:
+    """What the store reports as an adapter's checksum: sha256 over the weights, then the config."""
+    return hashlib.sha256((folder / FILES[1]).read_bytes() + (folder / FILES[0]).read_bytes()).hexdigest()
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_points_never_loses_an_acknowledged_adapter(tiny_llama_dir, adapters, tmp_path):
     """50 seeded kills during uploads, replaces and deletes, a restart after each: every acknowledged adapter is
     there with its acknowledged bytes, deleted ones stay deleted, and no half-written folder is visible."""
     rng = random.Random(1234)
-    versions = {hashlib.sha256((f / FILES[1]).read_bytes()).hexdigest(): f for f in adapters.values()}
+    versions = {files_checksum(f): f for f in adapters.values()}
     names = [f"u{i}" for i in range(4)]
     acked: dict[str, str | None] = {}  # name -> checksum acknowledged last (None: deleted)
     pending: list[tuple[str, str | None]] = []  # the operation the kill cut: (name, checksum it would leave)
@@ -163,7 +169,7 @@ def test_kill_9_at_random_points_never_loses_an_acknowledged_adapter(tiny_llama_
                 allowed = {acked.get(name)} | {after for n, after in pending if n == name}
                 assert current.get(name) in allowed, (kill, name, current.get(name), allowed)
             for name, checksum in current.items():
-                assert hashlib.sha256((store / name / FILES[1]).read_bytes()).hexdigest() == checksum, (kill, name)
+                assert files_checksum(store / name) == checksum, (kill, name)
             assert sorted(p.name for p in store.iterdir()) == sorted(current), kill  # nothing half-written
             acked.update({name: current.get(name) for name, _ in pending})  # the kill's outcome is now the truth
             pending.clear()

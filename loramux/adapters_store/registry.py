@@ -40,7 +40,7 @@ class AdapterRecord:
     alpha: float
     target_modules: list[str]
     size_bytes: int
-    checksum: str  # sha256 of adapter_model.safetensors
+    checksum: str  # content_checksum of the PEFT files: what the adapter is, for the prefix cache and fusions
     created: float = field(default_factory=time.time)
     description: str = ""
     examples: list[str] = field(default_factory=list)
@@ -79,13 +79,21 @@ def check_metadata(metadata: dict) -> tuple[str, list[str]]:
     return description, examples
 
 
-def make_record(name: str, folder: Path, adapter: LoraAdapter, weights: bytes, metadata: dict,
+def content_checksum(config_bytes: bytes, weights_bytes: bytes) -> str:
+    """sha256 over both PEFT files: the config sets the scale (alpha, rsLoRA), so a replace that changes
+    only the config is a different adapter too."""
+    digest = hashlib.sha256(weights_bytes)
+    digest.update(config_bytes)
+    return digest.hexdigest()
+
+
+def make_record(name: str, folder: Path, adapter: LoraAdapter, config: bytes, weights: bytes, metadata: dict,
                 uploaded: bool) -> AdapterRecord:
     description, examples = check_metadata(metadata)
     return AdapterRecord(
         name=name, path=str(folder), base_model=adapter.base_model, rank=adapter.rank, alpha=adapter.alpha,
         target_modules=list(adapter.target_modules), size_bytes=len(weights),
-        checksum=hashlib.sha256(weights).hexdigest(), description=description, examples=examples,
+        checksum=content_checksum(config, weights), description=description, examples=examples,
         uploaded=uploaded)
 
 

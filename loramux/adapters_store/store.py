@@ -43,7 +43,8 @@ from loramux.adapters_store.lifecycle import AdapterEntry, AdapterLifecycle, Pha
 from loramux.adapters_store.peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter,
                                                 parse_peft_adapter)
 from loramux.adapters_store.registry import (COMPOSITE_CONFIG_FILE, AdapterRecord, check_name, commit_adapter_dir,
-                                             make_record, read_card, recover_store_dir, stage_adapter_dir,
+                                             content_checksum, make_record, read_card, recover_store_dir,
+                                             stage_adapter_dir,
                                              trash_adapter_dir)
 from loramux.adapters_store.slot_pool import LoraSlotPool
 
@@ -184,7 +185,7 @@ class AdapterStore:
         config_bytes, weights_bytes = (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
         adapter = self.validate(config_bytes, weights_bytes)
         metadata = metadata if metadata is not None else read_card(folder)
-        record = make_record(name, folder, adapter, weights_bytes, metadata, uploaded=uploaded)
+        record = make_record(name, folder, adapter, config_bytes, weights_bytes, metadata, uploaded=uploaded)
         return PreparedAdapter(record, self._to_cpu_tier(adapter), replace)
 
     def prepare_upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, metadata: dict | None = None,
@@ -195,7 +196,8 @@ class AdapterStore:
         check_name(name, self.reserved_names)
         adapter = self.validate(config_bytes, weights_bytes)
         metadata = metadata or {}
-        record = make_record(name, self.store_dir / name, adapter, weights_bytes, metadata, uploaded=True)
+        record = make_record(name, self.store_dir / name, adapter, config_bytes, weights_bytes, metadata,
+                             uploaded=True)
         weights = self._to_cpu_tier(adapter)
         staged = stage_adapter_dir(self.store_dir, name, config_bytes, weights_bytes, metadata)
         return PreparedAdapter(record, weights, replace, staged)
@@ -356,8 +358,8 @@ class AdapterStore:
         except OSError as exc:
             raise AdapterError("page_in_failed", f"adapter {entry.name!r}: its files at {folder} cannot be read "
                                                  f"({exc.strerror or exc})") from exc
-        if hashlib.sha256(weights_bytes).hexdigest() != entry.record.checksum:
-            raise AdapterError("page_in_failed", f"adapter {entry.name!r}: {folder / WEIGHTS_FILE} changed on disk "
+        if content_checksum(config_bytes, weights_bytes) != entry.record.checksum:
+            raise AdapterError("page_in_failed", f"adapter {entry.name!r}: its files in {folder} changed on disk "
                                                  "after it was registered; register it again")
         try:
             adapter = self.validate(config_bytes, weights_bytes)
