@@ -128,6 +128,8 @@ def test_warm_up_plans_select_every_variant_a_step_can(d_in, d_out_total, r_max)
 
 
 def test_warm_up_runs_every_kernel():
+    """Start-up calls warm_up on CUDA: every variant it launches must run (here under the interpreter) without
+    raising, or the server would not start; the GPU test below checks that nothing compiles after it."""
     triton_lora.warm_up([(24, (40, 24, 24)), (40, (24,))], 16, torch.float32, torch.device(DEVICE))
 
 

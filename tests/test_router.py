@@ -12,7 +12,7 @@ import torch
 from loramux.adapters_store.registry import AdapterRecord
 from loramux.adapters_store.synthetic import write_random_adapter
 from loramux.config import RouterConfig
-from loramux.router import ExpertIndex, Router, build_key
+from loramux.router import ExpertIndex, Router, embed_card, key_of
 from loramux.router.embedders import BaseModelEmbedder, SentenceEmbedder, minilm_path
 from tests.conftest import make_engine
 
@@ -41,11 +41,11 @@ def record(name: str, description: str = "", examples: list[str] | None = None) 
 
 def test_key_is_the_normalised_mean_of_normalised_card_embeddings():
     embedder = TableEmbedder({"e1": [3.0, 0.0, 0.0], "e2": [0.0, 0.5, 0.0], "desc": [0.0, 0.0, 2.0]})
-    key = build_key(embedder, "desc", ["e1", "e2"])
+    key = key_of(embed_card(embedder, "desc", ["e1", "e2"]))
     expected = torch.tensor([1.0, 1.0, 1.0, 0.0]) / math.sqrt(3)  # unit vectors averaged: lengths must not weigh in
     torch.testing.assert_close(key, expected)
-    assert build_key(embedder, "", []) is None
-    assert build_key(embedder, "desc", []) is not None  # a description alone still makes a key
+    assert embed_card(embedder, "", []) is None
+    assert embed_card(embedder, "desc", []) is not None  # a description alone still makes a key
 
 
 def test_top_k_matches_a_brute_force_ranking_and_follows_updates():

@@ -2,7 +2,7 @@
 
 from loramux.router.embedders import Embedder, build_embedder
 from loramux.router.calibration import card_margin, generic_similarity, load_prompts
-from loramux.router.index import ExpertIndex, build_key
+from loramux.router.index import ExpertIndex, embed_card, key_of
 from loramux.router.router import Router, RoutingDecision, softmax_weights
 
 
@@ -15,4 +15,4 @@ def attach_router(engine) -> Router:
 
 
 __all__ = ["Embedder", "ExpertIndex", "Router", "RoutingDecision", "attach_router", "build_embedder",
-           "build_key", "card_margin", "generic_similarity", "load_prompts", "softmax_weights"]
+           "card_margin", "embed_card", "generic_similarity", "key_of", "load_prompts", "softmax_weights"]

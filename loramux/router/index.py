@@ -33,12 +33,6 @@ def key_of(card: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(card.mean(0), dim=0)
 
 
-def build_key(embedder: Embedder, description: str, examples: list[str]) -> torch.Tensor | None:
-    """An expert's key from its card: [D]; None without any text."""
-    card = embed_card(embedder, description, examples)
-    return None if card is None else key_of(card)
-
-
 class ExpertIndex:
     """name -> (key, card margin), keys kept as one [E, D] matrix. Safe to search while another thread updates it."""
 
