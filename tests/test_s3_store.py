@@ -73,6 +73,13 @@ def fresh_mirror(engine, endpoint, bucket, cache: Path, prefix="team/adapters") 
     return S3AdapterMirror(store, engine_call(engine), poll_seconds=0.1)
 
 
+def two_mirrors(endpoint, engines, tmp_path) -> tuple[str, S3AdapterMirror, S3AdapterMirror]:
+    """A new bucket, and a mirror of it for each engine (a writer and a reader)."""
+    bucket = create_bucket(endpoint)
+    return (bucket, fresh_mirror(engines[0], endpoint, bucket, tmp_path / "a"),
+            fresh_mirror(engines[1], endpoint, bucket, tmp_path / "b"))
+
+
 def greedy(engine, adapter: str) -> list[int]:
     [[out]] = engine.generate([PROMPT], GREEDY, [[adapter]])
     return out.new_token_ids
@@ -91,9 +98,7 @@ def test_parse_s3_url():
 
 
 def test_upload_is_seen_by_a_second_store_instance(s3_endpoint, engines, adapter_files, tmp_path):
-    bucket = create_bucket(s3_endpoint)
-    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a")
-    reader = fresh_mirror(engines[1], s3_endpoint, bucket, tmp_path / "b")
+    _, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
     config, weights = adapter_files[0]
     asyncio.run(writer.upload("math", config, weights, {"description": "adds numbers"}, replace=False))
     assert "math" in engines[0].store  # the uploading server serves it at once
@@ -199,9 +204,7 @@ def test_a_reader_during_uploads_sees_only_whole_adapters(s3_endpoint, adapter_f
 
 
 def test_delete_is_seen_by_every_mirror(s3_endpoint, engines, adapter_files, tmp_path):
-    bucket = create_bucket(s3_endpoint)
-    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a")
-    reader = fresh_mirror(engines[1], s3_endpoint, bucket, tmp_path / "b")
+    bucket, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
     asyncio.run(writer.upload("gone", *adapter_files[2], {}, replace=False))
     asyncio.run(reader.sync_once())
     assert "gone" in engines[1].store
@@ -225,9 +228,7 @@ def test_delete_is_seen_by_every_mirror(s3_endpoint, engines, adapter_files, tmp
 
 
 def test_a_corrupt_object_is_refused(s3_endpoint, engines, adapter_files, tmp_path):
-    bucket = create_bucket(s3_endpoint)
-    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a")
-    reader = fresh_mirror(engines[1], s3_endpoint, bucket, tmp_path / "b")
+    bucket, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
     asyncio.run(writer.upload("fine", *adapter_files[0], {}, replace=False))
     asyncio.run(writer.upload("broken", *adapter_files[1], {}, replace=False))
     manifest = writer.store.manifest("broken")
@@ -295,9 +296,7 @@ def test_reserved_and_taken_names_are_refused_before_anything_is_written(s3_endp
 
 def test_a_refused_version_is_not_fetched_again_until_the_manifest_changes(s3_endpoint, engines, adapter_files,
                                                                            tmp_path):
-    bucket = create_bucket(s3_endpoint)
-    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a")
-    reader = fresh_mirror(engines[1], s3_endpoint, bucket, tmp_path / "b")
+    bucket, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
     asyncio.run(writer.upload("flaky", *adapter_files[0], {}, replace=False))
     manifest = writer.store.manifest("flaky")
     key = f"team/adapters/objects/flaky/{manifest.version}/adapter_model.safetensors"
@@ -316,9 +315,7 @@ def test_a_refused_version_is_not_fetched_again_until_the_manifest_changes(s3_en
 
 
 def test_a_version_refused_while_the_old_one_is_in_use_is_retried(s3_endpoint, engines, adapter_files, tmp_path):
-    bucket = create_bucket(s3_endpoint)
-    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a")
-    reader = fresh_mirror(engines[1], s3_endpoint, bucket, tmp_path / "b")
+    _, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
     asyncio.run(writer.upload("busy", *adapter_files[0], {}, replace=False))
     asyncio.run(reader.sync_once())
     engines[1].store.acquire(["busy"])  # a running request uses the old version
@@ -334,9 +331,7 @@ def test_a_version_refused_while_the_old_one_is_in_use_is_retried(s3_endpoint, e
 
 def test_registration_does_the_slow_part_off_the_engine_thread(s3_endpoint, engines, adapter_files, tmp_path,
                                                                monkeypatch):
-    bucket = create_bucket(s3_endpoint)
-    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a")
-    reader = fresh_mirror(engines[1], s3_endpoint, bucket, tmp_path / "b")
+    _, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
     asyncio.run(writer.upload("offload", *adapter_files[2], {}, replace=False))
     engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")  # as AsyncEngine.call runs functions
 
