@@ -76,6 +76,9 @@ def test_an_upload_and_a_delete_reach_every_server(shared_bucket_servers, tiny_l
 
     bad = upload(a, "broken", config, weights[:-50])
     assert 400 <= bad.status_code < 500 and "error" in bad.json()
+    for name in ("auto", base_model(a)):  # reserved names are refused before anything is published
+        refused = upload(a, name, config, weights)
+        assert 400 <= refused.status_code < 500 and refused.json()["error"]["code"] == "invalid_name", refused.text
     assert boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket).get("KeyCount") == 0
     composite = httpx.post(a.url + "/v1/adapters", data={"name": "mix"}, timeout=60, files={
         "loramux_composite.json": ("loramux_composite.json", b'{"type": "mole", "members": ["x", "y"]}'),
@@ -85,7 +88,9 @@ def test_an_upload_and_a_delete_reach_every_server(shared_bucket_servers, tiny_l
 
     r = upload(a, "shared-expert", config, weights)
     assert r.status_code == 201, r.text
-    assert r.json()["store"] == f"s3://{bucket}/shared"
+    # The same body as the local-directory route (and GET /v1/adapters/{name}).
+    assert r.json() == httpx.get(a.url + "/v1/adapters/shared-expert").json()
+    assert r.json()["tier"] in ("gpu", "cpu", "disk") and r.json()["running_requests"] == 0
     assert "shared-expert" in listed(a)  # the uploading server serves it at once
     wait_for(lambda: "shared-expert" in listed(b), 5 * POLL_SECONDS + 2)
     assert greedy_text(b, "shared-expert") == greedy_text(a, "shared-expert") != greedy_text(b, base_model(b))

@@ -73,6 +73,13 @@ def fresh_mirror(engine, endpoint, bucket, cache: Path, prefix="team/adapters") 
     return S3AdapterMirror(store, engine_call(engine), poll_seconds=0.1)
 
 
+def two_mirrors(endpoint, engines, tmp_path) -> tuple[str, S3AdapterMirror, S3AdapterMirror]:
+    """A new bucket, and a mirror of it for each engine (a writer and a reader)."""
+    bucket = create_bucket(endpoint)
+    return (bucket, fresh_mirror(engines[0], endpoint, bucket, tmp_path / "a"),
+            fresh_mirror(engines[1], endpoint, bucket, tmp_path / "b"))
+
+
 def greedy(engine, adapter: str) -> list[int]:
     [[out]] = engine.generate([PROMPT], GREEDY, [[adapter]])
     return out.new_token_ids
@@ -91,9 +98,7 @@ def test_parse_s3_url():
 
 
 def test_upload_is_seen_by_a_second_store_instance(s3_endpoint, engines, adapter_files, tmp_path):
-    bucket = create_bucket(s3_endpoint)
-    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a")
-    reader = fresh_mirror(engines[1], s3_endpoint, bucket, tmp_path / "b")
+    _, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
     config, weights = adapter_files[0]
     asyncio.run(writer.upload("math", config, weights, {"description": "adds numbers"}, replace=False))
     assert "math" in engines[0].store  # the uploading server serves it at once
@@ -199,9 +204,7 @@ def test_a_reader_during_uploads_sees_only_whole_adapters(s3_endpoint, adapter_f
 
 
 def test_delete_is_seen_by_every_mirror(s3_endpoint, engines, adapter_files, tmp_path):
-    bucket = create_bucket(s3_endpoint)
-    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a")
-    reader = fresh_mirror(engines[1], s3_endpoint, bucket, tmp_path / "b")
+    bucket, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
     asyncio.run(writer.upload("gone", *adapter_files[2], {}, replace=False))
     asyncio.run(reader.sync_once())
     assert "gone" in engines[1].store
@@ -225,9 +228,7 @@ def test_delete_is_seen_by_every_mirror(s3_endpoint, engines, adapter_files, tmp
 
 
 def test_a_corrupt_object_is_refused(s3_endpoint, engines, adapter_files, tmp_path):
-    bucket = create_bucket(s3_endpoint)
-    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a")
-    reader = fresh_mirror(engines[1], s3_endpoint, bucket, tmp_path / "b")
+    bucket, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
     asyncio.run(writer.upload("fine", *adapter_files[0], {}, replace=False))
     asyncio.run(writer.upload("broken", *adapter_files[1], {}, replace=False))
     manifest = writer.store.manifest("broken")
@@ -259,10 +260,127 @@ def test_unreachable_store_gives_clear_errors_and_the_cache_keeps_serving(tiny_l
     assert greedy(engines[0], "kept") == expected  # what the engine has keeps serving
     with pytest.raises(AdapterStoreUnavailable):
         asyncio.run(mirror.upload("new", *adapter_files[0], {}, replace=False))
-    # A restarted server over the same cache serves the cached version.
+    # A restarted server over the same cache serves the cached version; a cached adapter it refuses
+    # (here truncated weights) is logged and skipped, not a failed start.
+    broken = tmp_path / "cache" / "broken" / "1-abc"
+    broken.mkdir(parents=True)
+    (broken / "adapter_config.json").write_bytes(adapter_files[0][0])
+    (broken / "adapter_model.safetensors").write_bytes(adapter_files[0][1][:-100])
     restarted = make_engine(tiny_llama_dir)
     store = S3AdapterStore(f"s3://{bucket}/team/adapters", tmp_path / "cache", endpoint_url=endpoint)
     cold = S3AdapterMirror(store, engine_call(restarted))
     asyncio.run(cold.start())
     assert "unreachable" in cold.last_error
     assert greedy(restarted, "kept") == expected
+    assert "broken" not in restarted.store and "broken" in cold.errors
+
+
+def test_reserved_and_taken_names_are_refused_before_anything_is_written(s3_endpoint, engines, adapter_files,
+                                                                         tmp_path, tiny_llama_dir):
+    bucket = create_bucket(s3_endpoint)
+    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a")
+    for name in ("auto", engines[0].model_id):
+        with pytest.raises(AdapterError) as exc:
+            asyncio.run(writer.upload(name, *adapter_files[0], {}, replace=False))
+        assert exc.value.code == "invalid_name", name
+    local = tmp_path / "local"
+    local.mkdir()
+    for filename, data in zip(("adapter_config.json", "adapter_model.safetensors"), adapter_files[1]):
+        (local / filename).write_bytes(data)
+    engines[0].add_adapter("local-only", str(local))  # registered on this server, not from the bucket
+    with pytest.raises(AdapterError) as exc:
+        asyncio.run(writer.upload("local-only", *adapter_files[0], {}, replace=False))
+    assert exc.value.code == "already_exists"
+    assert bucket_keys(s3_endpoint, bucket) == []
+
+
+def test_a_refused_version_is_not_fetched_again_until_the_manifest_changes(s3_endpoint, engines, adapter_files,
+                                                                           tmp_path):
+    bucket, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
+    asyncio.run(writer.upload("flaky", *adapter_files[0], {}, replace=False))
+    manifest = writer.store.manifest("flaky")
+    key = f"team/adapters/objects/flaky/{manifest.version}/adapter_model.safetensors"
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=bucket, Key=key, Body=adapter_files[0][1][:-7])
+    fetched = []
+    fetch = reader.store.fetch
+    reader.store.fetch = lambda m: fetched.append(m.version) or fetch(m)  # counts the downloads
+    for _ in range(3):
+        asyncio.run(reader.sync_once())
+    assert fetched == [manifest.version] and reader.errors["flaky"].code == "corrupt"
+    assert "flaky" not in engines[1].store
+    asyncio.run(writer.upload("flaky", *adapter_files[1], {}, replace=True))  # a new version is tried
+    asyncio.run(reader.sync_once())
+    assert len(fetched) == 2 and engines[1].store.get("flaky").checksum == sha(adapter_files[1][1])
+    assert "flaky" not in reader.errors and "flaky" not in reader.refused
+
+
+def test_a_version_refused_while_the_old_one_is_in_use_is_retried(s3_endpoint, engines, adapter_files, tmp_path):
+    _, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
+    asyncio.run(writer.upload("busy", *adapter_files[0], {}, replace=False))
+    asyncio.run(reader.sync_once())
+    engines[1].store.acquire(["busy"])  # a running request uses the old version
+    try:
+        asyncio.run(writer.upload("busy", *adapter_files[1], {}, replace=True))
+        asyncio.run(reader.sync_once())
+        assert reader.errors["busy"].code == "in_use"
+    finally:
+        engines[1].store.release(["busy"])
+    asyncio.run(reader.sync_once())
+    assert engines[1].store.get("busy").checksum == sha(adapter_files[1][1])
+
+
+def test_registration_does_the_slow_part_off_the_engine_thread(s3_endpoint, engines, adapter_files, tmp_path,
+                                                               monkeypatch):
+    _, writer, reader = two_mirrors(s3_endpoint, engines, tmp_path)
+    asyncio.run(writer.upload("offload", *adapter_files[2], {}, replace=False))
+    engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")  # as AsyncEngine.call runs functions
+
+    async def call(fn):
+        return await asyncio.get_running_loop().run_in_executor(engine_thread, fn, engines[1])
+
+    reader.call = call
+    prepared_on = []
+    prepare_path = engines[1].store.prepare_path
+    monkeypatch.setattr(engines[1].store, "prepare_path",
+                        lambda *a, **k: prepared_on.append(threading.current_thread().name) or prepare_path(*a, **k))
+    asyncio.run(reader.sync_once())
+    engine_thread.shutdown()
+    assert "offload" in engines[1].store
+    assert prepared_on and not any(name.startswith("engine") for name in prepared_on)
+
+
+def test_polls_uploads_and_deletes_do_not_interleave(s3_endpoint, engines, adapter_files, tmp_path, monkeypatch):
+    bucket = create_bucket(s3_endpoint)
+    writer = fresh_mirror(engines[0], s3_endpoint, bucket, tmp_path / "a", prefix="race")
+    installed = []  # every version the engine installs: a poll racing an upload must not install it twice
+    install = engines[0].store.install
+    monkeypatch.setattr(engines[0].store, "install",
+                        lambda prepared: installed.append(prepared.record.path) or install(prepared))
+
+    async def busy_engine_call(fn):  # the engine thread runs decode steps between calls
+        await asyncio.sleep(0.02)
+        return fn(engines[0])
+
+    writer.call = busy_engine_call
+
+    async def race():
+        for round_ in range(4):
+            names = [f"r{round_}-{i}" for i in range(2)]
+            await asyncio.gather(*(writer.upload(n, *adapter_files[i], {}, replace=False)
+                                   for i, n in enumerate(names)), *(writer.sync_once() for _ in range(4)))
+            await asyncio.gather(*(writer.delete(n) for n in names), *(writer.sync_once() for _ in range(4)))
+
+    asyncio.run(race())
+    assert len(installed) == 8 and len(set(installed)) == 8
+    assert writer.errors == {} and writer.served == {}
+    assert not any(n.startswith("r") for n in engines[0].store.records)
+
+
+def test_drop_cached_keeps_staging_folders(tmp_path, s3_endpoint):
+    store = S3AdapterStore(f"s3://{create_bucket(s3_endpoint)}", tmp_path / "cache", endpoint_url=s3_endpoint)
+    for folder in ("x/v1", "x/v2", "x/.tmp-x-abc"):
+        (store.cache_dir / folder).mkdir(parents=True)
+    store.drop_cached("x", keep="v2")
+    assert sorted(p.name for p in (store.cache_dir / "x").iterdir()) == [".tmp-x-abc", "v2"]
+    store.drop_cached("x")
+    assert sorted(p.name for p in (store.cache_dir / "x").iterdir()) == [".tmp-x-abc"]

@@ -205,15 +205,21 @@ class S3AdapterStore:
         return newest
 
     def drop_cached(self, name: str, keep: str | None = None) -> None:
-        """Remove cached versions of `name` other than `keep` (all of them when None)."""
+        """Remove cached versions of `name` other than `keep` (all of them when None).
+
+        Dot-folders stay: a `.tmp-*` one is another download's staging folder, still being written.
+        """
         adapter_dir = self.cache_dir / name
         if not adapter_dir.is_dir():
             return
         for version in adapter_dir.iterdir():
-            if version.name != keep:
+            if version.name != keep and not version.name.startswith("."):
                 shutil.rmtree(version, ignore_errors=True)
         if keep is None:
-            shutil.rmtree(adapter_dir, ignore_errors=True)
+            try:
+                adapter_dir.rmdir()
+            except OSError:  # a download is staging a version in it
+                pass
 
     # ------------------------------------------------------------ writing
     def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, metadata: dict | None = None,

@@ -62,7 +62,7 @@ class ClusterIngress:
         self.affinity = cluster_config.adapter_affinity
         self.router = None
         self.model_id: str | None = None
-        self._checksums: dict[str, str] = {}
+        self._cards: dict[str, tuple] = {}  # adapter name -> (checksum, description, examples) it is keyed by
         self._refreshed = 0.0
         self._refresh_lock = asyncio.Lock()
         self.replica_metrics: dict[str, tuple[float, list]] = {}  # replica id -> (time received, families)
@@ -93,13 +93,14 @@ class ClusterIngress:
 
         if self.router is None:
             self.router = Router(build_embedder(self.router_config.embedder, None), self.router_config, {})
-        for name in set(self._checksums) - set(records):
+        for name in set(self._cards) - set(records):
             self.router.update(name, None)
-            del self._checksums[name]
+            del self._cards[name]
         for name, record in records.items():
-            if self._checksums.get(name) != record.checksum:
+            card = (record.checksum, record.description, tuple(record.examples))
+            if self._cards.get(name) != card:  # a replace may change only the card: it re-keys too
                 self.router.update(name, record)
-                self._checksums[name] = record.checksum
+                self._cards[name] = card
 
     async def placement(self, path: str, raw: bytes) -> str:
         """The adapter whose replica should serve this request ("" for none: least loaded)."""

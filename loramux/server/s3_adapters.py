@@ -3,7 +3,8 @@
 Keys are checked by the app's middleware (admin paths) before these routes run.
 
 `attach_s3_store(app, store, poll_seconds)` puts two routes in front of the
-app's own (`POST /v1/adapters`, `DELETE /v1/adapters/{name}`) and runs an
+app's own (`POST /v1/adapters`, `DELETE /v1/adapters/{name}`; same bodies, and
+like them they answer once the router has re-keyed the change) and runs an
 `S3AdapterMirror` for the app's lifetime, so every server on the bucket sees
 every upload and delete within `poll_seconds`.
 """
@@ -18,7 +19,7 @@ from fastapi import APIRouter, FastAPI, Request
 from loramux.adapters_store.s3_mirror import S3AdapterMirror
 from loramux.adapters_store.s3_store import S3AdapterStore
 from loramux.server.errors import APIError
-from loramux.server.routes.adapters import read_adapter_upload
+from loramux.server.routes.adapters import describe, read_adapter_upload, routable
 
 
 def attach_s3_store(app: FastAPI, store: S3AdapterStore, poll_seconds: float) -> None:
@@ -47,12 +48,14 @@ def attach_s3_store(app: FastAPI, store: S3AdapterStore, poll_seconds: float) ->
                                 "--adapter-store", "loramux_composite.json", "unsupported_parameter")
         await app.state.s3_mirror.upload(upload.name, upload.config_bytes, upload.weights_bytes, upload.metadata,
                                          upload.replace)
-        record = await state.running_engine().call(lambda e: e.store.get(upload.name))
-        return record.to_json() | {"store": store.url}
+        described = await state.running_engine().call(lambda e: describe(e, upload.name))
+        await routable(state)
+        return described
 
     @router.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str):
         await app.state.s3_mirror.delete(name)
+        await routable(state)
         return {"id": name, "object": "adapter", "deleted": True}
 
     app.router.lifespan_context = lifespan
