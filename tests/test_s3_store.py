@@ -310,7 +310,7 @@ def test_a_refused_version_is_not_fetched_again_until_the_manifest_changes(s3_en
     assert "flaky" not in engines[1].store
     asyncio.run(writer.upload("flaky", *adapter_files[1], {}, replace=True))  # a new version is tried
     asyncio.run(reader.sync_once())
-    assert len(fetched) == 2 and engines[1].store.get("flaky").checksum == sha(adapter_files[1][1])
+    assert len(fetched) == 2 and engines[1].store.get("flaky").checksum == sha(adapter_files[1][1] + adapter_files[1][0])
     assert "flaky" not in reader.errors and "flaky" not in reader.refused
 
 
@@ -326,7 +326,7 @@ def test_a_version_refused_while_the_old_one_is_in_use_is_retried(s3_endpoint, e
     finally:
         engines[1].store.release(["busy"])
     asyncio.run(reader.sync_once())
-    assert engines[1].store.get("busy").checksum == sha(adapter_files[1][1])
+    assert engines[1].store.get("busy").checksum == sha(adapter_files[1][1] + adapter_files[1][0])
 
 
 def test_registration_does_the_slow_part_off_the_engine_thread(s3_endpoint, engines, adapter_files, tmp_path,
