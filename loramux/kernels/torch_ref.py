@@ -81,8 +81,12 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
 
 
 def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
-                  layer: LoraPlanLayer) -> None:
-    """y_cols[token[n]] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, lo:hi] for one sub-projection."""
+                  layer: LoraPlanLayer, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+    """y_cols[token[n]] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, lo:hi] for one sub-projection.
+
+    rows: for the gathered modes, (h's per-row factor [N, r_max], slots, tokens) from `_scaled_rows`,
+    shared by the sub-projections of one expand; None for segments.
+    """
     if layer.mode == "segments":
         # A segment's rows share their rank range: slice it (the plan's host copy); coefficients stay on the device.
         for seg in layer.segments:
@@ -92,14 +96,22 @@ def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, s
                 scaled = (h[seg.start:seg.end, lo:hi].float() * scale).to(y_cols.dtype)
                 y_cols[seg.token:seg.token + seg.end - seg.start].addmm_(scaled, lora_b[seg.slot, :, lo:hi].T)
         return
-    live, slots, tokens = _live(layer, slot_active)
-    h_scaled = (h.float() * _row_scale(layer, lora_b.shape[2]) * live[:, None]).to(y_cols.dtype)
+    factor, slots, tokens = rows
+    h_scaled = (h.float() * factor).to(y_cols.dtype)
     if layer.mode == "slots":
         lo, hi = layer.slot_range
         delta = _unpacked_rows(torch.bmm(_packed_rows(h_scaled, layer), lora_b[lo:hi].transpose(1, 2)), layer)
     else:
         delta = torch.bmm(lora_b.index_select(0, slots), h_scaled.unsqueeze(2)).squeeze(2)
     y_cols.index_add_(0, tokens, delta)
+
+
+def _scaled_rows(layer: LoraPlanLayer, slot_active: torch.Tensor, r_max: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the gathered modes: each row's factor on h [N, r_max] (coeff inside its rank range, 0 for rows
+    that are not live), and the slots and tokens to read."""
+    live, slots, tokens = _live(layer, slot_active)
+    return _row_scale(layer, r_max) * live[:, None], slots, tokens
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
@@ -113,9 +125,11 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
     `lora_shrink`; slot_active: [S] int32; coeff, lo and hi come from the plan layer.
     """
     d_total, r_max = lora_b.shape[1], lora_b.shape[2]
+    rows = None if layer.mode == "segments" else _scaled_rows(layer, slot_active, r_max)
     ends = list(sub_starts[1:]) + [d_total]
     for i, (start, end) in enumerate(zip(sub_starts, ends)):
-        _expand_block(y[:, start:end], lora_b[:, start:end], h[:, i * r_max:(i + 1) * r_max], slot_active, layer)
+        _expand_block(y[:, start:end], lora_b[:, start:end], h[:, i * r_max:(i + 1) * r_max], slot_active, layer,
+                      rows)
 
 
 def warm_up(shapes: Iterable[tuple[int, tuple[int, ...]]], r_max: int, dtype: torch.dtype,
