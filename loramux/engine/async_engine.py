@@ -97,10 +97,6 @@ class AsyncEngine:
         """End every open request: its stream raises `error`."""
         await self.call(lambda engine: self._fail_all(error))
 
-    @property
-    def num_requests(self) -> int:
-        return len(self._streams)
-
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is in flight and stop the loop thread."""
         self._stopping = True
