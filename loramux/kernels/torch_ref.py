@@ -48,8 +48,7 @@ def _stacked_rank_mask(layer: LoraPlanLayer, width: int, num_subs: int, rows: sl
 
 def _row_scale(layer: LoraPlanLayer, r_max: int) -> torch.Tensor:
     """[N, r_max] float32: coeff where rank_lo <= r < rank_hi, else 0."""
-    ranks = torch.arange(r_max, device=layer.coeff.device)
-    return ((ranks >= layer.rank_lo[:, None]) & (ranks < layer.rank_hi[:, None])) * layer.coeff[:, None]
+    return _stacked_rank_mask(layer, r_max, 1) * layer.coeff[:, None]
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, layer: LoraPlanLayer,
