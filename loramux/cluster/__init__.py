@@ -12,7 +12,6 @@ logger = logging.getLogger(__name__)
 APP_NAME = "loramux"
 REPLICA_DEPLOYMENT = "loramux-engine"
 INGRESS_CPUS = 0.1
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost")  # the ingress relays bytes and embeds `auto` prompts; the replicas hold the CPU
 
 
 def build_cluster_app(engine_config: EngineConfig, server_config: ServerConfig, cluster_config: ClusterConfig,
@@ -44,10 +43,12 @@ def start_cluster(engine_config: EngineConfig, server_config: ServerConfig, clus
     import ray
     from ray import serve
 
+    from loramux.server.state import is_loopback
+
     if not ray.is_initialized():
         root = str(Path(__file__).resolve().parents[2])
         local = {}
-        if cluster_config.ray_address is None and server_config.host in LOOPBACK_HOSTS:
+        if cluster_config.ray_address is None and is_loopback(server_config.host):
             local["_node_ip_address"] = "127.0.0.1"  # a local cluster for a loopback server listens on loopback only
         ray.init(address=cluster_config.ray_address, num_cpus=num_cpus, include_dashboard=False,
                  runtime_env={"env_vars": {"PYTHONPATH": root}}, **local)
