@@ -10,7 +10,10 @@ Fixed seeds and data generated here make every run the same on the same
 machine. Prompts go through the model's chat template exactly as the server
 renders a one-turn chat, and only the answer tokens (and the end-of-turn
 token) carry loss. The logits are computed for those positions alone: the
-49k-row output head would otherwise cost a fifth of each step.
+49k-row output head would otherwise cost a fifth of each step. The frozen base
+weights are held in bfloat16 by default (--base-dtype): on a CPU with native
+bf16 a step takes 1.7 s instead of 2.5 s, while the LoRA factors and AdamW
+state stay float32.
 """
 
 from __future__ import annotations
@@ -64,18 +67,19 @@ def answer_loss(peft_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     logits = causal_lm.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits, targets[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 def train_expert(folder: Path, tokenizer, task: Task, out: Path, rank: int, steps: int, batch_size: int,
-                 lr: float, seed: int) -> None:
+                 lr: float, seed: int, base_dtype: torch.dtype = torch.bfloat16) -> None:
     """Train one expert from a fresh copy of the base model and write its PEFT folder and card."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=base_dtype)
+    # PEFT keeps the LoRA factors float32 over a half-precision base (autocast_adapter_dtype)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                             target_modules=TARGET_MODULES))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -96,6 +100,7 @@ def train_expert(folder: Path, tokenizer, task: Task, out: Path, rank: int, step
     model.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card; ours is loramux.json
     training = {"steps": steps, "batch_size": batch_size, "rank": rank, "lr": lr, "seed": seed,
+                "base_dtype": str(base_dtype).removeprefix("torch."),
                 "final_loss": round(loss.item(), 4), "cpu_seconds": round(seconds, 1)}
     write_card(task, out, training, seed)
     logger.info("%s trained in %.0f s -> %s", task.name, seconds, out)
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="dtype of the frozen base weights while training (LoRA factors are float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cards-only", action="store_true",
                         help="rewrite the cards of already trained experts (keeps their training record)")
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         task = TASKS_BY_NAME[name]
         train_expert(checkpoint.folder, checkpoint.tokenizer, task, Path(args.out) / name,
                      rank=args.rank or task.rank, steps=args.steps or task.train_steps, batch_size=args.batch_size, lr=args.lr,
-                     seed=args.seed + TASKS.index(task))
+                     seed=args.seed + TASKS.index(task), base_dtype=getattr(torch, args.base_dtype))
 
 
 if __name__ == "__main__":
