@@ -22,18 +22,20 @@ def free_port() -> int:
 class ServerProcess:
     """`loramux serve ARGS` on a free port; returns once /ready answers."""
 
-    def __init__(self, args: list[str], log_path: Path, startup_timeout: float = 120.0):
+    def __init__(self, args: list[str], log_path: Path, startup_timeout: float = 120.0, cwd: Path | None = None):
+        """`cwd`: run there, so that the `loramux` package found there is the one served (another checkout)."""
         self.launch(lambda port: [sys.executable, "-m", "loramux", "--log-level", "WARNING", "serve",
-                                  "--port", str(port), *args], log_path, "/ready", startup_timeout)
+                                  "--port", str(port), *args], log_path, "/ready", startup_timeout, cwd)
 
     def launch(self, command: Callable[[int], list[str]], log_path: Path, ready_path: str,
-               startup_timeout: float = 120.0) -> None:
-        """Start command(port) and wait until GET ready_path answers 200."""
+               startup_timeout: float = 120.0, cwd: Path | None = None) -> None:
+        """Start command(port) in `cwd` and wait until GET ready_path answers 200."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(command(self.port), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(command(self.port), stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=cwd)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
