@@ -143,6 +143,7 @@ def main() -> None:
                         help="sample each server process with py-spy through all rounds (idle threads left out) and "
                              "write its collapsed stacks to PREFIX.<row>.txt; the sampling takes CPU from the "
                              "servers, so a profiled run's numbers are not the ones to report")
+    parser.add_argument("--plot", type=Path, help="a PNG of tokens/s by path here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("loramux", "httpx"):
@@ -221,6 +222,10 @@ def main() -> None:
             "machine": machine, "load_average_end": os.getloadavg(), "settings": settings,
             "runs": {key: [vars(m) for m in rows] for key, rows in results.items()}, "best_tokens_per_s": best,
             "ratios": ratios}, indent=2))
+    if args.plot:
+        from loadtest.plots import path_throughput
+
+        path_throughput({key: [vars(m) for m in rows] for key, rows in results.items()}, args.plot)
 
 
 if __name__ == "__main__":

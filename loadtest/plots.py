@@ -64,3 +64,20 @@ def hot_cold_ttft(results: list[RequestResult], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def path_throughput(runs: dict[str, list[dict]], path: Path, reference: str = "engine", target: float = 0.9) -> None:
+    """Tokens/s of each path (every round a dot, the best a bar), with the target share of the reference's best."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    keys = list(runs)
+    ax.bar(keys, [max(r["tokens_per_s"] for r in runs[k]) for k in keys], color="tab:blue", alpha=0.6, label="best")
+    for x, key in enumerate(keys):
+        ax.plot([x] * len(runs[key]), [r["tokens_per_s"] for r in runs[key]], "ko", ms=4)
+    ax.axhline(target * max(r["tokens_per_s"] for r in runs[reference]), color="tab:red", ls="--",
+               label=f"{target:g} x {reference}")
+    ax.set_ylabel("generated tokens/s")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
