@@ -119,9 +119,17 @@ class AsyncEngine:
             if future is not None:
                 future.set_result(result)
 
-    def _deliver(self, request_id: str, item) -> None:
-        loop, stream = self._streams[request_id]
-        loop.call_soon_threadsafe(stream.put_nowait, item)
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        """Hand (request id, output or error) pairs to their streams: one wake-up of each event loop per call.
+
+        A wake-up per item would cost a self-pipe write and a loop iteration per token (32 a step at batch 32).
+        """
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for request_id, item in items:
+            loop, stream = self._streams[request_id]
+            batches.setdefault(loop, []).append((stream, item))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -141,10 +149,8 @@ class AsyncEngine:
             seconds = time.perf_counter() - start
             for listener in self.step_listeners:
                 listener(seconds)
-            for out in outputs:
-                if out.request_id in self._streams:
-                    self._deliver(out.request_id,
-                                  out if out.error is None else RequestFailedError(out.error, out.error_code))
+            self._deliver([(out.request_id, out if out.error is None else RequestFailedError(out.error, out.error_code))
+                           for out in outputs if out.request_id in self._streams])
             # Only after the whole step: n > 1 completions may all finish in the same step.
             for request_id in {out.request_id for out in outputs if out.finished}:
                 if not self.engine.is_request_active(request_id):
@@ -152,10 +158,15 @@ class AsyncEngine:
         self._fail_all(EngineDeadError("the server is shutting down"))
 
     def _fail_all(self, error: Exception) -> None:
+        self._deliver([(request_id, error) for request_id in self._streams])
         for request_id in list(self._streams):
-            self._deliver(request_id, error)
             self.engine.abort(request_id)
         self._streams.clear()
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)
 
 
 class RequestStream:
