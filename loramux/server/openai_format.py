@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import orjson
 from transformers import PreTrainedTokenizerBase
@@ -112,10 +113,16 @@ class ResponseContext:
         else:
             choice = {"index": index, "text": text, "logprobs": self._logprobs(logprobs, text_offset),
                       "finish_reason": finish_reason}
+        info = (self._plain_info if not first and composite is None else
+                loramux_info(self.mix, self.routing if first else None, [composite] if composite else None))
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion") | {
-            "choices": [choice],
-            "loramux": loramux_info(self.mix, self.routing if first else None, [composite] if composite else None)}
+            "choices": [choice], "loramux": info}
         return sse(body)
+
+    @cached_property
+    def _plain_info(self) -> dict:
+        """The `loramux` field of every chunk but the first and a composite's last: built once, not per token."""
+        return loramux_info(self.mix, None)
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion") | {
