@@ -161,15 +161,17 @@ def main() -> None:
     engine = Engine(engine_config_from_args(build_parser().parse_args(
         ["serve", *serve_args, "--adapter-store", str(tmp / "store-direct")])))
     trees = {"http": None} | ({"http@ref": args.reference_tree.resolve()} if args.reference_tree else {})
-    servers = {key: ServerProcess([*serve_args, "--adapter-store", str(tmp / f"store-{key}")], tmp / f"{key}.log",
-                                  startup_timeout=900, cwd=tree) for key, tree in trees.items()}
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, shape.vocab_size - 100, (n, args.prompt_len), generator=g).tolist()
     models = [engine.model_id] * n if args.base else names
     direct_models = [None if args.base else m for m in models]
     loop = asyncio.new_event_loop()
+    servers: dict[str, ServerProcess] = {}
     profilers = []
     try:
+        for key, tree in trees.items():  # one at a time, inside the try: a failed start stops those already up
+            servers[key] = ServerProcess([*serve_args, "--adapter-store", str(tmp / f"store-{key}")],
+                                         tmp / f"{key}.log", startup_timeout=900, cwd=tree)
         # Warm-up: every adapter paged in on every side, each server's first requests served.
         run_engine(engine, prompts, direct_models, 2)
         for server in servers.values():
