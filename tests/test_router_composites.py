@@ -7,13 +7,18 @@ from __future__ import annotations
 import json
 import logging
 
+import httpx
+import openai
 import pytest
+from transformers import AutoConfig
 
 from loramux.adapters_store.synthetic import write_random_adapter
 from loramux.config import RouterConfig
 from loramux.composites.synthetic import write_random_mole, write_random_more
 from loramux.engine import SamplingParams
+from loramux.engine.model import ModelShape
 from loramux.router import Router
+from loadtest.server_process import ServerProcess
 from tests.conftest import make_engine
 from tests.test_router import TableEmbedder
 
@@ -119,3 +124,75 @@ def test_index_follows_composite_registrations_and_deletions(engine_and_router, 
         assert router.wait_for_updates()
     assert "blank" not in router.index and "composite blank has no description" in caplog.text
     assert router.route("q-rev", strategy="mole").reason == "no mole composite with a card is registered"
+
+
+# Over HTTP: a tiny server with the MiniLM router, two experts with cards, a MoLE for both tasks at once and a
+# MoRE whose tasks are named like the experts.
+CARDS = {"upper": {"description": "Rewrites text in upper-case letters.",
+                   "examples": ["Write this in capital letters: good morning", "Upper-case this: red car",
+                                "Convert to uppercase: hello there"]},
+         "reverse": {"description": "Reverses the order of the words in a text.",
+                     "examples": ["Reverse the word order: one two three", "Say these words backwards: cat dog",
+                                  "Put these words in the opposite order: sun moon star"]}}
+MOLE_CARD = ("Upper-cases a text and then reverses the order of its words.",
+             ["Write these words in capitals, then reverse their order: red green blue",
+              "Upper-case this and reverse the word order: one two three",
+              "Reverse the order of these words and put them in capital letters: cat dog bird"])
+TWO_TASK_PROMPT = "Put these words in upper case, then reverse their order: apple river stone"
+REVERSE_PROMPT = "Say these words in the opposite order: garden window summer"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, tmp_path_factory):
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny_llama_dir))
+    root = tmp_path_factory.mktemp("router-composites")
+    serving = root / "serving"
+    for i, (name, card) in enumerate(CARDS.items()):
+        folder = write_random_adapter(serving / name, shape.lora_target_shapes(), shape.num_layers, rank=4, seed=i,
+                                      b_std=0.5)
+        (folder / "loramux.json").write_text(json.dumps(card))
+    set_card(write_random_mole(serving / "both", list(CARDS), shape.num_layers, shape.hidden_size, seed=3),
+             *MOLE_CARD)
+    set_card(write_random_more(serving / "more", shape.lora_target_shapes(), shape.num_layers, rank=8,
+                               rank_choices=[2, 8], tasks=list(CARDS), seed=4, b_std=0.5),
+             "One shared LoRA for upper-casing and reversing words.", [])
+    proc = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--num-kv-blocks", "256",
+                          "--adapter-dir", str(serving), "--max-composite-members", "4"], root / "server.log")
+    yield proc
+    proc.stop()
+
+
+def chat(server, prompt: str, **extra):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    out = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=4,
+                                         temperature=0, extra_body=extra or None)
+    return out.model_extra["loramux"]
+
+
+def test_auto_sends_a_two_task_prompt_to_the_composite_made_for_it(server):
+    info = chat(server, TWO_TASK_PROMPT)
+    assert info["router"]["composite"] == {"name": "both", "type": "mole"}, info["router"]
+    assert info["router"]["experts"][0]["name"] == "both" and "matches best" in info["router"]["reason"]
+    assert info["composite"]["name"] == "both" and sorted(info["composite"]["gates"]) == ["reverse", "upper"]
+    assert chat(server, REVERSE_PROMPT)["router"]["experts"][0]["name"] == "reverse"  # one task: the expert
+
+
+def test_composite_strategies_over_http(server):
+    more = chat(server, REVERSE_PROMPT, router={"strategy": "more"})
+    assert more["router"]["composite"] == {"name": "more", "type": "more", "task": "reverse"}
+    assert more["composite"] == {"name": "more", "type": "more", "task": "reverse"}  # the engine ran that task
+    mole = chat(server, REVERSE_PROMPT, router={"composite": "both"})
+    assert mole["router"]["strategy"] == "mole" and mole["composite"]["name"] == "both"
+    general = chat(server, "Why is the sky blue?", router={"strategy": "mole"})
+    assert general["adapters"] == [] and general["router"]["base_model"] and "composite" not in general
+
+
+@pytest.mark.parametrize("router, status, code", [({"composite": "nope"}, 404, "model_not_found"),
+                                                   ({"composite": "both", "strategy": "more"}, 400, "invalid_value"),
+                                                   ({"composite": "upper"}, 404, "model_not_found"),
+                                                   ({"strategy": "moe"}, 400, None)])
+def test_bad_composite_routing_is_refused(server, router, status, code):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "auto", "messages": [{"role": "user", "content": REVERSE_PROMPT}], "max_tokens": 2, "router": router})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"] and (code is None or r.json()["error"]["code"] == code)
