@@ -213,7 +213,9 @@ class Router:
                            "adapter" if kind == ADAPTER else "composite", name)
             self.index.remove(name)
             return False
-        self.index.put(name, key_of(card), card_margin(card, self.generic), kind)
+        # A composite's card spans several tasks, so its texts sit far from each other's mean and their
+        # leave-one-out margin says how broad it is, not how generic: it needs the full setting (docs/router.md).
+        self.index.put(name, key_of(card), card_margin(card, self.generic) if kind == ADAPTER else math.inf, kind)
         return True
 
     def route(self, text: str, strategy: str | None = None, top_k: int | None = None,
@@ -308,15 +310,21 @@ class Router:
             decision.reason = f"no {kind} composite with a card is registered"
             return
         parts = self._consider(decision, rule, self.index.search(query, 1, kinds=(ADAPTER,),
-                                                                  names={*record.members, *record.tasks}))
+                                                                  names=self._parts(record)))
         if covers:
             why = f"its card covers the prompt (similarity {sim:.3f})"
         elif parts and parts[0][2]:
-            why = f"its {'task' if kind == 'more' else 'member'} {parts[0][0]} covers the prompt " \
-                  f"(similarity {parts[0][1]:.3f})"
+            role = {"mole": "member", "more": "task"}.get(kind, "expert")
+            why = f"its {role} {parts[0][0]} covers the prompt (similarity {parts[0][1]:.3f})"
         else:
             return
         self._choose_composite(decision, query, record, sim, why)
+
+    def _parts(self, record: CompositeRecord) -> set[str] | None:
+        """The routable experts a composite stands for: its named members (MoLE) or tasks (MoRE); None (every
+        expert) when it names none (MoR's members are built from its own weights)."""
+        parts = {name for name in (*record.members, *record.tasks) if self.index.kind(name) == ADAPTER}
+        return parts or None
 
     def _choose_composite(self, decision: RoutingDecision, query: torch.Tensor, record: CompositeRecord,
                           similarity: float, why: str) -> None:
