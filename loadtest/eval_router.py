@@ -128,6 +128,17 @@ def synthetic_records(count: int, seed: int) -> dict[str, AdapterRecord]:
     return records
 
 
+def bundled_records(experts_dir: Path = BUNDLED_EXPERTS_DIR) -> dict[str, AdapterRecord]:
+    """The bundled experts' cards as records, without loading any weights (the router reads only cards)."""
+    records = {}
+    for folder in sorted(p for p in experts_dir.iterdir() if (p / "loramux.json").is_file()):
+        card = json.loads((folder / "loramux.json").read_text())
+        records[folder.name] = AdapterRecord(
+            name=folder.name, path=str(folder), base_model=None, rank=8, alpha=16.0, target_modules=["q_proj"],
+            size_bytes=0, checksum="", description=card.get("description", ""), examples=card.get("examples", []))
+    return records
+
+
 def benchmark_latency(embedder, records: dict[str, AdapterRecord], prompts: list[str], repeats: int) -> dict:
     """Router latency per request, one at a time on one torch thread, over `records` (the bundled experts and
     synthetic ones): wall-clock and the routing thread's CPU time (less disturbed by a shared machine)."""

@@ -197,13 +197,14 @@ class Router:
         self._put(name, record.description, record.examples, ADAPTER)
 
     def _apply_composite(self, name: str, record: CompositeRecord | None) -> None:
-        # A key in the index always has its record here: the record goes in first and comes out last.
-        if record is not None and (record.description.strip() or record.examples):
-            self.composites = {**self.composites, name: record}
         if record is None:
             self.index.remove(name)
-        if record is None or not self._put(name, record.description, record.examples, record.type):
-            self.composites = {n: r for n, r in self.composites.items() if n != name}
+        else:
+            # The record goes in before its key and comes out after it: a key found in the index has its record.
+            self.composites = {**self.composites, name: record}
+            if self._put(name, record.description, record.examples, record.type):
+                return
+        self.composites = {n: r for n, r in self.composites.items() if n != name}
 
     def _put(self, name: str, description: str, examples: list[str], kind: str) -> bool:
         """Key and calibrate one card into the index; False (and a warning) for a card without any text."""
