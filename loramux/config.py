@@ -150,6 +150,7 @@ class RouterConfig:
 
     enabled: bool = True
     embedder: str = "minilm"  # minilm, base, or a local sentence-encoder folder
+    embedder_dtype: str = "float32"  # the sentence encoder's: float32 or bfloat16
     strategy: str = "select"  # select, mixture, fusion, or a composite type (mole, mor, more)
     top_k: int = 2  # experts blended by mixture and fusion
     temperature: float = 0.1  # softmax temperature over similarities
@@ -166,6 +167,7 @@ class RouterConfig:
                  "--router-threshold is a cosine similarity in [-1, 1]")
         _require(-1.0 <= self.margin <= 1.0, "--router-margin is a difference of cosines in [-1, 1]")
         _require(self.max_fused > 0, "--router-max-fused must be positive")
+        _require(self.embedder_dtype in ("float32", "bfloat16"), "--router-embedder-dtype must be float32 or bfloat16")
 
 
 @dataclass
