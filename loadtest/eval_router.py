@@ -1,6 +1,7 @@
 """Evaluate the router and the bundled demo experts on held-out phrasings.
 
     python -m loadtest.eval_router [--per-task 20] [--embedders minilm,base] [--distractors 500] [--plot PNG]
+                                   [--mole PATH] [--mor PATH] [--more PATH] [--runs select,mole,...]
 
 Reports, per task and overall:
 - routing top-1 accuracy and router latency for each embedder, and with its
@@ -10,7 +11,13 @@ Reports, per task and overall:
   their settings (first embedder), with a plot (--plot);
 - exact-match task accuracy of the base model alone, the oracle expert,
   router `select`, `mixture` (k = 2, 3) and `fusion` (k = 2), with the first
-  embedder of --embedders;
+  embedder of --embedders, and of the composite experts (MoLE, MoR, MoRE;
+  --mole/--mor/--more, default: the shipped ones, skipped when absent) as
+  the router sends prompts to them (strategies mole/mor/more; `auto` is
+  select with the composites registered; `more_oracle_task` gives MoRE the
+  right task), per task and overall, on the held-out phrasings and on
+  two-task prompts (loadtest/two_task_prompts.py), with each run's output
+  tokens/s on the same batch and a plot (--methods-plot);
 - routing accuracy again after registering random distractor experts
   (random weights, generic cards).
 Prompts use the tasks' held-out phrasings, which no expert was trained on and
@@ -36,9 +43,11 @@ from loramux.config import CacheConfig, EngineConfig, ModelConfig, RouterConfig,
 from loramux.engine import Engine, SamplingParams
 from loramux.experts import BUNDLED_EXPERTS_DIR
 from loramux.experts.tasks import TASKS
+from loramux.adapters_store.registry import COMPOSITE_CONFIG_FILE
 from loramux.router import Router, build_embedder, load_prompts
 from loramux.router.index import embed_card
 from loadtest.no_expert_rules import RuleScores, best_point, plot_tradeoff, sweep
+from loadtest.two_task_prompts import TWO_TASK_KINDS, two_task_set
 
 logger = logging.getLogger("eval_router")
 
@@ -119,6 +128,17 @@ def synthetic_records(count: int, seed: int) -> dict[str, AdapterRecord]:
     return records
 
 
+def bundled_records(experts_dir: Path = BUNDLED_EXPERTS_DIR) -> dict[str, AdapterRecord]:
+    """The bundled experts' cards as records, without loading any weights (the router reads only cards)."""
+    records = {}
+    for folder in sorted(p for p in experts_dir.iterdir() if (p / "loramux.json").is_file()):
+        card = json.loads((folder / "loramux.json").read_text())
+        records[folder.name] = AdapterRecord(
+            name=folder.name, path=str(folder), base_model=None, rank=8, alpha=16.0, target_modules=["q_proj"],
+            size_bytes=0, checksum="", description=card.get("description", ""), examples=card.get("examples", []))
+    return records
+
+
 def benchmark_latency(embedder, records: dict[str, AdapterRecord], prompts: list[str], repeats: int) -> dict:
     """Router latency per request, one at a time on one torch thread, over `records` (the bundled experts and
     synthetic ones): wall-clock and the routing thread's CPU time (less disturbed by a shared machine)."""
@@ -142,20 +162,80 @@ def benchmark_latency(embedder, records: dict[str, AdapterRecord], prompts: list
     return {"experts": len(records), "requests": len(wall), "torch_threads": 1, **summary}
 
 
-def routed_mixes(engine: Engine, router: Router, items, strategy: str, k: int) -> list[tuple]:
-    """The lora_mix the server would use for every prompt under one strategy."""
-    return [router.route(prompt, strategy=strategy, top_k=k).lora_mix(engine.store) for _, prompt, _ in items]
+COMPOSITE_KINDS = ("mole", "mor", "more")
+LORARETRIEVER_RUNS = ("base", "oracle", "select", "mixture_k2", "mixture_k3", "fusion_k2")
+COMPOSITE_RUNS = ("auto", "mole", "mor", "more", "more_oracle_task")
+
+
+def register_composites(engine: Engine, paths: dict[str, str]) -> dict[str, str]:
+    """Register the composite folders that exist: kind -> registered name; the others are reported and skipped."""
+    names = {}
+    for kind, path in paths.items():
+        folder = Path(path)
+        if not (folder / COMPOSITE_CONFIG_FILE).is_file():
+            logger.warning("no %s composite at %s (not shipped yet?): its rows are skipped; pass --%s PATH",
+                           kind, folder, kind)
+            continue
+        if folder.name not in engine.composites:
+            engine.add_adapter(folder.name, str(folder))
+        names[kind] = folder.name
+    return names
+
+
+def routed_mixes(engine: Engine, router: Router, items, strategy: str, k: int) -> tuple[list[tuple], float]:
+    """The lora_mix the server would use for every prompt under one strategy, and the share of prompts the
+    router left to the base model."""
+    decisions = [router.route(prompt, strategy=strategy, top_k=k) for _, prompt, _ in items]
+    return [d.lora_mix(engine.store) for d in decisions], sum(not d.experts for d in decisions) / len(items)
+
+
+def generation_runs(engine: Engine, routers: dict[str, Router], items, composites: dict[str, str],
+                    with_oracle: bool, wanted: set[str]) -> dict[str, tuple[list[tuple], float | None]]:
+    """Run name -> (one mix per prompt, share left to the base model by the router or None). `routers`:
+    `experts` (LoraRetriever: experts only) and `composites` (the composites registered too)."""
+    runs: dict[str, tuple[list[tuple], float | None]] = {"base": ([()] * len(items), None)}
+    if with_oracle:
+        runs["oracle"] = ([((task, 1.0),) for task, _, _ in items], None)
+    for name, strategy, k in (("select", "select", 1), ("mixture_k2", "mixture", 2), ("mixture_k3", "mixture", 3),
+                              ("fusion_k2", "fusion", 2)):
+        if name in wanted:
+            runs[name] = routed_mixes(engine, routers["experts"], items, strategy, k)
+    if composites and "auto" in wanted:
+        runs["auto"] = routed_mixes(engine, routers["composites"], items, "select", 1)
+    for kind, name in composites.items():
+        if kind in wanted:
+            runs[kind] = routed_mixes(engine, routers["composites"], items, kind, 1)
+    if "more" in composites and with_oracle and "more_oracle_task" in wanted:
+        runs["more_oracle_task"] = ([({"name": composites["more"], "task": task},) for task, _, _ in items], None)
+    return {name: run for name, run in runs.items() if name in wanted}
 
 
 def task_accuracy(engine: Engine, items, mixes, max_tokens: int) -> dict:
-    """Exact match (after stripping whitespace) per task and overall, greedy decoding."""
+    """Exact match (after stripping whitespace) per task and overall, greedy decoding, and the output
+    tokens/s of the whole batch."""
     prompts = [chat_prompt(engine, prompt) for _, prompt, _ in items]
+    start = time.perf_counter()
     outputs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), mixes)
+    seconds = time.perf_counter() - start
     hits: dict[str, list[bool]] = {}
     for (task, _, answer), [out] in zip(items, outputs):
         hits.setdefault(task, []).append(out.new_text.strip() == answer)
+    tokens = sum(out.num_output_tokens for [out] in outputs)
     return {"accuracy": sum(sum(h) for h in hits.values()) / len(items),
-            "per_task": {task: sum(h) / len(h) for task, h in hits.items()}}
+            "per_task": {task: sum(h) / len(h) for task, h in hits.items()},
+            "output_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
+
+
+def evaluate_generation(engine: Engine, routers: dict[str, Router], items, composites: dict[str, str],
+                        with_oracle: bool, wanted: set[str], max_tokens: int) -> dict:
+    """Every run's exact match and tokens/s on `items`, the same batch for each."""
+    results = {}
+    for name, (mixes, to_base) in generation_runs(engine, routers, items, composites, with_oracle, wanted).items():
+        results[name] = task_accuracy(engine, items, mixes, max_tokens)
+        if to_base is not None:
+            results[name]["router_to_base"] = to_base
+        logger.info("%s: %.3f, %.1f tokens/s", name, results[name]["accuracy"], results[name]["tokens_per_second"])
+    return results
 
 
 def register_distractors(engine: Engine, count: int, folder: Path, seed: int) -> None:
@@ -185,6 +265,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="registered experts (bundled + synthetic cards) for the latency benchmark; 0: none")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--skip-generation", action="store_true", help="routing numbers only")
+    composites_dir = BUNDLED_EXPERTS_DIR / "composites"
+    for kind in COMPOSITE_KINDS:
+        parser.add_argument(f"--{kind}", default=str(composites_dir / f"{kind}_demo"),
+                            help=f"{kind} composite folder (default: the shipped one; its rows are skipped if absent)")
+    parser.add_argument("--runs", default=",".join(LORARETRIEVER_RUNS + COMPOSITE_RUNS),
+                        help="which generation runs (rows) to make")
+    parser.add_argument("--two-task-per-kind", type=int, default=12,
+                        help=f"two-task prompts per kind ({len(TWO_TASK_KINDS)} kinds); 0: none")
+    parser.add_argument("--methods-plot", default="docs/figures/router_methods.png",
+                        help="exact match per task and method ('' for none)")
     parser.add_argument("--out", default="loadtest/results/eval_router.json")
     parser.add_argument("--plot", default="docs/figures/router_no_expert.png", help="trade-off plot ('' for none)")
     args = parser.parse_args(argv)
@@ -194,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine(EngineConfig(
         model=ModelConfig(), cache=CacheConfig(num_blocks=1024),
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024),
-        store=StoreConfig(max_loras=16, adapter_dirs=[args.experts_dir]),
+        store=StoreConfig(max_loras=16, adapter_dirs=[args.experts_dir], max_composite_members=16),
         router=RouterConfig(max_fused=1024)))  # every fusion is built before the runs: none may be evicted
     items = heldout_set(args.per_task, args.seed)
     general = load_prompts("general_heldout.txt")
@@ -226,15 +316,28 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("latency with %d experts: %s", len(records), report["latency"])
 
     if not args.skip_generation:
-        runs = {"base": [()] * len(items), "oracle": [((task, 1.0),) for task, _, _ in items],
-                "select": routed_mixes(engine, main_router, items, "select", 1),
-                "mixture_k2": routed_mixes(engine, main_router, items, "mixture", 2),
-                "mixture_k3": routed_mixes(engine, main_router, items, "mixture", 3),
-                "fusion_k2": routed_mixes(engine, main_router, items, "fusion", 2)}
-        for name, mixes in runs.items():
-            start = time.perf_counter()
-            report["tasks"][name] = task_accuracy(engine, items, mixes, args.max_tokens)
-            logger.info("%s: %.3f (%.0f s)", name, report["tasks"][name]["accuracy"], time.perf_counter() - start)
+        composites = register_composites(engine, {kind: getattr(args, kind) for kind in COMPOSITE_KINDS})
+        report["composites"] = composites
+        # LoraRetriever's strategies route among the experts alone; the composite rows use a second router
+        # (same embedder) that also indexes the composites, as the server's does.
+        routers = {"experts": main_router,
+                   "composites": Router(main_router.embedder, main_router.config, engine.store.records,
+                                        engine.composites.records)}
+        wanted = set(args.runs.split(","))
+        report["tasks"] = evaluate_generation(engine, routers, items, composites, True, wanted, args.max_tokens)
+        two_task = two_task_set(args.two_task_per_kind, args.seed)
+        report["two_task"] = evaluate_generation(engine, routers, two_task, composites, False, wanted,
+                                                 args.max_tokens) if two_task else {}
+        report["two_task_prompts"] = len(two_task)
+        if args.methods_plot:
+            from loadtest.plots import accuracy_by_group
+
+            panels = [(f"held-out phrasings, {args.per_task} per task",
+                       {run: r["per_task"] for run, r in report["tasks"].items()})]
+            if report["two_task"]:
+                panels.append((f"two-task prompts, {args.two_task_per_kind} per kind",
+                               {run: r["per_task"] for run, r in report["two_task"].items()}))
+            accuracy_by_group(panels, Path(args.methods_plot))
 
     if args.distractors:
         with tempfile.TemporaryDirectory() as tmp:
@@ -272,12 +375,21 @@ def format_report(report: dict) -> str:
     lines += ["", "| rule | best setting | task prompts routed right | general prompts to base |", "|---|---|---|---|"]
     for rule, p in report["no_expert_rules"]["best"].items():
         lines.append(f"| {rule} | {p['setting']:g} | {p['task_routed_right']:.3f} | {p['general_to_base']:.3f} |")
-    if report["tasks"]:
-        runs = list(report["tasks"])
-        lines += ["", "| task | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
-        for task in tasks:
-            lines.append(f"| {task} | " + " | ".join(f"{report['tasks'][r]['per_task'][task]:.2f}" for r in runs) + " |")
-        lines.append("| **all** | " + " | ".join(f"**{report['tasks'][r]['accuracy']:.3f}**" for r in runs) + " |")
+    for key, groups in (("tasks", tasks), ("two_task", [kind.name for kind in TWO_TASK_KINDS])):
+        results = report.get(key)
+        if results:
+            lines += ["", accuracy_table(results, groups)]
+    return "\n".join(lines)
+
+
+def accuracy_table(results: dict, groups: list[str]) -> str:
+    """Exact match per group (task or two-task kind) and overall, one column per run, then tokens/s."""
+    runs = list(results)
+    lines = ["| task | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for group in groups:
+        lines.append(f"| {group} | " + " | ".join(f"{results[r]['per_task'][group]:.2f}" for r in runs) + " |")
+    lines.append("| **all** | " + " | ".join(f"**{results[r]['accuracy']:.3f}**" for r in runs) + " |")
+    lines.append("| tokens/s | " + " | ".join(f"{results[r]['tokens_per_second']:.1f}" for r in runs) + " |")
     return "\n".join(lines)
 
 

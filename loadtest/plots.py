@@ -81,3 +81,29 @@ def path_throughput(runs: dict[str, list[dict]], path: Path, reference: str = "e
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def accuracy_by_group(panels: list[tuple[str, dict[str, dict[str, float]]]], path: Path) -> None:
+    """Grouped bars of exact match: one panel per prompt set, groups are tasks, one bar per method.
+
+    panels: (title, {method: {group: accuracy}}); groups are ordered as in the first method."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 3.6 * len(panels)), squeeze=False)
+    every_method = list(dict.fromkeys(method for _, methods in panels for method in methods))
+    colours = {method: plt.cm.tab10(i % 10) for i, method in enumerate(every_method)}  # one per method throughout
+    for ax, (title, methods) in zip(axes[:, 0], panels):
+        groups = list(next(iter(methods.values())))
+        width = 0.85 / len(methods)
+        for i, (method, scores) in enumerate(methods.items()):
+            ax.bar([g + i * width for g in range(len(groups))], [scores.get(group, 0.0) for group in groups],
+                   width, label=method, color=colours[method])
+        ax.set_xticks([g + width * (len(methods) - 1) / 2 for g in range(len(groups))], groups, rotation=15,
+                      fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("exact match")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -141,7 +141,7 @@ class ClusterConfig:
         _require(self.metrics_report_seconds > 0, "metrics_report_seconds must be positive")
 
 
-ROUTER_STRATEGIES = ("select", "mixture", "fusion")
+ROUTER_STRATEGIES = ("select", "mixture", "fusion", "mole", "mor", "more")  # the last three: composite types
 
 
 @dataclass
@@ -150,7 +150,8 @@ class RouterConfig:
 
     enabled: bool = True
     embedder: str = "minilm"  # minilm, base, or a local sentence-encoder folder
-    strategy: str = "select"  # select, mixture or fusion
+    embedder_dtype: str = "float32"  # the sentence encoder's: float32 or bfloat16
+    strategy: str = "select"  # select, mixture, fusion, or a composite type (mole, mor, more)
     top_k: int = 2  # experts blended by mixture and fusion
     temperature: float = 0.1  # softmax temperature over similarities
     threshold: float | None = None  # a plain cosine threshold instead of the calibrated rule
@@ -159,13 +160,14 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         _require(self.strategy in ROUTER_STRATEGIES,
-                 f"--router-strategy must be select, mixture or fusion, got {self.strategy!r}")
+                 f"--router-strategy must be one of {', '.join(ROUTER_STRATEGIES)}, got {self.strategy!r}")
         _require(self.top_k > 0, "--router-top-k must be positive")
         _require(self.temperature > 0, "--router-temperature must be positive")
         _require(self.threshold is None or -1.0 <= self.threshold <= 1.0,
                  "--router-threshold is a cosine similarity in [-1, 1]")
         _require(-1.0 <= self.margin <= 1.0, "--router-margin is a difference of cosines in [-1, 1]")
         _require(self.max_fused > 0, "--router-max-fused must be positive")
+        _require(self.embedder_dtype in ("float32", "bfloat16"), "--router-embedder-dtype must be float32 or bfloat16")
 
 
 @dataclass

@@ -186,13 +186,17 @@ def test_router_flags_reach_the_config_and_bad_values_are_refused():
 
     args = build_parser().parse_args(["serve", "--router-strategy", "fusion", "--router-top-k", "3",
                                       "--router-threshold", "0.4", "--router-temperature", "0.2",
-                                      "--router-margin", "0.05"])
+                                      "--router-margin", "0.05", "--router-embedder-dtype", "bfloat16"])
     router = engine_config_from_args(args).router
     assert (router.strategy, router.top_k, router.threshold, router.temperature) == ("fusion", 3, 0.4, 0.2)
-    assert router.margin == 0.05
+    assert router.margin == 0.05 and router.embedder_dtype == "bfloat16"
+    assert engine_config_from_args(build_parser().parse_args(["serve", "--router-strategy", "more"])).router.strategy \
+        == "more"
     assert engine_config_from_args(build_parser().parse_args(["serve"])).router.threshold is None
     with pytest.raises(ValueError, match="router-margin"):
         RouterConfig(margin=2.0)
+    with pytest.raises(ValueError, match="router-embedder-dtype"):
+        RouterConfig(embedder_dtype="float16")
     with pytest.raises(ValueError, match="router-temperature"):
         RouterConfig(temperature=0)
     with pytest.raises(ValueError, match="router-threshold"):

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -144,6 +145,8 @@ class CompositeRegistry:
         self._free_gates = list(range(max_composites - 1, -1, -1))
         self._uses: Counter[str] = Counter()
         self._deleted: dict[str, list[CompositeRecord]] = {}  # deleted while requests still use them
+        # Called on the registering thread with (name, record) after a registration, (name, None) after a deletion.
+        self.change_listeners: list[Callable[[str, CompositeRecord | None], None]] = []
         store.name_taken_elsewhere = self._holder_of
 
     def _holder_of(self, name: str) -> str | None:
@@ -267,6 +270,8 @@ class CompositeRegistry:
             task_ranks=spec.member_ranks, description=spec.description, examples=spec.examples, uploaded=uploaded)
         self.records[name] = record
         logger.info("composite %s: %s over %d members", name, spec.kind, len(spec.members))
+        for listener in self.change_listeners:
+            listener(name, record)
         return record
 
     def register_existing(self, store_dir: Path) -> None:
@@ -284,6 +289,8 @@ class CompositeRegistry:
 
     def _unregister(self, name: str, remove_files: bool) -> None:
         record = self.records.pop(name)
+        for listener in self.change_listeners:
+            listener(name, None)
         record.uploaded = record.uploaded and remove_files
         if record.uploaded:  # out of sight at once (the gate is on the device; nothing reads the files again)
             record.path = str(trash_adapter_dir(self.store_dir, Path(record.path)))

@@ -7,10 +7,12 @@ from loramux.router.router import Router, RoutingDecision, softmax_weights
 
 
 def attach_router(engine) -> Router:
-    """A router over the engine's store, kept up to date as adapters are registered and deleted."""
+    """A router over the engine's adapters and composites, kept up to date as they are registered and deleted."""
     config = engine.config.router
-    router = Router(build_embedder(config.embedder, engine), config, engine.store.records)
+    router = Router(build_embedder(config.embedder, engine, config.embedder_dtype), config, engine.store.records,
+                    engine.composites.records)
     engine.store.change_listeners.append(router.queue_update)
+    engine.composites.change_listeners.append(router.queue_composite_update)
     return router
 
 

@@ -46,14 +46,14 @@ def minilm_path() -> Path:
 
 
 class SentenceEmbedder:
-    """A BERT-style sentence encoder from a local folder: mean of token states over the mask."""
+    """A BERT-style sentence encoder from a local folder: mean of token states over the mask (in float32)."""
 
-    def __init__(self, folder: Path, name: str = "minilm"):
+    def __init__(self, folder: Path, name: str = "minilm", dtype: torch.dtype = torch.float32):
         from transformers import AutoModel, AutoTokenizer
 
         self.name = name
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model = AutoModel.from_pretrained(folder, dtype=dtype).eval()
         self._lock = threading.Lock()  # fast tokenizers refuse concurrent calls on one instance
 
     def embed(self, texts: list[str]) -> torch.Tensor:
@@ -71,10 +71,10 @@ class SentenceEmbedder:
         with self._lock:
             batch = self.tokenizer([INSTRUCTION + t for t in texts], padding=True, truncation=True,
                                    max_length=MAX_TOKENS, return_tensors="pt")
-        states = self.model(**batch).last_hidden_state  # [N, L, D]
+        states = self.model(**batch).last_hidden_state.float()  # [N, L, D]
         mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return torch.nn.functional.normalize(pooled, dim=-1)
 
 
 class BaseModelEmbedder:
@@ -104,13 +104,14 @@ class BaseModelEmbedder:
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
 
-def build_embedder(kind: str, engine) -> Embedder:
-    """`minilm`, `base`, or a path to a local sentence-encoder folder."""
+def build_embedder(kind: str, engine, dtype: str = "float32") -> Embedder:
+    """`minilm`, `base`, or a path to a local sentence-encoder folder; `dtype` is the sentence encoder's
+    (bfloat16: less CPU time per request on CPUs with AVX512-BF16 or AMX, docs/router.md)."""
     if kind == "minilm":
-        return SentenceEmbedder(minilm_path())
+        return SentenceEmbedder(minilm_path(), dtype=getattr(torch, dtype))
     if kind == "base":
         return BaseModelEmbedder(engine.model, engine.tokenizer, engine.model_lock)
     folder = Path(kind).expanduser()
     if not (folder / "config.json").is_file():
         raise ValueError(f"--router-embedder {kind!r}: expected minilm, base, or a local encoder folder")
-    return SentenceEmbedder(folder, name=folder.name)
+    return SentenceEmbedder(folder, name=folder.name, dtype=getattr(torch, dtype))

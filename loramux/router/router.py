@@ -14,6 +14,14 @@ similarity to generic prompts by the expert's calibrated margin
 per request), when its similarity reaches the threshold. None covers it:
 the base model answers alone, and the decision says why.
 
+Composite experts (MoLE, MoR, MoRE) with a card are keyed and calibrated like
+experts. `select` takes a composite when its card is the best match and
+covers the request; the strategies `mole`, `mor` and `more` send the request
+to the best-matching composite of that type (or the one named by
+`composite`), which covers it when its own card or its best member (MoLE) or
+task expert (MoRE) does. A MoRE composite's task is its task named like the
+most similar expert.
+
 Registrations and deletions reach the router on the engine thread; embedding
 cards and calibrating happen on a worker thread (worker.py), and `route`
 first waits for the updates submitted before it.
@@ -29,10 +37,12 @@ from dataclasses import dataclass, field
 import torch
 
 from loramux.adapters_store.registry import AdapterRecord
+from loramux.composites.format import COMPOSITE_TYPES
+from loramux.composites.registry import CompositeRecord
 from loramux.config import RouterConfig
 from loramux.router.calibration import card_margin, embedded_generic_prompts, generic_similarity
 from loramux.router.embedders import Embedder
-from loramux.router.index import ExpertIndex, embed_card, key_of
+from loramux.router.index import ADAPTER, ExpertIndex, embed_card, key_of
 from loramux.router.worker import UpdateWorker
 
 logger = logging.getLogger(__name__)
@@ -54,11 +64,15 @@ class RoutingDecision:
     margin: float | None = None  # the margin setting (calibrated rule)
     generic_similarity: float | None = None  # the request's similarity to generic prompts (calibrated rule)
     required_margins: dict[str, float] = field(default_factory=dict)  # per candidate (calibrated rule)
-    reason: str | None = None  # why the base model answers alone
+    reason: str | None = None  # why the base model answers alone, or why a composite does
+    composite: dict | None = None  # the chosen composite: {"name", "type"} and, for MoRE, "task"
 
     def lora_mix(self, store) -> tuple:
         """The request's mix, (name, weight, rank_lo, rank_hi) entries; a fusion of several experts is
-        built (or found) in `store` (an AdapterStore: call this where the store may be changed)."""
+        built (or found) in `store` (an AdapterStore: call this where the store may be changed); a composite
+        is one option entry {"name", "task"?}, which the engine resolves."""
+        if self.composite is not None:
+            return ({key: value for key, value in self.composite.items() if key != "type"},)
         if self.strategy != "fusion" or len(self.experts) < 2:
             return tuple((name, weight, 0, None) for name, weight, _ in self.experts)
         self.adapter = store.fuse([name for name, _, _ in self.experts], [weight for _, weight, _ in self.experts])
@@ -84,6 +98,8 @@ class RoutingDecision:
             out["generic_similarity"] = round(self.generic_similarity, 6)
         if self.reason is not None:
             out["reason"] = self.reason
+        if self.composite is not None:
+            out["composite"] = self.composite
         if self.adapter is not None:
             out["adapter"] = self.adapter
         return out
@@ -117,18 +133,40 @@ def explain_base(decision: RoutingDecision) -> str:
             f"{decision.required_margins[name]:.3f}")
 
 
+@dataclass(frozen=True)
+class CoverageRule:
+    """Whether an expert (or composite) covers a request: its similarity reaches the explicit `threshold`, or
+    else beats the request's `generic` similarity by min(`margin`, its card margin)."""
+
+    threshold: float | None
+    margin: float
+    generic: float | None
+
+    def required_margin(self, card: float) -> float:
+        return min(self.margin, card)
+
+    def covers(self, similarity: float, card: float) -> bool:
+        if self.threshold is not None:
+            return similarity >= self.threshold
+        return similarity - self.generic >= self.required_margin(card)
+
+
 class Router:
-    def __init__(self, embedder: Embedder, config: RouterConfig, records: dict[str, AdapterRecord]):
+    def __init__(self, embedder: Embedder, config: RouterConfig, records: dict[str, AdapterRecord],
+                 composites: dict[str, CompositeRecord] | None = None):
         self.embedder = embedder
         self.config = config
         self.index = ExpertIndex()
         self.generic: torch.Tensor | None = None  # [G, D], the embedded calibration set
+        self.composites: dict[str, CompositeRecord] = {}  # the routable ones; replaced whole on the update worker
         self._updates = UpdateWorker()
         self._updates.submit(self._embed_generic_prompts)
         for name, record in list(records.items()):
             self.queue_update(name, record)
-        logger.info("router: indexing %d experts with the %s embedder in the background", len(records),
-                    embedder.name)
+        for name, composite in list((composites or {}).items()):
+            self.queue_composite_update(name, composite)
+        logger.info("router: indexing %d experts and %d composites with the %s embedder in the background",
+                    len(records), len(composites or {}), embedder.name)
 
     def _embed_generic_prompts(self) -> None:
         self.generic = embedded_generic_prompts(self.embedder)
@@ -138,6 +176,10 @@ class Router:
         (None), on the update worker. The store's change listener: it runs on the engine thread and returns
         at once."""
         self._updates.submit(lambda: self._apply(name, record))
+
+    def queue_composite_update(self, name: str, record: CompositeRecord | None) -> None:
+        """`queue_update` for a composite expert: the composite registry's change listener."""
+        self._updates.submit(lambda: self._apply_composite(name, record))
 
     def update(self, name: str, record: AdapterRecord | None) -> None:
         """`queue_update`, returning once the change is in the index."""
@@ -152,40 +194,149 @@ class Router:
         if record is None or record.in_memory:
             self.index.remove(name)
             return
-        card = embed_card(self.embedder, record.description, record.examples)
-        if card is None:
-            logger.warning("adapter %s has no description and no examples: the router will not choose it", name)
+        self._put(name, record.description, record.examples, ADAPTER)
+
+    def _apply_composite(self, name: str, record: CompositeRecord | None) -> None:
+        if record is None:
             self.index.remove(name)
-            return
-        self.index.put(name, key_of(card), card_margin(card, self.generic))
+        else:
+            # The record goes in before its key and comes out after it: a key found in the index has its record.
+            self.composites = {**self.composites, name: record}
+            if self._put(name, record.description, record.examples, record.type):
+                return
+        self.composites = {n: r for n, r in self.composites.items() if n != name}
+
+    def _put(self, name: str, description: str, examples: list[str], kind: str) -> bool:
+        """Key and calibrate one card into the index; False (and a warning) for a card without any text."""
+        card = embed_card(self.embedder, description, examples)
+        if card is None:
+            logger.warning("%s %s has no description and no examples: the router will not choose it",
+                           "adapter" if kind == ADAPTER else "composite", name)
+            self.index.remove(name)
+            return False
+        # A composite's card spans several tasks, so its texts sit far from each other's mean and their
+        # leave-one-out margin says how broad it is, not how generic: it needs the full setting (docs/router.md).
+        self.index.put(name, key_of(card), card_margin(card, self.generic) if kind == ADAPTER else math.inf, kind)
+        return True
 
     def route(self, text: str, strategy: str | None = None, top_k: int | None = None,
-              temperature: float | None = None, threshold: float | None = None) -> RoutingDecision:
-        """Choose experts for `text`; per-request settings override the server's defaults."""
+              temperature: float | None = None, threshold: float | None = None,
+              composite: str | None = None) -> RoutingDecision:
+        """Choose experts (or a composite) for `text`; per-request settings override the server's defaults.
+        `composite` names the composite a composite strategy uses (its type is then the strategy).
+
+        Raises ValueError when `composite` is not a routable composite or its type is not `strategy`.
+        """
         start = time.perf_counter()
         if not self.wait_for_updates():
             logger.warning("routing with %d index updates still pending", self._updates.pending)
         cfg = self.config
+        if composite is not None:
+            strategy = self._composite_strategy(composite, strategy)
         strategy = strategy or cfg.strategy
-        k = 1 if strategy == "select" else (top_k or cfg.top_k)
-        temperature = temperature or cfg.temperature
         threshold = cfg.threshold if threshold is None else threshold
         query = self.embedder.embed([text])[0]
-        found = self.index.search(query, k)
-        candidates = [(name, sim) for name, sim, _ in found]
-        decision = RoutingDecision(strategy, [], candidates, threshold, 0.0)
-        if threshold is not None:
-            kept = [(name, sim) for name, sim in candidates if sim >= threshold]
+        generic = None if threshold is not None else float(generic_similarity(query[None], self.generic)[0])
+        rule = CoverageRule(threshold, cfg.margin, generic)
+        decision = RoutingDecision(strategy, [], [], threshold, 0.0)
+        if threshold is None:
+            decision.margin, decision.generic_similarity = cfg.margin, generic
+        if strategy in COMPOSITE_TYPES:
+            self._to_composite(decision, query, rule, composite)
+        elif strategy == "select":
+            self._select(decision, query, rule)
         else:
-            decision.margin = cfg.margin
-            decision.generic_similarity = generic = float(generic_similarity(query[None], self.generic)[0])
-            decision.required_margins = {name: min(cfg.margin, card) for name, _, card in found}
-            kept = [(name, sim) for name, sim in candidates if sim - generic >= decision.required_margins[name]]
-        weights = softmax_weights([sim for _, sim in kept], temperature) if kept else []
-        if strategy == "fusion" and len(kept) > 1:
-            weights = rounded_weights(weights)
-        decision.experts = [(name, w, sim) for (name, sim), w in zip(kept, weights)]
-        if not kept:
+            self._blend(decision, query, rule, top_k or cfg.top_k, temperature or cfg.temperature)
+        if not decision.experts and decision.reason is None:
             decision.reason = explain_base(decision)
         decision.seconds = time.perf_counter() - start
         return decision
+
+    def _composite_strategy(self, name: str, strategy: str | None) -> str:
+        record = self.composites.get(name)
+        if record is None:
+            raise ValueError(f"{name!r} is not a composite expert the router can use (it needs a card)")
+        if strategy is not None and strategy != record.type:
+            raise ValueError(f"composite {name!r} is a {record.type} composite; strategy {strategy!r} cannot use it")
+        return record.type
+
+    def _consider(self, decision: RoutingDecision, rule: CoverageRule,
+                  found: list[tuple[str, float, float]]) -> list[tuple[str, float, bool]]:
+        """Add search results to the decision's candidates: (name, similarity, covers) for each."""
+        for name, sim, card in found:
+            decision.candidates.append((name, sim))
+            decision.required_margins[name] = rule.required_margin(card)
+        return [(name, sim, rule.covers(sim, card)) for name, sim, card in found]
+
+    def _select(self, decision: RoutingDecision, query: torch.Tensor, rule: CoverageRule) -> None:
+        """The best match, composite or expert; a composite that does not cover the request gives way to
+        the best single expert."""
+        best = self._consider(decision, rule, self.index.search(query, 1))
+        if best and self.index.kind(best[0][0]) != ADAPTER:
+            name, sim, covers = best[0]
+            record = self.composites.get(name)  # None: deleted since the search
+            expert = self._consider(decision, rule, self.index.search(query, 1, kinds=(ADAPTER,)))
+            if covers and record is not None:
+                rival = f"the best single expert, {expert[0][0]}, has {expert[0][1]:.3f}" if expert else \
+                    "no single expert is registered"
+                self._choose_composite(decision, query, record, sim, f"its card matches best (similarity "
+                                                                     f"{sim:.3f}; {rival})")
+                return
+            best = expert
+        decision.experts = [(name, 1.0, sim) for name, sim, covers in best if covers]
+
+    def _blend(self, decision: RoutingDecision, query: torch.Tensor, rule: CoverageRule, k: int,
+               temperature: float) -> None:
+        """mixture and fusion: the top k single experts that cover the request, softmax-weighted."""
+        kept = [(name, sim) for name, sim, covers in
+                self._consider(decision, rule, self.index.search(query, k, kinds=(ADAPTER,))) if covers]
+        weights = softmax_weights([sim for _, sim in kept], temperature) if kept else []
+        if decision.strategy == "fusion" and len(kept) > 1:
+            weights = rounded_weights(weights)
+        decision.experts = [(name, w, sim) for (name, sim), w in zip(kept, weights)]
+
+    def _to_composite(self, decision: RoutingDecision, query: torch.Tensor, rule: CoverageRule,
+                      named: str | None) -> None:
+        """mole, mor, more: the best-matching composite of that type (or the named one), when its card or its
+        best member or task expert covers the request."""
+        kind = decision.strategy
+        found = self._consider(decision, rule, self.index.search(query, 1, kinds=(kind,),
+                                                                  names=None if named is None else (named,)))
+        if not found:
+            decision.reason = f"no {kind} composite with a card is registered"
+            return
+        name, sim, covers = found[0]
+        record = self.composites.get(name)
+        if record is None:  # deleted since the search
+            decision.reason = f"no {kind} composite with a card is registered"
+            return
+        parts = self._consider(decision, rule, self.index.search(query, 1, kinds=(ADAPTER,),
+                                                                  names=self._parts(record)))
+        if covers:
+            why = f"its card covers the prompt (similarity {sim:.3f})"
+        elif parts and parts[0][2]:
+            role = {"mole": "member", "more": "task"}.get(kind, "expert")
+            why = f"its {role} {parts[0][0]} covers the prompt (similarity {parts[0][1]:.3f})"
+        else:
+            return
+        self._choose_composite(decision, query, record, sim, why)
+
+    def _parts(self, record: CompositeRecord) -> set[str] | None:
+        """The routable experts a composite stands for: its named members (MoLE) or tasks (MoRE); None (every
+        expert) when it names none (MoR's members are built from its own weights)."""
+        parts = {name for name in (*record.members, *record.tasks) if self.index.kind(name) == ADAPTER}
+        return parts or None
+
+    def _choose_composite(self, decision: RoutingDecision, query: torch.Tensor, record: CompositeRecord,
+                          similarity: float, why: str) -> None:
+        """Serve the request with the composite; a MoRE composite runs the task named like the most similar
+        expert among its tasks (its default task when none of them is a routable expert)."""
+        name = record.name
+        decision.experts = [(name, 1.0, similarity)]
+        decision.composite = {"name": name, "type": record.type}
+        decision.reason = f"composite {name} ({record.type}): {why}"
+        if record.type == "more":
+            task = self.index.search(query, 1, kinds=(ADAPTER,), names=record.tasks)
+            decision.composite["task"] = task[0][0] if task else record.default_task
+            decision.reason += (f"; task {task[0][0]}, the most similar expert among its tasks" if task else
+                                f"; its default task {record.default_task} (no task is a routable expert)")

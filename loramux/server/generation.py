@@ -118,7 +118,13 @@ class Generation:
         if body.adapters:
             raise APIError(400, "'adapters' cannot be combined with routing (model 'auto')", "adapters")
         options = body.router.model_dump(exclude_none=True) if body.router else {}
-        decision = await asyncio.to_thread(router.route, text, **options)
+        composite = options.get("composite")
+        if composite is not None and composite not in self.engine.composites:
+            raise APIError(404, f"the composite {composite!r} does not exist", "router.composite", "model_not_found")
+        try:
+            decision = await asyncio.to_thread(router.route, text, **options)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "router.composite", "invalid_value") from exc
         self.metrics.observe_routing(decision)
         return decision
 

@@ -65,7 +65,8 @@ class AdapterRef(CompositeFields):
 class RouterOptions(Strict):
     """Per-request routing settings; unset fields take the server's --router-* defaults."""
 
-    strategy: Literal["select", "mixture", "fusion"] | None = None
+    strategy: Literal["select", "mixture", "fusion", "mole", "mor", "more"] | None = None
+    composite: Text | None = None  # the composite a composite strategy uses (default: the best-matching card)
     top_k: StrictInt | None = Field(None, ge=1, le=16)
     temperature: Number | None = Field(None, gt=0)
     threshold: Number | None = Field(None, ge=-1, le=1)
