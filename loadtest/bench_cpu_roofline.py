@@ -67,7 +67,7 @@ def gemm_seconds(gemms: list[tuple[int, int, int, int]], dtype: torch.dtype, rep
     total = 0.0
     for count, m, k, n in gemms:
         x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
-        total += count * timed(lambda: F.linear(x, w), "cpu", repeat, warmup=2)
+        total += count * timed(lambda: F.linear(x, w), "cpu", repeat, warmup=1)
     return total
 
 
@@ -97,7 +97,7 @@ def run_batch(engine: Engine, prompts: list[list[int]], mixes: list[list[str]], 
 def build_engine(dtype: str, batch: int, prompt_len: int, rank: int, adapters: list[Path]) -> Engine:
     engine = Engine(EngineConfig(
         model=ModelConfig(dtype=dtype),
-        cache=CacheConfig(kv_cache_memory_gib=0.5),
+        cache=CacheConfig(kv_cache_memory_gib=0.5, enable_prefix_caching=False),  # every round prefills in full
         scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len,
                                   max_loras_per_batch=batch),
         store=StoreConfig(max_loras=batch, max_lora_rank=rank)))
@@ -114,12 +114,16 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gemm-repeat", type=int, default=5, help="timed calls per GEMM shape and round")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); on a CPU "
+                        "shared with other busy processes 1 avoids stalls at every parallel region's barrier")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="also draw the results here (PNG)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("loramux", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
 
     tmp = Path(tempfile.mkdtemp(prefix="loramux-roofline-"))
