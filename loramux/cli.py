@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from loramux.config import (ATTENTION_BACKENDS, ROUTER_STRATEGIES, CacheConfig, ClusterConfig, EngineConfig,
+from loramux.config import (ATTENTION_BACKENDS, DTYPES, ROUTER_STRATEGIES, CacheConfig, ClusterConfig, EngineConfig,
                             ModelConfig, RouterConfig, S3StoreConfig, SchedulerConfig, ServerConfig, StoreConfig)
 from loramux.experts import BUNDLED_EXPERTS_DIR
 
@@ -31,7 +31,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="local HF folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     g.add_argument("--served-model-name", default=None, help="model id reported by the API")
-    g.add_argument("--dtype", default=m.dtype, choices=["auto", "float32", "float16", "bfloat16"])
+    g.add_argument("--dtype", default=m.dtype, choices=list(DTYPES),
+                   help="auto: bfloat16 on CUDA and on CPUs with avx512_bf16 or AMX, float32 on other CPUs")
     g.add_argument("--device", default=m.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs for decode")

@@ -30,7 +30,7 @@ class ModelConfig:
     """
 
     model: str | None = None
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # bfloat16 on CUDA and on CPUs with native bfloat16 (avx512_bf16, AMX), else float32
     device: str = "auto"  # cuda if available, else cpu
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     served_model_name: str | None = None

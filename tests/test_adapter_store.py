@@ -20,7 +20,7 @@ GREEDY = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
 def store_engine(model_dir: Path, gpu_slots: int, cpu_slots: int, store_dir: Path | None = None,
                  max_adapter_bytes: int = 512 * 2**20) -> Engine:
     return Engine(EngineConfig(
-        model=ModelConfig(model=str(model_dir)),
+        model=ModelConfig(model=str(model_dir), dtype="float32"),
         cache=CacheConfig(num_blocks=512),
         scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=256, max_loras_per_batch=8),
         store=StoreConfig(max_loras=gpu_slots, max_cpu_loras=cpu_slots, max_lora_rank=16,

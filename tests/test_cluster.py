@@ -31,7 +31,7 @@ ADAPTERS = [f"expert{i}" for i in range(8)]
 
 def engine_config(model_dir, adapters: dict[str, str]) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=str(model_dir)),
+        model=ModelConfig(model=str(model_dir), dtype="float32"),  # cluster == one engine: no bf16 batch effects
         cache=CacheConfig(num_blocks=512, block_size=16),
         scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=256, max_loras_per_batch=8),
         store=StoreConfig(max_loras=8, max_lora_rank=16, adapters=adapters),

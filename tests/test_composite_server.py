@@ -39,7 +39,8 @@ def folders(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, folders):
-    proc = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--num-kv-blocks", "256",
+    proc = ServerProcess(["--model", str(tiny_llama_dir), "--dtype", "float32", "--served-model-name", "tiny",
+                          "--num-kv-blocks", "256",
                           "--adapter-dir", str(folders / "serving"), "--adapter-store", str(folders / "store"),
                           "--admin-api-key", ADMIN_KEY, "--max-loras", "12", "--max-composite-members", "4",
                           "--adapter-load-root", str(folders)],

@@ -39,7 +39,9 @@ def server(tiny_llama_dir, adapter_dir, tmp_path_factory):
     serving.mkdir()
     for i in range(NUM_ADAPTERS):
         (serving / f"ad{i}").symlink_to(adapter_dir / f"ad{i}")
-    proc = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--num-kv-blocks", "512", "--max-num-seqs", "64",
+    # float32: concurrent streams are compared token for token with sequential ones
+    proc = ServerProcess(["--model", str(tiny_llama_dir), "--dtype", "float32", "--served-model-name", "tiny",
+                          "--num-kv-blocks", "512", "--max-num-seqs", "64",
                           "--max-num-batched-tokens", "512", "--adapter-dir", str(serving),
                           "--adapter-store", str(tmp / "store"), "--adapter-load-root", str(adapter_dir),
                           "--max-loras", "8", "--max-loras-per-batch", "8", "--api-key", API_KEY,

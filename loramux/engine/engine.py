@@ -19,6 +19,7 @@ from loramux.adapters_store.store import AdapterStore
 from loramux.composites import BaseShape, CompositeOptions, CompositeRegistry, CompositeUse
 from loramux.config import EngineConfig
 from loramux.engine.block_manager import BlockManager
+from loramux.engine.cpu_features import NATIVE_BF16_FLAGS, cpu_flags, native_bf16_flag
 from loramux.engine.detokenizer import IncrementalDetokenizer
 from loramux.engine.loader import load_checkpoint
 from loramux.engine.attention import select_attention_backend
@@ -87,17 +88,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+def resolve_dtype(name: str, device: torch.device, flags: frozenset[str] | None = None) -> tuple[torch.dtype, str]:
+    """The serving dtype for `--dtype name` and why; `flags` are the CPU's (read from /proc/cpuinfo if None)."""
+    if name != "auto":
+        return getattr(torch, name), "--dtype " + name
+    if device.type == "cuda":
+        return torch.bfloat16, "--dtype auto on CUDA"
+    flag = native_bf16_flag(cpu_flags() if flags is None else flags)
+    if flag is not None:
+        return torch.bfloat16, f"--dtype auto and the CPU has {flag}"
+    return torch.float32, "--dtype auto and the CPU has no native bfloat16 (" + " or ".join(NATIVE_BF16_FLAGS) + ")"
 
 
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = resolve_device(config.model.device)
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.dtype, why = resolve_dtype(config.model.dtype, self.device)
+        logger.info("dtype %s: %s", str(self.dtype).removeprefix("torch."), why)
         torch.manual_seed(config.seed)
         self._seed_source = random.Random(config.seed)  # seeds of requests that name none
         checkpoint = load_checkpoint(config.model.model, config.model.cache_dir)
