@@ -85,14 +85,14 @@ def test_padding_rows_are_inert(tiny_llama_dir, adapters):
     plan = engine.scheduler.schedule()
     assert not plan.prefill
     inputs = prepare_step_inputs(plan, engine.config.cache.block_size, None, engine.slots, engine.device, False)
-    n, depth = len(plan.decode), len(inputs.ctx.lora_plan.layers)
+    n, depth = len(plan.decode), len(inputs.ctx.lora_plan.levels)
     assert n == 5 and depth == 2
     batch = runner.graph_batch(n)
     assert batch == 8
     runner.fill(inputs, batch, depth)
     static = runner.static_inputs(batch, depth)
     real_rows = set(range(n))
-    for level, real in zip(static.ctx.lora_plan.layers, inputs.ctx.lora_plan.layers):
+    for level, real in zip(static.ctx.lora_plan.levels, inputs.ctx.lora_plan.levels):
         tokens = level.token_idx.tolist()
         assert len(set(tokens)) == len(tokens) == batch  # no two rows write the same output row
         live = {t for t, slot in zip(tokens, level.slot_idx.tolist()) if slot >= 0}

@@ -1,14 +1,14 @@
 """Per-layer gates of the composite requests in one step, written into the LoRA plan's coefficients.
 
 A gated composite request (MoLE, MoR) runs with its N members as a plain
-mix: its tokens have N plan assignments, member k in plan layer k, each with
+mix: its tokens have N plan assignments, member k in plan level k, each with
 coefficient scale[slot]. Before decoder layer l runs, `CompositeGates.apply`
 computes, on the device and only for the composite tokens,
 
     g = softmax over the allowed, top-k members of (W_g[l] · rmsnorm(x) / tau[l])    [Tc, M]
 
 from the layer's input x, and writes coeff[row] = scale[slot] * g[token, k] into
-plan layer k (plain-adapter rows are multiplied by 1). Sizes depend only on the
+plan level k (plain-adapter rows are multiplied by 1). Sizes depend only on the
 step's rows, so nothing waits for the host; the kernels (torch and Triton)
 read every row's `coeff` from the device tensor as usual.
 """
@@ -27,9 +27,9 @@ RMS_EPS = 1e-6
 
 @dataclass
 class _CoefficientWrite:
-    """Plan layer k's coefficients as built (scale[slot]), and where each row's gate comes from."""
+    """Plan level k's coefficients as built (scale[slot]), and where each row's gate comes from."""
 
-    coeff: torch.Tensor  # [N_k] the plan layer's own tensor, overwritten per decoder layer
+    coeff: torch.Tensor  # [N_k] the plan level's own tensor, overwritten per decoder layer
     base_coeff: torch.Tensor  # [N_k] as built
     source: torch.Tensor  # [N_k] row of g (Tc = "not a composite token": gate 1)
 
@@ -66,7 +66,7 @@ class CompositeGates:
         return torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=1)
 
     def apply(self, layer: int, x: torch.Tensor) -> None:
-        """Fill every plan layer's coefficients for decoder layer `layer` from its input x [T, hidden]."""
+        """Fill every plan level's coefficients for decoder layer `layer` from its input x [T, hidden]."""
         g = self.gate_weights(layer, x)
         g_ext = torch.cat([g, self._gate_one])
         for k, w in enumerate(self.writes):
@@ -88,7 +88,7 @@ def build_composite_gates(rows: list[tuple[int, int, CompositeUse, bool]], plan:
                           registry: CompositeRegistry, device: torch.device) -> CompositeGates:
     """rows: (first row, number of rows, use, samples) of each gated composite sequence in the step.
 
-    Returns the gates that rewrite the plan layers' `coeff` tensors in place.
+    Returns the gates that rewrite the plan levels' `coeff` tensors in place.
     """
     max_members = registry.max_members
     tokens, index, allowed, top_k, sampled, sampled_uses = [], [], [], [], [], []
@@ -105,8 +105,8 @@ def build_composite_gates(rows: list[tuple[int, int, CompositeUse, bool]], plan:
     source[torch.tensor(tokens, dtype=torch.int64)] = torch.arange(len(tokens))
     source = source.to(device)
     depth = max(len(use.members) for _, _, use, _ in rows)
-    writes = [_CoefficientWrite(layer.coeff, layer.coeff.clone(), source[layer.token_idx])
-              for layer in plan.layers[:depth]]
+    writes = [_CoefficientWrite(level.coeff, level.coeff.clone(), source[level.token_idx])
+              for level in plan.levels[:depth]]
 
     def on_device(values, dtype):
         return torch.tensor(values, dtype=dtype, device=device)

@@ -35,7 +35,7 @@ import torch
 from loramux.engine.attention import AttentionMetadata
 from loramux.engine.model import CausalLM, StepContext
 from loramux.engine.step_inputs import StepInputs
-from loramux.kernels import LoraPlan, LoraPlanLayer
+from loramux.kernels import LoraPlan, LoraPlanLevel
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class DecodeGraphRunner:
     def static_inputs(self, batch: int, depth: int) -> StepInputs:
         """The first `batch` rows of the buffers as a decode step with `depth` LoRA levels."""
         empty = self.rows[:0]
-        layers = tuple(LoraPlanLayer(
+        levels = tuple(LoraPlanLevel(
             token_idx=self.rows[:batch], slot_idx=lv.slot_idx[:batch], coeff=lv.coeff[:batch],
             rank_lo=lv.rank_lo[:batch], rank_hi=lv.rank_hi[:batch],
             seg_starts=empty, seg_slots=empty, segments=(), mode="gather") for lv in self.levels[:depth])
@@ -96,12 +96,12 @@ class DecodeGraphRunner:
             context_lens=self.context_lens[:batch], query_start=self.query_start[:batch + 1], num_decode=batch,
             max_query_len=1)
         return StepInputs(input_ids=self.input_ids[:batch], positions=self.positions[:batch],
-                          ctx=StepContext(attention, LoraPlan(layers)), logit_rows=self.rows[:batch],
+                          ctx=StepContext(attention, LoraPlan(levels)), logit_rows=self.rows[:batch],
                           is_decode_only=True)
 
     def can_run(self, inputs: StepInputs) -> bool:
         return (inputs.is_decode_only and inputs.ctx.attention.num_decode <= self.batch_sizes[-1]
-                and len(inputs.ctx.lora_plan.layers) <= self.max_depth)
+                and len(inputs.ctx.lora_plan.levels) <= self.max_depth)
 
     def graph_batch(self, num_seqs: int) -> int:
         return next(b for b in self.batch_sizes if b >= num_seqs)
@@ -122,15 +122,15 @@ class DecodeGraphRunner:
         self.slot_mapping[n:batch].fill_(self.scratch_slot)
         self.block_tables[n:batch, 0].fill_(self.scratch_block)
         self.context_lens[n:batch].fill_(1)
-        plan_layers = () if inputs is None else inputs.ctx.lora_plan.layers
+        plan_levels = () if inputs is None else inputs.ctx.lora_plan.levels
         for k, level in enumerate(self.levels[:depth]):
             level.slot_idx.fill_(-1)
             for buffer in (level.coeff, level.rank_lo, level.rank_hi):
                 buffer.zero_()
-            if k < len(plan_layers):
-                layer = plan_layers[k]
+            if k < len(plan_levels):
+                real = plan_levels[k]
                 for name in ("slot_idx", "coeff", "rank_lo", "rank_hi"):
-                    getattr(level, name).index_copy_(0, layer.token_idx, getattr(layer, name))
+                    getattr(level, name).index_copy_(0, real.token_idx, getattr(real, name))
 
     def _forward(self, batch: int, depth: int) -> torch.Tensor:
         s = self.static_inputs(batch, depth)
@@ -163,7 +163,7 @@ class DecodeGraphRunner:
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [num_decode, vocab] of a decode-only step (check `can_run` first)."""
         n = inputs.ctx.attention.num_decode
-        batch, depth = self.graph_batch(n), len(inputs.ctx.lora_plan.layers)
+        batch, depth = self.graph_batch(n), len(inputs.ctx.lora_plan.levels)
         self.fill(inputs, batch, depth)
         if self.use_cuda_graphs:
             graph, logits = self.graphs[batch, depth]
