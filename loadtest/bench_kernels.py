@@ -87,15 +87,15 @@ def measure(backend, a, b, d_outs, ranks, sequences, repeat) -> dict:
         runs.append((token, length, [(slot, 1.0, 0, ranks[slot])]))
         token += length
     plan = build_lora_plan(runs, torch.ones(slots), r_max, device)
-    [layer] = plan.layers
+    [level] = plan.levels
     x = torch.randn(token, d_in, dtype=dtype, device=device)
     y = torch.zeros(token, sum(d_outs), dtype=dtype, device=device)
-    seconds = timed(lambda: backend.expand(y, b, backend.shrink(x, a, active, layer, len(d_outs)), active, layer,
+    seconds = timed(lambda: backend.expand(y, b, backend.shrink(x, a, active, level, len(d_outs)), active, level,
                                            starts), str(device), repeat)
     itemsize = torch.empty((), dtype=dtype).element_size()
     adapters = sum(ranks[s] * (len(d_outs) * d_in + sum(d_outs)) for s in {slot for slot, _ in sequences})
     must_read = (adapters + token * (d_in + 2 * sum(d_outs))) * itemsize
-    return {"mode": layer.mode, "tokens": token, "kernel_us": seconds * 1e6, "must_read_bytes": must_read,
+    return {"mode": level.mode, "tokens": token, "kernel_us": seconds * 1e6, "must_read_bytes": must_read,
             "bandwidth_gbs": must_read / seconds / 1e9}
 
 

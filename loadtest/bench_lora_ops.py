@@ -20,15 +20,15 @@ from loramux.kernels.plan import with_mode
 logger = logging.getLogger("bench_lora_ops")
 
 
-def dense_all_slots(x, lora_a, lora_b, layer, y):
+def dense_all_slots(x, lora_a, lora_b, level, y):
     """Every token against every slot's A, then keep its own block: one GEMM each way, S times the FLOPs."""
     num_slots, r, d_in = lora_a.shape
-    h_all = (x[layer.token_idx] @ lora_a.reshape(num_slots * r, d_in).T).view(-1, num_slots, r)
-    h = h_all[torch.arange(h_all.shape[0]), layer.slot_idx] * layer.coeff[:, None]  # every rank is in range here
+    h_all = (x[level.token_idx] @ lora_a.reshape(num_slots * r, d_in).T).view(-1, num_slots, r)
+    h = h_all[torch.arange(h_all.shape[0]), level.slot_idx] * level.coeff[:, None]  # every rank is in range here
     sparse = torch.zeros_like(h_all)
-    sparse[torch.arange(h.shape[0]), layer.slot_idx] = h
+    sparse[torch.arange(h.shape[0]), level.slot_idx] = h
     delta = sparse.view(h.shape[0], -1) @ lora_b.permute(0, 2, 1).reshape(num_slots * r, -1)
-    y.index_add_(0, layer.token_idx, delta)
+    y.index_add_(0, level.token_idx, delta)
 
 
 def main() -> None:
@@ -59,18 +59,18 @@ def main() -> None:
     for label, tokens, run_len, popularity in cases:
         runs = [(s, run_len, [(int(popularity.sample()) if popularity else (s // run_len) % args.slots,
                                1.0, 0, args.rank)]) for s in range(0, tokens, run_len)]
-        [layer] = build_lora_plan(runs, scales, args.rank).layers
+        [level] = build_lora_plan(runs, scales, args.rank).levels
         x = torch.randn(tokens, args.d_in)
         y = torch.zeros(tokens, args.d_out)
         results = {"base": timed(lambda: torch.nn.functional.linear(x, w), "cpu", args.repeat)}
         for mode in modes:
-            lay = with_mode(layer, mode)
+            lay = with_mode(level, mode)
             results[mode] = timed(lambda: torch_ref.lora_expand(y, b, torch_ref.lora_shrink(x, a, active, lay), active,
                                                                 lay), "cpu", args.repeat)
-        results["dense"] = timed(lambda: dense_all_slots(x, a, b, layer, y), "cpu", args.repeat)
+        results["dense"] = timed(lambda: dense_all_slots(x, a, b, level, y), "cpu", args.repeat)
         logger.info("%-30s %9.3f %9.3f %9.3f %9.3f %9.3f %9s %6.2f", label,
-                    *(results[k] * 1e3 for k in ("base",) + modes + ("dense",)), layer.mode,
-                    results[layer.mode] / results["base"])
+                    *(results[k] * 1e3 for k in ("base",) + modes + ("dense",)), level.mode,
+                    results[level.mode] / results["base"])
 
 
 if __name__ == "__main__":

@@ -99,26 +99,26 @@ def sub_starts(d_outs: list[int]) -> tuple[int, ...]:
     return tuple(sum(d_outs[:i]) for i in range(len(d_outs)))
 
 
-def with_inert_rows(layer, tokens: list[int], r_max: int):
-    """The layer with one inert row (slot -1) per entry of `tokens` appended, as CUDA-graph padding is.
+def with_inert_rows(level, tokens: list[int], r_max: int):
+    """The level with one inert row (slot -1) per entry of `tokens` appended, as CUDA-graph padding is.
 
     The inert rows point at real tokens and carry a non-zero coefficient and a
     full rank range, so any read or write they caused would show in the result.
     """
-    n, count = layer.num_rows, len(tokens)
-    device = layer.token_idx.device
+    n, count = level.num_rows, len(tokens)
+    device = level.token_idx.device
 
     def cat(name, values, dtype):
-        return torch.cat([getattr(layer, name), torch.tensor(values, dtype=dtype, device=device)])
+        return torch.cat([getattr(level, name), torch.tensor(values, dtype=dtype, device=device)])
 
-    segments = layer.segments + tuple(Segment(-1, n + i, n + i + 1, t, 0, r_max) for i, t in enumerate(tokens))
+    segments = level.segments + tuple(Segment(-1, n + i, n + i + 1, t, 0, r_max) for i, t in enumerate(tokens))
     return with_mode(replace(
-        layer, token_idx=cat("token_idx", tokens, torch.int64), slot_idx=cat("slot_idx", [-1] * count, torch.int64),
+        level, token_idx=cat("token_idx", tokens, torch.int64), slot_idx=cat("slot_idx", [-1] * count, torch.int64),
         coeff=cat("coeff", [0.7] * count, torch.float32), rank_lo=cat("rank_lo", [0] * count, torch.int64),
         rank_hi=cat("rank_hi", [r_max] * count, torch.int64),
         seg_starts=torch.tensor([s.start for s in segments] + [n + count], dtype=torch.int64, device=device),
         seg_slots=torch.tensor([s.slot for s in segments], dtype=torch.int64, device=device),
-        segments=segments), layer.mode)
+        segments=segments), level.mode)
 
 
 RANKS = [4, 8, 16, 64, 8, 4, 16, 64]  # a pool padded to rank 64, ranks 4..64
@@ -127,11 +127,11 @@ RANKS = [4, 8, 16, 64, 8, 4, 16, 64]  # a pool padded to rank 64, ranks 4..64
 def run_case(shrink, expand, pattern: str, run_len: int, depth: int, mode: str, num_tokens: int, d_in: int,
              d_outs: list[int], dtype=torch.float32, device="cpu", seed=0, inert=False, coeff_factor=1.0,
              inactive=(), r_max=64):
-    """Fused shrink + expand of every plan layer against the float32 per-token loop.
+    """Fused shrink + expand of every plan level against the float32 per-token loop.
 
     Sub-projections of uneven widths (d_outs), so column tiles meet their
     boundaries. inert: slot -1 rows pointing at real tokens appended to each
-    layer; coeff_factor: the plan's coeff tensors are scaled in place after the
+    level; coeff_factor: the plan's coeff tensors are scaled in place after the
     plan is built (the ops must read them there); inactive: slots marked as not
     targeting this linear in `slot_active`. Returns (got, expected), float32 on the CPU.
     """
@@ -142,13 +142,13 @@ def run_case(shrink, expand, pattern: str, run_len: int, depth: int, mode: str, 
     to = dict(device=device, dtype=dtype)
     y, a_dev, b_dev = base.to(device).clone(), a.to(**to).contiguous(), b.to(**to).contiguous()
     active = torch.tensor([s not in inactive for s in range(len(RANKS))], dtype=torch.int32, device=device)
-    for layer in plan_for(runs, scales, r_max, device).layers:
-        layer = with_mode(layer, mode)
+    for level in plan_for(runs, scales, r_max, device).levels:
+        level = with_mode(level, mode)
         if inert:
-            layer = with_inert_rows(layer, [0, 3, num_tokens - 1, 0], r_max)
-        layer.coeff.mul_(coeff_factor)
-        h = shrink(x.to(device), a_dev, active, layer, len(d_outs))
-        expand(y, b_dev, h, active, layer, sub_starts(d_outs))
+            level = with_inert_rows(level, [0, 3, num_tokens - 1, 0], r_max)
+        level.coeff.mul_(coeff_factor)
+        h = shrink(x.to(device), a_dev, active, level, len(d_outs))
+        expand(y, b_dev, h, active, level, sub_starts(d_outs))
     live_runs = [(start, count, [(s, w * coeff_factor, lo, hi) for s, w, lo, hi in assignments if s not in inactive])
                  for start, count, assignments in runs]
     rounded = [(sa.to(dtype).float(), sb.to(dtype).float()) for sa, sb in subs]

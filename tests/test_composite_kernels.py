@@ -1,6 +1,6 @@
 """The LoRA kernels with coefficients read from device tensors that are rewritten per decoder layer.
 
-Composite gates overwrite a plan layer's `coeff` in place before
+Composite gates overwrite a plan level's `coeff` in place before
 each decoder layer; every formulation (torch: segments, slots, gather; Triton
 under the interpreter: SGMV, BGMV) must read the per-token values, not the
 numbers the plan was built with. Reference: the float32 per-token loop.
@@ -58,18 +58,18 @@ def test_coefficients_rewritten_per_layer(backend, pattern, run_len, mode):
     a, b, scales, subs = fused_pool(RANKS, R_MAX, d_in, d_outs, seed=0)
     runs = random_runs(pattern, num_tokens, len(RANKS), RANKS, depth, run_len, seed=POPULARITY.index(pattern))
     plan = plan_for(runs, scales, R_MAX, DEVICE)
-    layers = [with_mode(layer, mode) for layer in plan.layers]
-    built = [layer.coeff.clone() for layer in layers]
+    levels = [with_mode(level, mode) for level in plan.levels]
+    built = [level.coeff.clone() for level in levels]
     active = torch.ones(len(RANKS), dtype=torch.int32, device=DEVICE)
     x = torch.randn(num_tokens, d_in, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(2)
-    for decoder_layer in range(2):  # a different gate per decoder layer, written into the same tensors
+    for decoder_layer in range(2):  # a different gate per decoder level, written into the same tensors
         gates = torch.rand(num_tokens, depth, generator=g)
         y = torch.zeros(num_tokens, sum(d_outs), device=DEVICE)
-        for k, (layer, coeff) in enumerate(zip(layers, built)):
-            column = gates[:, k].to(DEVICE)[layer.token_idx]
-            torch.mul(coeff, column, out=layer.coeff)
-            h = shrink(x.to(DEVICE), a.to(DEVICE).contiguous(), active, layer, len(d_outs))
-            expand(y, b.to(DEVICE).contiguous(), h, active, layer, sub_starts(d_outs))
+        for k, (level, coeff) in enumerate(zip(levels, built)):
+            column = gates[:, k].to(DEVICE)[level.token_idx]
+            torch.mul(coeff, column, out=level.coeff)
+            h = shrink(x.to(DEVICE), a.to(DEVICE).contiguous(), active, level, len(d_outs))
+            expand(y, b.to(DEVICE).contiguous(), h, active, level, sub_starts(d_outs))
         expected = gated_reference(x, subs, scales, runs, gates, d_outs)
         torch.testing.assert_close(y.cpu(), expected, rtol=1e-4, atol=1e-4)

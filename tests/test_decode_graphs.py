@@ -52,26 +52,84 @@ def test_static_decode_path_matches_eager(tiny_llama_dir, adapters):
     assert static.blocks.num_free == static.num_blocks
 
 
-def test_steps_with_a_gated_composite_run_eagerly(tiny_llama_dir, adapters, tmp_path):
-    """Gates rewrite the plan's coefficients inside the forward pass, which the static path would not run:
-    a step with a MoLE request runs eagerly (same tokens as an engine without static buffers), others replay."""
-    write_random_mole(tmp_path / "mole", ["g0", "g1"], 2, 64, seed=3, gate_std=1.0)
+@pytest.fixture
+def mole_dir(tmp_path):
+    return write_random_mole(tmp_path / "mole", ["g0", "g1", "g2"], 2, 64, seed=3, gate_std=1.0)
+
+
+COMPOSITE_MIXES = [["mole"], ["g0"], [{"name": "mole", "top_k": 1}], [], [{"name": "mole", "mask": ["g1"]}]]
+
+
+def test_gated_composite_steps_replay_the_static_path(tiny_llama_dir, adapters, mole_dir):
+    """Decode steps with MoLE requests (mixed with plain and base-only ones) go through the static buffers,
+    with the gates computed inside the forward pass: same tokens and gate reports as the normal path."""
     engines = [make_engine(tiny_llama_dir, adapters=adapters, attention_backend="torch") for _ in range(2)]
     for engine in engines:
-        engine.add_adapter("mole", str(tmp_path / "mole"))
+        engine.add_adapter("mole", str(mole_dir))
     static = engines[1]
     static.decode_graphs = static.make_decode_graphs(use_cuda_graphs=False)
     replays = []
     run = static.decode_graphs.run
     static.decode_graphs.run = lambda inputs: replays.append(inputs.ctx.composite) or run(inputs)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    prompts = [engines[0].tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:3]]
-    mixes = [["mole"], ["g0"], [{"name": "mole", "top_k": 1}]]
-    expected, got = ([[o.new_token_ids for o in outs] for outs in e.generate(prompts, params, mixes)] for e in engines)
-    assert got == expected
-    assert replays == []  # every decode step had a composite request
-    static.generate(prompts[1:2], params, [["g0"]])
-    assert replays and all(gates is None for gates in replays)
+    prompts = [engines[0].tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    expected, got = (e.generate(prompts, params, COMPOSITE_MIXES) for e in engines)
+    assert [o[0].new_token_ids for o in got] == [o[0].new_token_ids for o in expected]
+    for mine, reference in zip(got, expected):
+        if reference[0].composite is not None:
+            assert mine[0].composite["gates"] == pytest.approx(reference[0].composite["gates"], abs=1e-5)
+    assert len(replays) >= 6 and all(gates is not None for gates in replays)
+
+
+def decode_inputs(engine, mixes):
+    """The inputs of a decode step of one request per mix (their prompts prefilled first)."""
+    prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:len(mixes)]]
+    for i, (prompt, mix) in enumerate(zip(prompts, mixes)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=4, temperature=0), mix)
+    engine.step()
+    plan = engine.scheduler.schedule()
+    assert not plan.prefill
+    return prepare_step_inputs(plan, engine.config.cache.block_size, None, engine.slots, engine.device, False,
+                               engine.composites)
+
+
+def test_gate_buffers_are_sized_by_the_graph_batch_and_padding_is_inert(tiny_llama_dir, adapters, mole_dir):
+    """What a gated graph relies on: every gate tensor it reads or writes has the graph batch size whatever
+    the step holds; rows without a composite (plain, base-only, padding) keep their built coefficients;
+    composite rows get the same coefficients and logged gates as the step's own (eager) gates."""
+    engine = make_engine(tiny_llama_dir, adapters=adapters, attention_backend="torch")
+    engine.add_adapter("mole", str(mole_dir))
+    runner = engine.make_decode_graphs(use_cuda_graphs=False)
+    inputs = decode_inputs(engine, COMPOSITE_MIXES)
+    eager = inputs.ctx.composite
+    n, depth = inputs.ctx.attention.num_decode, len(inputs.ctx.lora_plan.levels)
+    batch = runner.graph_batch(n)
+    assert (n, depth, batch) == (5, 3, 8)
+    runner.fill(inputs, batch, depth)
+    runner.fill_gates(eager, batch)
+    static = runner.static_inputs(batch, depth, gated=True)
+    gates, members = static.ctx.composite, engine.composites.max_members
+    shapes = [gates.tokens.shape, gates.gate_index.shape, gates.top_k.shape, gates.sampled.shape]
+    assert shapes == [(batch,)] * 4 and gates.allowed.shape == (batch, members)
+    assert gates.gate_log.shape[1:] == (batch, members)
+    assert all(w.coeff.shape == w.base_coeff.shape == w.source.shape == (batch,) for w in gates.writes)
+    composite_rows = eager.tokens.tolist()
+    assert set(composite_rows) == {0, 2, 4}
+    other = [r for r in range(batch) if r not in composite_rows]
+    x = torch.randn(batch, 64)
+    for layer in range(2):
+        gates.apply(layer, x)
+        eager.apply(layer, x[:n])
+        assert torch.isfinite(gates.gate_log[layer]).all()
+        for w, level in zip(gates.writes, inputs.ctx.lora_plan.levels):
+            assert torch.equal(w.coeff[other], w.base_coeff[other])  # no gate on these rows
+            rows = level.token_idx
+            torch.testing.assert_close(w.coeff[rows], level.coeff, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gates.gate_log[layer, composite_rows], eager.gate_weights(layer, x[:n]))
+    for level in static.ctx.lora_plan.levels:
+        assert (level.slot_idx[n:] == -1).all() and (level.coeff[n:] == 0).all()
+    eager.take_log(runner.gates.gate_log[:, :batch])
+    torch.testing.assert_close(eager.gate_log, runner.gates.gate_log[:, composite_rows])
 
 
 def test_padding_rows_are_inert(tiny_llama_dir, adapters):
@@ -85,14 +143,14 @@ def test_padding_rows_are_inert(tiny_llama_dir, adapters):
     plan = engine.scheduler.schedule()
     assert not plan.prefill
     inputs = prepare_step_inputs(plan, engine.config.cache.block_size, None, engine.slots, engine.device, False)
-    n, depth = len(plan.decode), len(inputs.ctx.lora_plan.layers)
+    n, depth = len(plan.decode), len(inputs.ctx.lora_plan.levels)
     assert n == 5 and depth == 2
     batch = runner.graph_batch(n)
     assert batch == 8
     runner.fill(inputs, batch, depth)
     static = runner.static_inputs(batch, depth)
     real_rows = set(range(n))
-    for level, real in zip(static.ctx.lora_plan.layers, inputs.ctx.lora_plan.layers):
+    for level, real in zip(static.ctx.lora_plan.levels, inputs.ctx.lora_plan.levels):
         tokens = level.token_idx.tolist()
         assert len(set(tokens)) == len(tokens) == batch  # no two rows write the same output row
         live = {t for t, slot in zip(tokens, level.slot_idx.tolist()) if slot >= 0}
@@ -139,8 +197,9 @@ def test_cuda_graph_decode_matches_eager_and_triton_matches_torch(tiny_llama_dir
     assert workload(cuda_engine(tiny_llama_dir, adapters, "triton", eager=True)) == reference
     graphed = cuda_engine(tiny_llama_dir, adapters, "triton", eager=False)
     assert graphed.decode_graphs is not None
-    assert {(b, d) for b in graphed.decode_graphs.batch_sizes for d in range(graphed.graph_lora_depth + 1)} \
-        == set(graphed.decode_graphs.graphs)
+    depth = graphed.graph_lora_depth
+    assert {(b, d, g) for b in graphed.decode_graphs.batch_sizes for g in (False, True)
+            for d in range(int(g), depth + 1)} == set(graphed.decode_graphs.graphs)
     assert workload(graphed) == reference
 
 

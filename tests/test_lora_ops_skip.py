@@ -86,7 +86,7 @@ def test_fixed_launches_skip_the_rows_of_slots_that_do_not_target_the_module():
     calls, modules, pool, _, slots = setup()
     assert [int(modules[n].slot_active[slots[0]]) for n in SHAPES] == [1, 0, 0, 0]
     runs = [(0, 2, [(slots[0], 1.0, 0, 4)])]
-    plan = LoraPlan(build_lora_plan(runs, pool.scales, pool.max_rank, "cpu").layers)
+    plan = LoraPlan(build_lora_plan(runs, pool.scales, pool.max_rank, "cpu").levels)
     assert plan.targets is None
     module = modules["gate_up"]
     with torch.no_grad():

@@ -41,10 +41,10 @@ def test_rows_of_slots_inactive_for_the_linear_contribute_nothing(mode):
 
 def test_plan_sorts_rows_into_one_segment_per_slot():
     runs = [(0, 3, [(2, 1.0, 0, 4)]), (3, 1, [(0, 1.0, 0, 4)]), (4, 2, [(2, 0.5, 0, 4)]), (7, 1, [])]
-    [layer] = plan_for(runs, torch.ones(3), 4).layers
-    assert [(s.slot, s.start, s.end, s.token) for s in layer.segments] == [(0, 0, 1, 3), (2, 1, 4, 0), (2, 4, 6, 4)]
-    assert layer.token_idx.tolist() == [3, 0, 1, 2, 4, 5]
-    assert layer.coeff.tolist() == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+    [level] = plan_for(runs, torch.ones(3), 4).levels
+    assert [(s.slot, s.start, s.end, s.token) for s in level.segments] == [(0, 0, 1, 3), (2, 1, 4, 0), (2, 4, 6, 4)]
+    assert level.token_idx.tolist() == [3, 0, 1, 2, 4, 5]
+    assert level.coeff.tolist() == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
 
 
 @pytest.mark.parametrize("runs, mode", [
@@ -55,8 +55,8 @@ def test_plan_sorts_rows_into_one_segment_per_slot():
     ([(t, 1, [(0 if t < 20 else t + 10, 1.0, 0, 4)]) for t in range(22)], "gather"),  # one slot dominates
 ])
 def test_plan_picks_the_formulation(runs, mode):
-    [layer] = plan_for(runs, torch.ones(256), 4).layers
-    assert layer.mode == mode
+    [level] = plan_for(runs, torch.ones(256), 4).levels
+    assert level.mode == mode
 
 
 def test_plan_carries_the_projections_its_slots_target():

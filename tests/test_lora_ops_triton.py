@@ -118,13 +118,13 @@ def test_rank_64_fused_qkv_is_tiled():
 @pytest.mark.parametrize("d_in, d_out_total, r_max", [(4096, 12288, 64), (2048, 3072, 16), (24, 88, 64)])
 def test_warm_up_plans_select_every_variant_a_step_can(d_in, d_out_total, r_max):
     """Every block table entry a real step can select, for shrink and expand, is one the warm-up runs."""
-    warm = triton_lora.warm_up_layers(r_max, "cpu")
+    warm = triton_lora.warm_up_levels(r_max, "cpu")
     for width, rank_width in ((d_in, 3 * r_max), (d_out_total, r_max)):
-        ran = {tuple(triton_lora.launch_blocks(width, rank_width, layer).items()) for layer in warm}
-        layers = [build_lora_plan([(0, n, [(0, 1.0, 0, r_max)])], torch.ones(1), r_max).layers[0]
+        ran = {tuple(triton_lora.launch_blocks(width, rank_width, level).items()) for level in warm}
+        levels = [build_lora_plan([(0, n, [(0, 1.0, 0, r_max)])], torch.ones(1), r_max).levels[0]
                   for n in [*range(1, 40), 128, 512, 4096]]  # one segment: "segments" mode
-        for layer in layers + [with_mode(layers[0], "gather"), with_mode(layers[0], "slots")]:
-            assert tuple(triton_lora.launch_blocks(width, rank_width, layer).items()) in ran
+        for level in levels + [with_mode(levels[0], "gather"), with_mode(levels[0], "slots")]:
+            assert tuple(triton_lora.launch_blocks(width, rank_width, level).items()) in ran
 
 
 def test_warm_up_runs_every_kernel():

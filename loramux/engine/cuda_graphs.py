@@ -1,7 +1,9 @@
 """Decode steps replayed from CUDA graphs captured at start-up.
 
-One graph per (batch size, LoRA depth): batch sizes from a fixed list up to
-`--max-num-seqs`, depths 0..`max_depth`. There is no context bucket: the
+One graph per (batch size, LoRA depth, gated): batch sizes from a fixed list
+up to `--max-num-seqs`, depths 0..`max_depth`, and, when the server holds
+gated composites (MoLE, MoR), a second graph per depth >= 1 that runs their
+gates. There is no context bucket: the
 paged attention kernel reads block tables and context lengths from device
 buffers, so one graph serves every context length. All graphs share one set
 of static buffers sized for the largest batch (a graph for batch b uses their
@@ -19,6 +21,13 @@ is inert by construction, not by luck:
   backend treats as inert. The levels run in the gathered (BGMV) mode, whose
   shapes depend only on the row count. Adapter slot tensors are read in
   place, so adapters paged in between replays need no recapture.
+- a gated graph runs the composite gates for every batch row (sizes fixed by
+  the batch size); a row without a composite (plain, base-only or padding)
+  gets gate row 0, every member allowed and top-k = M, so its gate is finite,
+  and its `source` points at the all-ones row, so its coefficients keep their
+  built value. The gates read their inputs from buffers filled on the device
+  (`fill_gates`), and write the per-row gates into `gate_log`, which the step's
+  own `CompositeGates` copies out after the replay (`take_log`).
 
 With `use_cuda_graphs=False` the same padded, static-buffer path runs eagerly;
 the CPU tests use it to check the padding against the normal path.
@@ -32,10 +41,12 @@ from dataclasses import dataclass
 
 import torch
 
+from loramux.composites.gates import CoefficientWrite, CompositeGates
+from loramux.composites.registry import CompositeRegistry
 from loramux.engine.attention import AttentionMetadata
 from loramux.engine.model import CausalLM, StepContext
 from loramux.engine.step_inputs import StepInputs
-from loramux.kernels import LoraPlan, LoraPlanLayer
+from loramux.kernels import LoraPlan, LoraPlanLevel
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +64,28 @@ class _PlanLevel:
 
     slot_idx: torch.Tensor
     coeff: torch.Tensor
+    base_coeff: torch.Tensor  # coeff as built; gated graphs rewrite coeff from it per decoder layer
     rank_lo: torch.Tensor
     rank_hi: torch.Tensor
 
 
+@dataclass
+class _GateInputs:
+    """Static inputs of the composite gates, one row per batch row."""
+
+    gate_index: torch.Tensor  # [max_batch] int64
+    allowed: torch.Tensor  # [max_batch, M] bool
+    top_k: torch.Tensor  # [max_batch] int64
+    source: torch.Tensor  # [max_batch] int64: the row itself for a composite row, else the batch size
+    gate_log: torch.Tensor  # [L, max_batch, M] float32
+
+
 class DecodeGraphRunner:
     def __init__(self, model: CausalLM, max_batch: int, max_blocks_per_seq: int, scratch_block: int,
-                 block_size: int, max_depth: int, device: torch.device, use_cuda_graphs: bool = True):
+                 block_size: int, max_depth: int, device: torch.device, use_cuda_graphs: bool = True,
+                 composites: CompositeRegistry | None = None):
+        """composites: the registry whose gates gated graphs run (None, or one without gate rows: no gated
+        graphs, and steps with gated composites run eagerly)."""
         self.model = model
         self.batch_sizes = batch_sizes_up_to(max_batch)
         self.max_depth = max_depth
@@ -78,16 +104,28 @@ class DecodeGraphRunner:
         self.context_lens = zeros(max_batch, dtype=torch.int32)
         self.query_start = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.rows = torch.arange(max_batch, device=device)  # logit rows, and every level's token_idx
-        self.levels = [_PlanLevel(zeros(max_batch), zeros(max_batch, dtype=torch.float32), zeros(max_batch),
-                                  zeros(max_batch))
+        self.levels = [_PlanLevel(zeros(max_batch), zeros(max_batch, dtype=torch.float32),
+                                  zeros(max_batch, dtype=torch.float32), zeros(max_batch), zeros(max_batch))
                        for _ in range(max_depth)]
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.composites = composites if composites is not None and composites.gate_weight.shape[0] else None
+        self.gates = None
+        if self.composites is not None:
+            members, num_layers = self.composites.max_members, self.composites.gate_weight.shape[1]
+            self.gates = _GateInputs(zeros(max_batch), zeros(max_batch, members, dtype=torch.bool), zeros(max_batch),
+                                     zeros(max_batch), zeros(num_layers, max_batch, members, dtype=torch.float32))
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def static_inputs(self, batch: int, depth: int) -> StepInputs:
-        """The first `batch` rows of the buffers as a decode step with `depth` LoRA levels."""
+    def keys(self) -> list[tuple[int, int, bool]]:
+        """(batch size, depth, gated) of every graph, the largest batch first."""
+        gated = (False, True) if self.gates is not None else (False,)
+        return [(batch, depth, g) for batch in reversed(self.batch_sizes) for g in gated
+                for depth in range(1 if g else 0, self.max_depth + 1)]
+
+    def static_inputs(self, batch: int, depth: int, gated: bool = False) -> StepInputs:
+        """The first `batch` rows of the buffers as a decode step with `depth` LoRA levels (and gates)."""
         empty = self.rows[:0]
-        layers = tuple(LoraPlanLayer(
+        levels = tuple(LoraPlanLevel(
             token_idx=self.rows[:batch], slot_idx=lv.slot_idx[:batch], coeff=lv.coeff[:batch],
             rank_lo=lv.rank_lo[:batch], rank_hi=lv.rank_hi[:batch],
             seg_starts=empty, seg_slots=empty, segments=(), mode="gather") for lv in self.levels[:depth])
@@ -95,13 +133,22 @@ class DecodeGraphRunner:
             slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
             context_lens=self.context_lens[:batch], query_start=self.query_start[:batch + 1], num_decode=batch,
             max_query_len=1)
+        gates = None
+        if gated:
+            g = self.gates
+            writes = [CoefficientWrite(lv.coeff[:batch], lv.base_coeff[:batch], g.source[:batch])
+                      for lv in self.levels[:depth]]
+            gates = CompositeGates(self.composites, self.rows[:batch], g.gate_index[:batch], g.allowed[:batch],
+                                   g.top_k[:batch], writes, self.rows[:batch], g.gate_log[:, :batch],
+                                   sampled_uses=[])
         return StepInputs(input_ids=self.input_ids[:batch], positions=self.positions[:batch],
-                          ctx=StepContext(attention, LoraPlan(layers)), logit_rows=self.rows[:batch],
+                          ctx=StepContext(attention, LoraPlan(levels), gates), logit_rows=self.rows[:batch],
                           is_decode_only=True)
 
     def can_run(self, inputs: StepInputs) -> bool:
-        return (inputs.is_decode_only and inputs.ctx.attention.num_decode <= self.batch_sizes[-1]
-                and len(inputs.ctx.lora_plan.layers) <= self.max_depth)
+        gated_ok = inputs.ctx.composite is None or self.gates is not None
+        return (inputs.is_decode_only and gated_ok and inputs.ctx.attention.num_decode <= self.batch_sizes[-1]
+                and len(inputs.ctx.lora_plan.levels) <= self.max_depth)
 
     def graph_batch(self, num_seqs: int) -> int:
         return next(b for b in self.batch_sizes if b >= num_seqs)
@@ -122,18 +169,32 @@ class DecodeGraphRunner:
         self.slot_mapping[n:batch].fill_(self.scratch_slot)
         self.block_tables[n:batch, 0].fill_(self.scratch_block)
         self.context_lens[n:batch].fill_(1)
-        plan_layers = () if inputs is None else inputs.ctx.lora_plan.layers
+        plan_levels = () if inputs is None else inputs.ctx.lora_plan.levels
         for k, level in enumerate(self.levels[:depth]):
             level.slot_idx.fill_(-1)
             for buffer in (level.coeff, level.rank_lo, level.rank_hi):
                 buffer.zero_()
-            if k < len(plan_layers):
-                layer = plan_layers[k]
+            if k < len(plan_levels):
+                real = plan_levels[k]
                 for name in ("slot_idx", "coeff", "rank_lo", "rank_hi"):
-                    getattr(level, name).index_copy_(0, layer.token_idx, getattr(layer, name))
+                    getattr(level, name).index_copy_(0, real.token_idx, getattr(real, name))
+            level.base_coeff.copy_(level.coeff)  # the plan's coefficients as built: no gate has run yet
 
-    def _forward(self, batch: int, depth: int) -> torch.Tensor:
-        s = self.static_inputs(batch, depth)
+    def fill_gates(self, gates: CompositeGates | None, batch: int) -> None:
+        """Copy a step's gate inputs into the gate buffers (rows = batch rows) and make every other row inert."""
+        g, members = self.gates, self.composites.max_members
+        g.gate_index[:batch].zero_()
+        g.allowed[:batch].fill_(True)
+        g.top_k[:batch].fill_(members)
+        g.source[:batch].fill_(batch)
+        if gates is not None:
+            g.gate_index.index_copy_(0, gates.tokens, gates.gate_index)
+            g.allowed.index_copy_(0, gates.tokens, gates.allowed)
+            g.top_k.index_copy_(0, gates.tokens, gates.top_k)
+            g.source.index_copy_(0, gates.tokens, gates.tokens)
+
+    def _forward(self, batch: int, depth: int, gated: bool) -> torch.Tensor:
+        s = self.static_inputs(batch, depth, gated)
         return self.model(s.input_ids, s.positions, s.ctx, s.logit_rows)
 
     def capture_all(self) -> None:
@@ -141,33 +202,40 @@ class DecodeGraphRunner:
         torch.cuda.synchronize(self.device)
         free_before, _ = torch.cuda.mem_get_info(self.device)
         started = time.perf_counter()
-        for batch in reversed(self.batch_sizes):
-            for depth in range(self.max_depth + 1):
-                self.fill(None, batch, depth)
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    self._forward(batch, depth)  # lazy initialisation must not happen inside the capture
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    logits = self._forward(batch, depth)
-                self.pool = graph.pool()
-                self.graphs[batch, depth] = (graph, logits)
+        for batch, depth, gated in self.keys():
+            self.fill(None, batch, depth)
+            if gated:
+                self.fill_gates(None, batch)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._forward(batch, depth, gated)  # lazy initialisation must not happen inside the capture
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(batch, depth, gated)
+            self.pool = graph.pool()
+            self.graphs[batch, depth, gated] = (graph, logits)
         torch.cuda.synchronize(self.device)
         free_after, _ = torch.cuda.mem_get_info(self.device)
-        logger.info("captured %d decode CUDA graphs (batch sizes %s, LoRA depth 0..%d) in %.1f s, %.0f MiB",
-                    len(self.graphs), ",".join(map(str, self.batch_sizes)), self.max_depth,
+        logger.info("captured %d decode CUDA graphs (batch sizes %s, LoRA depth 0..%d, gated: %s) in %.1f s, "
+                    "%.0f MiB", len(self.graphs), ",".join(map(str, self.batch_sizes)), self.max_depth,
+                    "yes" if self.gates is not None else "no",
                     time.perf_counter() - started, (free_before - free_after) / 2**20)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [num_decode, vocab] of a decode-only step (check `can_run` first)."""
         n = inputs.ctx.attention.num_decode
-        batch, depth = self.graph_batch(n), len(inputs.ctx.lora_plan.layers)
+        batch, depth, gates = self.graph_batch(n), len(inputs.ctx.lora_plan.levels), inputs.ctx.composite
+        gated = gates is not None
         self.fill(inputs, batch, depth)
+        if gated:
+            self.fill_gates(gates, batch)
         if self.use_cuda_graphs:
-            graph, logits = self.graphs[batch, depth]
+            graph, logits = self.graphs[batch, depth, gated]
             graph.replay()
         else:
-            logits = self._forward(batch, depth)
+            logits = self._forward(batch, depth, gated)
+        if gated:
+            gates.take_log(self.gates.gate_log[:, :batch])
         return logits[:n]

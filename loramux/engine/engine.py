@@ -212,7 +212,8 @@ class Engine:
         block_size = self.config.cache.block_size
         return DecodeGraphRunner(self.model, self.config.scheduler.max_num_seqs, -(-self.max_model_len // block_size),
                                  scratch_block=self.num_blocks, block_size=block_size,
-                                 max_depth=self.graph_lora_depth, device=self.device, use_cuda_graphs=use_cuda_graphs)
+                                 max_depth=self.graph_lora_depth, device=self.device, use_cuda_graphs=use_cuda_graphs,
+                                 composites=self.composites)
 
     def _warm_up_and_capture(self) -> None:
         """Compile every kernel variant and capture the decode graphs before serving (CUDA only).
@@ -379,9 +380,7 @@ class Engine:
             inputs = prepare_step_inputs(plan, self.config.cache.block_size, self.shape.sliding_window,
                                          self.slots, self.device, self.attention.uses_sdpa_plan, self.composites)
             self.store.wait_for_page_ins()
-            # Composite gates write the plan's coefficients during the forward pass: such steps run eagerly.
-            if (self.decode_graphs is not None and inputs.ctx.composite is None
-                    and self.decode_graphs.can_run(inputs)):
+            if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
                 logits = self.decode_graphs.run(inputs)
             else:
                 logits = self.model(inputs.input_ids, inputs.positions, inputs.ctx, inputs.logit_rows)

@@ -76,7 +76,7 @@ class LoraLinear(nn.Module):
         y = nn.functional.linear(x, self.weight, self.bias)
         if plan.targets is not None and plan.targets.isdisjoint(self.sub_names):
             return y  # no adapter of the step targets this projection: launch nothing
-        for layer in plan.layers:
-            h = self.backend.shrink(x, self.lora_a, self.slot_active, layer, len(self.sub_names))
-            self.backend.expand(y, self.lora_b, h, self.slot_active, layer, self.sub_offsets)
+        for level in plan.levels:
+            h = self.backend.shrink(x, self.lora_a, self.slot_active, level, len(self.sub_names))
+            self.backend.expand(y, self.lora_b, h, self.slot_active, level, self.sub_offsets)
         return y

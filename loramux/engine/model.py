@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from loramux.composites.gates import CompositeGates
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-NO_LORA = LoraPlan(layers=())
+NO_LORA = LoraPlan(levels=())
 
 
 @dataclass

@@ -43,7 +43,7 @@ def scratch_step(chunks: list[tuple[int, int]], num_decode: int, depth: int, scr
     runs = [(start, n, [(k, 0.0, 0, r_max) for k in range(depth)]) for start, (_, n) in zip(starts, chunks)]
     plan = build_lora_plan(runs, slot_scales, r_max, device)
     if lora_mode is not None:
-        plan = LoraPlan(tuple(with_mode(layer, lora_mode) for layer in plan.layers))
+        plan = LoraPlan(tuple(with_mode(level, lora_mode) for level in plan.levels))
     return StepInputs(input_ids=torch.zeros_like(positions), positions=positions, ctx=StepContext(meta, plan),
                       logit_rows=torch.tensor([s - 1 for s in starts[1:]], device=device),
                       is_decode_only=num_decode == len(chunks))

@@ -8,15 +8,15 @@ from typing import Callable
 import torch
 
 from loramux.kernels import torch_ref
-from loramux.kernels.plan import LoraPlan, LoraPlanLayer, build_lora_plan
+from loramux.kernels.plan import LoraPlan, LoraPlanLevel, build_lora_plan
 
 
 @dataclass(frozen=True)
 class LoraBackend:
     """The LoRA ops of one backend (signatures and semantics in `torch_ref`):
 
-    shrink(x, lora_a, slot_active, layer, num_subs) -> h
-    expand(y, lora_b, h, slot_active, layer, sub_starts)
+    shrink(x, lora_a, slot_active, level, num_subs) -> h
+    expand(y, lora_b, h, slot_active, level, sub_starts)
     warm_up(shapes, r_max, dtype, device): compile every variant the server can
         launch; shapes are (d_in, sub-projection output sizes) per LoRA linear.
     """
@@ -43,5 +43,5 @@ def select_lora_backend(requested: str, device: torch.device) -> LoraBackend:
     return LoraBackend("triton", triton_lora.lora_shrink, triton_lora.lora_expand, triton_lora.warm_up)
 
 
-__all__ = ["LoraBackend", "LoraPlan", "LoraPlanLayer", "TORCH_BACKEND",
+__all__ = ["LoraBackend", "LoraPlan", "LoraPlanLevel", "TORCH_BACKEND",
            "build_lora_plan", "select_lora_backend"]

@@ -5,16 +5,16 @@ For a step with `T` tokens every token has up to `K` assignments
 
     y[t] += sum_k weight_k * scale[slot_k] * B[slot_k][:, lo:hi] @ (A[slot_k][lo:hi, :] @ x[t])
 
-The plan stores the k-th assignment of every token in its own `LoraPlanLayer`
-so that, inside one layer, a token appears at most once: the expand kernels
-then scatter into `y` without atomics, and the K layers are applied one after
-the other. Inside a layer the rows are sorted by slot; each segment is a run
+The plan stores the k-th assignment of every token in its own `LoraPlanLevel`
+so that, inside one level, a token appears at most once: the expand kernels
+then scatter into `y` without atomics, and the K levels are applied one after
+the other. Inside a level the rows are sorted by slot; each segment is a run
 of consecutive tokens with the same slot (a prefill chunk, or one decode token).
 
 A row whose slot is negative is inert: the kernels read and write nothing for
 it (CUDA-graph padding uses slot -1), whatever its token, coefficient and ranks.
 
-The plan also says which formulation suits the layer (`mode`):
+The plan also says which formulation suits the level (`mode`):
 - "segments": one dense GEMM per segment (SGMV); long segments (prefill),
   or very few of them (a decode batch of one or two sequences).
 - "slots": one batched GEMM over a contiguous range of pool slots, reading the
@@ -39,7 +39,7 @@ SLOTS_MAX_PADDING = 16  # "slots" may compute at most this many padded rows per 
 
 
 class Segment(NamedTuple):
-    """Rows [start, end) of a plan layer: tokens token..token+end-start, all with the same assignment."""
+    """Rows [start, end) of a plan level: tokens token..token+end-start, all with the same assignment."""
 
     slot: int
     start: int
@@ -50,10 +50,10 @@ class Segment(NamedTuple):
 
 
 @dataclass(frozen=True)
-class LoraPlanLayer:
+class LoraPlanLevel:
     """One assignment per token at most; rows sorted by slot.
 
-    Tensors (N = rows in this layer, S = segments):
+    Tensors (N = rows in this level, S = segments):
       token_idx:  [N] int64    row of x / y the assignment reads and writes
       slot_idx:   [N] int64    slot of the adapter in the pool
       coeff:      [N] float32  weight * scale[slot]; the kernels read it from this
@@ -88,7 +88,7 @@ class LoraPlanLayer:
 
 @dataclass(frozen=True)
 class LoraPlan:
-    """All LoRA assignments of one step; `layers` is empty for a base-only step.
+    """All LoRA assignments of one step; `levels` is empty for a base-only step.
 
     `targets`: the sub-projection names (q_proj, ..., down_proj) that some
     adapter of the step targets; a LoRA linear none of whose sub-projections is
@@ -96,12 +96,12 @@ class LoraPlan:
     fixed) runs every linear, and the kernels skip rows per slot instead.
     """
 
-    layers: tuple[LoraPlanLayer, ...]
+    levels: tuple[LoraPlanLevel, ...]
     targets: frozenset[str] | None = None
 
     @property
     def is_empty(self) -> bool:
-        return not self.layers
+        return not self.levels
 
 
 Assignment = tuple[int, float, int, int]  # (slot, weight, rank_lo, rank_hi)
@@ -147,7 +147,7 @@ def build_lora_plan(
     (None: every linear runs).
     """
     depth = max((len(a) for _, _, a in runs), default=0)
-    layers = []
+    levels = []
     for k in range(depth):
         # A stable sort by slot keeps each slot's runs in batch order.
         chosen = sorted(((a[k], start, count) for start, count, a in runs if len(a) > k), key=lambda c: c[0][0])
@@ -172,7 +172,7 @@ def build_lora_plan(
         else:
             packing = _slot_packing(slot_idx)
             mode = "gather" if packing is None else "slots"
-        layers.append(LoraPlanLayer(
+        levels.append(LoraPlanLevel(
             token_idx=token_idx.to(device),
             slot_idx=slot_idx.to(device),
             coeff=coeff.to(device),
@@ -189,14 +189,14 @@ def build_lora_plan(
     targets = None
     if slot_targets is not None:
         targets = frozenset().union(*(slot_targets[a[0]] for _, _, assignments in runs for a in assignments))
-    return LoraPlan(layers=tuple(layers), targets=targets)
+    return LoraPlan(levels=tuple(levels), targets=targets)
 
 
-def with_mode(layer: LoraPlanLayer, mode: str) -> LoraPlanLayer:
-    """The same layer run with another formulation (for tests and benchmarks)."""
+def with_mode(level: LoraPlanLevel, mode: str) -> LoraPlanLevel:
+    """The same level run with another formulation (for tests and benchmarks)."""
     if mode != "slots":
-        return replace(layer, mode=mode)
-    (lo, hi), slot_rows, packed_pos = _slot_packing(layer.slot_idx.cpu(), max_padding=float("inf"))
-    device = layer.slot_idx.device
-    return replace(layer, mode=mode, slot_range=(lo, hi), slot_rows=slot_rows.to(device),
+        return replace(level, mode=mode)
+    (lo, hi), slot_rows, packed_pos = _slot_packing(level.slot_idx.cpu(), max_padding=float("inf"))
+    device = level.slot_idx.device
+    return replace(level, mode=mode, slot_range=(lo, hi), slot_rows=slot_rows.to(device),
                    packed_pos=packed_pos.to(device))

@@ -1,6 +1,6 @@
 """Pure-torch LoRA shrink/expand: the reference backend and the CPU backend.
 
-Three formulations of the same math; the plan layer's `mode` picks one
+Three formulations of the same math; the plan level's `mode` picks one
 (see `loramux.kernels.plan` for when each wins). A row contributes only when
 it is live: its slot is >= 0 (inert rows are CUDA-graph padding) and
 `slot_active[slot]` is set (the slot's adapter targets this linear).
@@ -17,43 +17,43 @@ from collections.abc import Iterable
 
 import torch
 
-from loramux.kernels.plan import LoraPlanLayer
+from loramux.kernels.plan import LoraPlanLevel
 
 
-def _live(layer: LoraPlanLayer, slot_active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _live(level: LoraPlanLevel, slot_active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[N] float 1/0 per live row, and the slots and tokens to read (0 for inert rows)."""
-    inert = layer.slot_idx < 0
-    slots = torch.where(inert, 0, layer.slot_idx)
+    inert = level.slot_idx < 0
+    slots = torch.where(inert, 0, level.slot_idx)
     live = slot_active.index_select(0, slots).float().masked_fill(inert, 0.0)
-    return live, slots, torch.where(inert, 0, layer.token_idx)
+    return live, slots, torch.where(inert, 0, level.token_idx)
 
 
-def _packed_rows(rows: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:
+def _packed_rows(rows: torch.Tensor, level: LoraPlanLevel) -> torch.Tensor:
     """[N, d] rows -> [num_slots_in_range, m, d], zero where a slot has fewer rows."""
     padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    return padded.index_select(0, layer.slot_rows.reshape(-1)).view(*layer.slot_rows.shape, rows.shape[1])
+    return padded.index_select(0, level.slot_rows.reshape(-1)).view(*level.slot_rows.shape, rows.shape[1])
 
 
-def _unpacked_rows(packed: torch.Tensor, layer: LoraPlanLayer) -> torch.Tensor:
+def _unpacked_rows(packed: torch.Tensor, level: LoraPlanLevel) -> torch.Tensor:
     """[num_slots_in_range, m, d] -> [N, d] in row order; inert rows read the zero row appended."""
     flat = packed.reshape(-1, packed.shape[-1])
-    return torch.cat([flat, flat.new_zeros(1, flat.shape[1])]).index_select(0, layer.packed_pos)
+    return torch.cat([flat, flat.new_zeros(1, flat.shape[1])]).index_select(0, level.packed_pos)
 
 
-def _stacked_rank_mask(layer: LoraPlanLayer, width: int, num_subs: int, rows: slice = slice(None)) -> torch.Tensor:
+def _stacked_rank_mask(level: LoraPlanLevel, width: int, num_subs: int, rows: slice = slice(None)) -> torch.Tensor:
     """[n, width] bool: stacked rank j (block j // r_max, rank j % r_max) is in [rank_lo, rank_hi)."""
-    local = torch.arange(width, device=layer.rank_lo.device) % (width // num_subs)
-    return (local >= layer.rank_lo[rows, None]) & (local < layer.rank_hi[rows, None])
+    local = torch.arange(width, device=level.rank_lo.device) % (width // num_subs)
+    return (local >= level.rank_lo[rows, None]) & (local < level.rank_hi[rows, None])
 
 
-def _row_scale(layer: LoraPlanLayer, r_max: int) -> torch.Tensor:
+def _row_scale(level: LoraPlanLevel, r_max: int) -> torch.Tensor:
     """[N, r_max] float32: coeff where rank_lo <= r < rank_hi, else 0."""
-    return _stacked_rank_mask(layer, r_max, 1) * layer.coeff[:, None]
+    return _stacked_rank_mask(level, r_max, 1) * level.coeff[:, None]
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, layer: LoraPlanLayer,
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, level: LoraPlanLevel,
                 num_subs: int = 1) -> torch.Tensor:
-    """Semantics: h[n] = A[slot[n]] @ x[token[n]] for every live row n of the plan layer, within its rank
+    """Semantics: h[n] = A[slot[n]] @ x[token[n]] for every live row n of the plan level, within its rank
     range [rank_lo, rank_hi) of each sub-projection's block; 0 elsewhere.
 
     x: [T, d_in]; lora_a: [S, num_subs * r_max, d_in] (the fused
@@ -61,73 +61,73 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
     non-zero where the slot's adapter targets this linear; returns h: [N, num_subs * r_max] in x's dtype.
     """
     width = lora_a.shape[1]
-    if layer.mode == "segments":
-        h = x.new_zeros(layer.num_rows, width)
-        for seg in layer.segments:
+    if level.mode == "segments":
+        h = x.new_zeros(level.num_rows, width)
+        for seg in level.segments:
             if seg.slot >= 0:
                 rows = slice(seg.start, seg.end)
                 torch.matmul(x[seg.token:seg.token + seg.end - seg.start], lora_a[seg.slot].T, out=h[rows])
-                h[rows] *= _stacked_rank_mask(layer, width, num_subs, rows) * slot_active[seg.slot]
+                h[rows] *= _stacked_rank_mask(level, width, num_subs, rows) * slot_active[seg.slot]
         return h
-    live, slots, tokens = _live(layer, slot_active)
+    live, slots, tokens = _live(level, slot_active)
     x_rows = x.index_select(0, tokens)
-    if layer.mode == "slots":
-        lo, hi = layer.slot_range
-        h = _unpacked_rows(torch.bmm(_packed_rows(x_rows, layer), lora_a[lo:hi].transpose(1, 2)), layer)
+    if level.mode == "slots":
+        lo, hi = level.slot_range
+        h = _unpacked_rows(torch.bmm(_packed_rows(x_rows, level), lora_a[lo:hi].transpose(1, 2)), level)
     else:
         h = torch.bmm(lora_a.index_select(0, slots), x_rows.unsqueeze(2)).squeeze(2)
-    return h * (_stacked_rank_mask(layer, width, num_subs) * live[:, None]).to(h.dtype)
+    return h * (_stacked_rank_mask(level, width, num_subs) * live[:, None]).to(h.dtype)
 
 
 def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
-                  layer: LoraPlanLayer, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+                  level: LoraPlanLevel, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
     """y_cols[token[n]] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, lo:hi] for one sub-projection.
 
     rows: for the gathered modes, (h's per-row factor [N, r_max], slots, tokens) from `_scaled_rows`,
     shared by the sub-projections of one expand; None for segments.
     """
-    if layer.mode == "segments":
+    if level.mode == "segments":
         # A segment's rows share their rank range: slice it (the plan's host copy); coefficients stay on the device.
-        for seg in layer.segments:
+        for seg in level.segments:
             if seg.slot >= 0:
                 lo, hi = seg.rank_lo, seg.rank_hi
-                scale = layer.coeff[seg.start:seg.end, None] * slot_active[seg.slot]
+                scale = level.coeff[seg.start:seg.end, None] * slot_active[seg.slot]
                 scaled = (h[seg.start:seg.end, lo:hi].float() * scale).to(y_cols.dtype)
                 y_cols[seg.token:seg.token + seg.end - seg.start].addmm_(scaled, lora_b[seg.slot, :, lo:hi].T)
         return
     factor, slots, tokens = rows
     h_scaled = (h.float() * factor).to(y_cols.dtype)
-    if layer.mode == "slots":
-        lo, hi = layer.slot_range
-        delta = _unpacked_rows(torch.bmm(_packed_rows(h_scaled, layer), lora_b[lo:hi].transpose(1, 2)), layer)
+    if level.mode == "slots":
+        lo, hi = level.slot_range
+        delta = _unpacked_rows(torch.bmm(_packed_rows(h_scaled, level), lora_b[lo:hi].transpose(1, 2)), level)
     else:
         delta = torch.bmm(lora_b.index_select(0, slots), h_scaled.unsqueeze(2)).squeeze(2)
     y_cols.index_add_(0, tokens, delta)
 
 
-def _scaled_rows(layer: LoraPlanLayer, slot_active: torch.Tensor, r_max: int
+def _scaled_rows(level: LoraPlanLevel, slot_active: torch.Tensor, r_max: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the gathered modes: each row's factor on h [N, r_max] (coeff inside its rank range, 0 for rows
     that are not live), and the slots and tokens to read."""
-    live, slots, tokens = _live(layer, slot_active)
-    return _row_scale(layer, r_max) * live[:, None], slots, tokens
+    live, slots, tokens = _live(level, slot_active)
+    return _row_scale(level, r_max) * live[:, None], slots, tokens
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
-                layer: LoraPlanLayer, sub_starts: tuple[int, ...] = (0,)) -> None:
+                level: LoraPlanLevel, sub_starts: tuple[int, ...] = (0,)) -> None:
     """Semantics: for each fused sub-projection i with columns c_i = sub_starts[i]:sub_starts[i+1],
     y[token[n], c_i] += coeff[n] * B[slot[n]][c_i, lo:hi] @ h[n, i*r_max+lo : i*r_max+hi]
     for every live row n (slot[n] >= 0 and slot_active[slot[n]] != 0).
 
     y: [T, d_total] (updated in place); lora_b: [S, d_total, r_max] (the
     sub-projections' B stacked along the output); h: [N, n_sub * r_max] from
-    `lora_shrink`; slot_active: [S] int32; coeff, lo and hi come from the plan layer.
+    `lora_shrink`; slot_active: [S] int32; coeff, lo and hi come from the plan level.
     """
     d_total, r_max = lora_b.shape[1], lora_b.shape[2]
-    rows = None if layer.mode == "segments" else _scaled_rows(layer, slot_active, r_max)
+    rows = None if level.mode == "segments" else _scaled_rows(level, slot_active, r_max)
     ends = list(sub_starts[1:]) + [d_total]
     for i, (start, end) in enumerate(zip(sub_starts, ends)):
-        _expand_block(y[:, start:end], lora_b[:, start:end], h[:, i * r_max:(i + 1) * r_max], slot_active, layer,
+        _expand_block(y[:, start:end], lora_b[:, start:end], h[:, i * r_max:(i + 1) * r_max], slot_active, level,
                       rows)
 
 

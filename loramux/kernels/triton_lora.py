@@ -1,7 +1,7 @@
 """Triton LoRA kernels: SGMV (segments) for prefill, BGMV (one row per program) for decode.
 
 Same semantics as `loramux.kernels.torch_ref` (the Triton ops take the fused
-projection's sub-projection count for the shrink). The plan layer's mode picks
+projection's sub-projection count for the shrink). The plan level's mode picks
 the variant: "segments" runs the segmented GEMM kernels, every other mode the
 gathered GEMV kernels. Fused projections take one launch each way: the shrink
 reads the stacked A of q/k/v (or gate/up), the expand writes every
@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loramux.kernels.plan import LoraPlanLayer, build_lora_plan, with_mode
+from loramux.kernels.plan import LoraPlanLevel, build_lora_plan, with_mode
 
 MAX_BLOCK_R = 64
 SGMV_SHORT_SEGMENT = 16  # segments up to this many rows use 16-row tiles
@@ -260,14 +260,14 @@ def _bgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, slot_ptr, coeff_ptr, lo_
         tl.store(out, (y.to(tl.float32) + delta * coeff).to(y_ptr.dtype.element_ty), mask=column_ok)
 
 
-def launch_blocks(width: int, rank_width: int, layer: LoraPlanLayer) -> dict[str, int]:
-    """The block table entry a plan layer runs with (SGMV for segments, BGMV otherwise)."""
-    if layer.mode == "segments":
-        return block_sizes("sgmv", width, rank_width, max(seg.end - seg.start for seg in layer.segments))
+def launch_blocks(width: int, rank_width: int, level: LoraPlanLevel) -> dict[str, int]:
+    """The block table entry a plan level runs with (SGMV for segments, BGMV otherwise)."""
+    if level.mode == "segments":
+        return block_sizes("sgmv", width, rank_width, max(seg.end - seg.start for seg in level.segments))
     return block_sizes("bgmv", width, rank_width)
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, layer: LoraPlanLayer,
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, level: LoraPlanLevel,
                 num_subs: int = 1, splits: int | None = None) -> torch.Tensor:
     """Semantics: h[n] = A[slot[n]] @ x[token[n]] for every live row n, within its rank range; 0 elsewhere.
 
@@ -276,28 +276,28 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
     """
     d_in, R = x.shape[1], lora_a.shape[1]
     assert x.stride(1) == 1 and lora_a.is_contiguous() and R % num_subs == 0
-    h = torch.zeros(layer.num_rows, R, dtype=torch.float32, device=x.device)
-    if layer.num_rows == 0:
+    h = torch.zeros(level.num_rows, R, dtype=torch.float32, device=x.device)
+    if level.num_rows == 0:
         return h
-    bs = launch_blocks(d_in, R, layer)
+    bs = launch_blocks(d_in, R, level)
     rank_tiles = triton.cdiv(R, bs["BLOCK_R"])
     args = (d_in, R, R // num_subs, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0))
-    if layer.mode == "segments":
-        row_tiles = triton.cdiv(max(seg.end - seg.start for seg in layer.segments), bs["BLOCK_M"])
-        programs = len(layer.segments) * row_tiles * rank_tiles
+    if level.mode == "segments":
+        row_tiles = triton.cdiv(max(seg.end - seg.start for seg in level.segments), bs["BLOCK_M"])
+        programs = len(level.segments) * row_tiles * rank_tiles
         splits = splits or split_k(programs, d_in, bs["BLOCK_D"], _num_sms(x.device))
-        _sgmv_shrink_kernel[(len(layer.segments), row_tiles, rank_tiles * splits)](
-            x, lora_a, h, layer.token_idx, layer.seg_starts, layer.seg_slots, layer.rank_lo, layer.rank_hi,
+        _sgmv_shrink_kernel[(len(level.segments), row_tiles, rank_tiles * splits)](
+            x, lora_a, h, level.token_idx, level.seg_starts, level.seg_slots, level.rank_lo, level.rank_hi,
             slot_active, *args, DOT_PRECISION=_dot_precision(x.dtype), **bs)
     else:
-        splits = splits or split_k(layer.num_rows * rank_tiles, d_in, bs["BLOCK_D"], _num_sms(x.device))
-        _bgmv_shrink_kernel[(layer.num_rows, rank_tiles * splits)](
-            x, lora_a, h, layer.token_idx, layer.slot_idx, layer.rank_lo, layer.rank_hi, slot_active, *args, **bs)
+        splits = splits or split_k(level.num_rows * rank_tiles, d_in, bs["BLOCK_D"], _num_sms(x.device))
+        _bgmv_shrink_kernel[(level.num_rows, rank_tiles * splits)](
+            x, lora_a, h, level.token_idx, level.slot_idx, level.rank_lo, level.rank_hi, slot_active, *args, **bs)
     return h
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
-                layer: LoraPlanLayer, sub_starts: tuple[int, ...] = (0,)) -> None:
+                level: LoraPlanLevel, sub_starts: tuple[int, ...] = (0,)) -> None:
     """Semantics: for each fused sub-projection i with columns c_i = sub_starts[i]:sub_starts[i+1],
     y[token[n], c_i] += coeff[n] * B[slot[n]][c_i, lo:hi] @ h[n, i*r_max+lo : i*r_max+hi] for every live row n.
 
@@ -308,27 +308,27 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
     """
     d_total, r_max = lora_b.shape[1], lora_b.shape[2]
     assert y.stride(1) == 1 and lora_b.is_contiguous() and h.stride(1) == 1 and 1 <= len(sub_starts) <= 3
-    if layer.num_rows == 0:
+    if level.num_rows == 0:
         return
     bounds = list(sub_starts[1:]) + [d_total] * (4 - len(sub_starts))
-    bs = launch_blocks(d_total, r_max, layer)
+    bs = launch_blocks(d_total, r_max, level)
     column_tiles = sum(triton.cdiv(end - start, bs["BLOCK_D"]) for start, end in zip([0] + bounds, bounds))
     args = (d_total, r_max, bounds[0], bounds[1], y.stride(0), lora_b.stride(0), lora_b.stride(1), h.stride(0))
-    if layer.mode == "segments":
-        row_tiles = triton.cdiv(max(seg.end - seg.start for seg in layer.segments), bs["BLOCK_M"])
-        _sgmv_expand_kernel[(len(layer.segments), row_tiles, column_tiles)](
-            y, lora_b, h, layer.token_idx, layer.seg_starts, layer.seg_slots, layer.coeff, layer.rank_lo,
-            layer.rank_hi, slot_active, *args, DOT_PRECISION=_dot_precision(y.dtype), **bs)
+    if level.mode == "segments":
+        row_tiles = triton.cdiv(max(seg.end - seg.start for seg in level.segments), bs["BLOCK_M"])
+        _sgmv_expand_kernel[(len(level.segments), row_tiles, column_tiles)](
+            y, lora_b, h, level.token_idx, level.seg_starts, level.seg_slots, level.coeff, level.rank_lo,
+            level.rank_hi, slot_active, *args, DOT_PRECISION=_dot_precision(y.dtype), **bs)
     else:
-        _bgmv_expand_kernel[(layer.num_rows, column_tiles)](
-            y, lora_b, h, layer.token_idx, layer.slot_idx, layer.coeff, layer.rank_lo, layer.rank_hi,
+        _bgmv_expand_kernel[(level.num_rows, column_tiles)](
+            y, lora_b, h, level.token_idx, level.slot_idx, level.coeff, level.rank_lo, level.rank_hi,
             slot_active, *args, **bs)
 
 
-def warm_up_layers(r_max: int, device: torch.device) -> list[LoraPlanLayer]:
-    """Plan layers that between them select every block table entry: a short and a long segment, a row."""
+def warm_up_levels(r_max: int, device: torch.device) -> list[LoraPlanLevel]:
+    """Plan levels that between them select every block table entry: a short and a long segment, a row."""
     runs = [[(0, length, [(0, 1.0, 0, r_max)])] for length in (1, SGMV_SHORT_SEGMENT + 1)]
-    short, long = (build_lora_plan(r, torch.ones(1), r_max, device).layers[0] for r in runs)
+    short, long = (build_lora_plan(r, torch.ones(1), r_max, device).levels[0] for r in runs)
     return [short, long, with_mode(short, "gather")]
 
 
@@ -340,7 +340,7 @@ def warm_up(shapes: Iterable[tuple[int, tuple[int, ...]]], r_max: int, dtype: to
     (4096, (4096, 1024, 1024)) for a fused q/k/v; r_max: --max-lora-rank;
     dtype: the model's dtype. Runs each kernel once on zero weights.
     """
-    layers = warm_up_layers(r_max, device)
+    levels = warm_up_levels(r_max, device)
     for d_in, sub_sizes in set(shapes):
         tokens = SGMV_SHORT_SEGMENT + 1
         x = torch.zeros(tokens, d_in, dtype=dtype, device=device)
@@ -349,5 +349,5 @@ def warm_up(shapes: Iterable[tuple[int, tuple[int, ...]]], r_max: int, dtype: to
         lora_b = torch.zeros(1, sum(sub_sizes), r_max, dtype=dtype, device=device)
         active = torch.ones(1, dtype=torch.int32, device=device)
         starts = tuple(sum(sub_sizes[:i]) for i in range(len(sub_sizes)))
-        for layer in layers:
-            lora_expand(y, lora_b, lora_shrink(x, lora_a, active, layer, len(sub_sizes)), active, layer, starts)
+        for level in levels:
+            lora_expand(y, lora_b, lora_shrink(x, lora_a, active, level, len(sub_sizes)), active, level, starts)
