@@ -33,7 +33,7 @@ def tiny_experts(tiny_llama_dir, tmp_path_factory):
 def test_every_method_trains_and_its_folder_serves(tiny_llama_dir, tiny_experts, tmp_path):
     out = tmp_path / "composites"
     main(["--model", str(tiny_llama_dir), "--experts-dir", str(tiny_experts), "--out", str(out), "--steps", "2",
-          "--batch-size", "3", "--heldout-per-task", "1"])
+          "--batch-size", "3", "--heldout-per-task", "1", "--heldout-max-tokens", "4"])
     for method in ("mole", "mor", "more"):
         folder = out / f"{method}_demo"
         config = json.loads((folder / "loramux_composite.json").read_text())

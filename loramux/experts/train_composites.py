@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="stop each method's training after this many wall-clock seconds")
     parser.add_argument("--heldout-per-task", type=int, default=8,
                         help="held-out prompts per task in the check through the engine (0: no check)")
+    parser.add_argument("--heldout-max-tokens", type=int, default=48, help="tokens generated per held-out prompt")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         engine = serving_engine(experts_dir, args.model)
         for method, folder, training in written:
             engine.add_adapter(folder.name, str(folder))
-            score = heldout_exact_match(engine, folder.name, method, args.heldout_per_task, args.seed)
+            score = heldout_exact_match(engine, folder.name, method, args.heldout_per_task, args.seed,
+                                        args.heldout_max_tokens)
             logger.info("%s held-out exact match %.3f %s", folder.name, score["overall"], score["per_task"])
             training["heldout_exact_match"] = score
             config = json.loads((folder / COMPOSITE_CONFIG_FILE).read_text())
