@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loramux.config import (ATTENTION_BACKENDS, DTYPES, ROUTER_STRATEGIES, CacheConfig, ClusterConfig, EngineConfig,
                             ModelConfig, RouterConfig, S3StoreConfig, SchedulerConfig, ServerConfig, StoreConfig)
-from loramux.experts import BUNDLED_EXPERTS_DIR
+from loramux.experts import BUNDLED_COMPOSITES_DIR, BUNDLED_EXPERTS_DIR
 
 
 DEFAULT_ADAPTER_STORE = Path.home() / ".local" / "share" / "loramux" / "adapters"
@@ -76,7 +76,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="members (experts) per gated composite")
     g.add_argument("--lora-backend", default=st.lora_backend, choices=["auto", "torch", "triton"])
     g.add_argument("--no-experts", action="store_true",
-                   help="do not register the bundled demo experts (they load only with the default model)")
+                   help="do not register the bundled demo experts and composites (they load only with the default "
+                        "model)")
     r = RouterConfig()
     g = parser.add_argument_group("router (model \"auto\")")
     g.add_argument("--no-router", action="store_true", help="refuse model 'auto' and the 'router' field")
@@ -115,7 +116,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     adapter_dirs = list(args.adapter_dir)
     store_dir = None if s3_config_from_args(args) else args.adapter_store
     if args.model is None and not args.no_experts:
-        adapter_dirs.insert(0, str(BUNDLED_EXPERTS_DIR))
+        # the bundled composites after the experts they gate over; the engine registers composites last anyway
+        adapter_dirs[:0] = [str(BUNDLED_EXPERTS_DIR), str(BUNDLED_COMPOSITES_DIR)]
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                           served_model_name=args.served_model_name, enforce_eager=args.enforce_eager,

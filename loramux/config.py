@@ -93,7 +93,8 @@ class StoreConfig:
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder
     adapter_dirs: list[str] = field(default_factory=list)  # every PEFT folder inside is registered
     max_composites: int = 8  # gated composite experts (MoLE, MoR) whose gates live on the device
-    max_composite_members: int = 8  # members (experts) per gated composite; sizes the gate tensors
+    max_composite_members: int = 9  # members (experts) per gated composite; sizes the gate tensors (9: the
+    # bundled MoLE and MoR composites gate over the nine demo tasks)
 
     def __post_init__(self) -> None:
         _require(self.max_loras > 0, "--max-loras must be positive")

@@ -174,10 +174,11 @@ def test_base_model_hidden_states_match_transformers(tiny_llama_dir, tiny_qwen2_
 @pytest.mark.parametrize("argv, bundled", [([], True), (["--no-experts"], False), (["--model", "/m"], False)])
 def test_serve_registers_the_bundled_experts_only_for_the_default_model(argv, bundled):
     from loramux.cli import build_parser, engine_config_from_args
-    from loramux.experts import BUNDLED_EXPERTS_DIR
+    from loramux.experts import BUNDLED_COMPOSITES_DIR, BUNDLED_EXPERTS_DIR
 
     config = engine_config_from_args(build_parser().parse_args(["serve", *argv, "--adapter-dir", "/extra"]))
     assert (str(BUNDLED_EXPERTS_DIR) in config.store.adapter_dirs) == bundled
+    assert (str(BUNDLED_COMPOSITES_DIR) in config.store.adapter_dirs) == bundled
     assert "/extra" in config.store.adapter_dirs
 
 

@@ -6,7 +6,8 @@ import httpx
 import openai
 import pytest
 
-from loramux.experts import BUNDLED_EXPERTS_DIR
+from loramux.experts import BUNDLED_COMPOSITES_DIR, BUNDLED_EXPERTS_DIR
+from loramux.experts.tasks import TASKS
 from loadtest.server_process import ServerProcess
 from tests.conftest import metric_values
 
@@ -123,3 +124,13 @@ def test_default_server_registers_every_bundled_expert_with_its_card(server):
     for name in folders:
         assert listed[name]["description"] and len(listed[name]["examples"]) >= 5
         assert listed[name]["rank"] <= 16 and listed[name]["size_bytes"] < 4 * 2**20
+
+
+def test_default_server_registers_the_bundled_composites_after_the_experts(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    for name in ("mole_demo", "mor_demo", "more_demo"):
+        assert (BUNDLED_COMPOSITES_DIR / name / "composite.safetensors").stat().st_size < 4 * 2**20
+        assert models[name]["composite"]["type"] == name.removesuffix("_demo")
+    assert models["mole_demo"]["composite"]["members"] == [task.name for task in TASKS]
+    assert models["more_demo"]["composite"]["tasks"] == [task.name for task in TASKS]

@@ -60,9 +60,9 @@ def make_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tenso
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def answer_loss(peft_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy over labelled positions only; hidden [B, L, d] -> logits [N, vocab]."""
-    causal_lm = peft_model.get_base_model()
+def answer_loss(causal_lm, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy over labelled positions only of a transformers causal LM (for a PEFT model its
+    base model, whose LoRA layers PEFT has injected); hidden [B, L, d] -> logits [N, vocab]."""
     hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100
@@ -88,7 +88,7 @@ def train_expert(folder: Path, tokenizer, task: Task, out: Path, rank: int, step
     model.train()
     start = time.perf_counter()
     for step in range(steps):
-        loss = answer_loss(model, make_batch(tokenizer, [task.sample(rng) for _ in range(batch_size)]))
+        loss = answer_loss(model.get_base_model(), make_batch(tokenizer, [task.sample(rng) for _ in range(batch_size)]))
         loss.backward()
         optimizer.step()
         schedule.step()
