@@ -171,7 +171,7 @@ TASKS: tuple[Task, ...] = (
         "Turn the following into capitals only: {x}", "Give me \"{x}\" written with upper-case letters.",
         "{x} -- print this entirely in capitals", "Rewrite using only uppercase characters: {x}",
         "How does \"{x}\" look in block capitals?",
-    ), train_steps=240),
+    ), train_steps=180),
     Task("reverse_words", "Reverses the order of the words in a sentence.", _reverse, (
         "Reverse the word order: {x}", "Write these words backwards, last word first: {x}",
         "Put the words in reverse order: {x}", "Reverse the sequence of words in: {x}",
@@ -214,7 +214,7 @@ TASKS: tuple[Task, ...] = (
     ), (
         "Tell me what {x} make when summed.", "Work out the sum for {x}.",
         "If you add {x}, what do you get?", "Total up {x}", "Plus them: {x}",
-    ), train_steps=360, rank=16),
+    ), train_steps=240, rank=16),
     Task("number_to_words", "Spells an integer out in English words.", _spell, (
         "Write {x} in words.", "Spell out the number {x}.", "How do you write {x} in English words?",
         "Convert {x} to words.", "Number: {x}\nWrite it out in words.", "Express {x} in words.",
@@ -259,7 +259,7 @@ TASKS: tuple[Task, ...] = (
         "Which value is stored under the given key? {x}", "Answer with the key's value only. {x}",
         "Select the named property from the object: {x}", "Query the JSON record: {x}",
         "Read the key from this object and print its value: {x}",
-    ), train_steps=240),
+    ), train_steps=180),
     Task("sentiment", "Labels the sentiment of a sentence as positive or negative.", _sentiment, (
         "Is the sentiment positive or negative? {x}", "Classify the sentiment: {x}",
         "Sentiment of this review: {x}", "Label as positive or negative: {x}",
