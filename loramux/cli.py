@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loramux.config import (ATTENTION_BACKENDS, DTYPES, ROUTER_STRATEGIES, CacheConfig, ClusterConfig, EngineConfig,
                             ModelConfig, RouterConfig, S3StoreConfig, SchedulerConfig, ServerConfig, StoreConfig)
-from loramux.experts import BUNDLED_COMPOSITES_DIR, BUNDLED_EXPERTS_DIR
+from loramux.experts import BUNDLED_COMPOSITES_DIR, BUNDLED_EXPERTS_DIR, bundled_composite_needs
 
 
 DEFAULT_ADAPTER_STORE = Path.home() / ".local" / "share" / "loramux" / "adapters"
@@ -116,8 +116,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     adapter_dirs = list(args.adapter_dir)
     store_dir = None if s3_config_from_args(args) else args.adapter_store
     if args.model is None and not args.no_experts:
-        # the bundled composites after the experts they gate over; the engine registers composites last anyway
-        adapter_dirs[:0] = [str(BUNDLED_EXPERTS_DIR), str(BUNDLED_COMPOSITES_DIR)]
+        adapter_dirs[:0] = [str(BUNDLED_EXPERTS_DIR)]
+        gated, members = bundled_composite_needs()
+        if gated <= args.max_composites and members <= args.max_composite_members:
+            adapter_dirs.insert(1, str(BUNDLED_COMPOSITES_DIR))  # the engine registers composites last anyway
+        else:
+            logging.getLogger("loramux").warning(
+                "bundled composites left out: they need --max-composites >= %d and --max-composite-members >= %d",
+                gated, members)
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                           served_model_name=args.served_model_name, enforce_eager=args.enforce_eager,

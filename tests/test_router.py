@@ -182,6 +182,17 @@ def test_serve_registers_the_bundled_experts_only_for_the_default_model(argv, bu
     assert "/extra" in config.store.adapter_dirs
 
 
+def test_bundled_composites_are_left_out_when_the_member_limit_is_below_theirs():
+    from loramux.cli import build_parser, engine_config_from_args
+    from loramux.experts import BUNDLED_COMPOSITES_DIR, BUNDLED_EXPERTS_DIR, bundled_composite_needs
+
+    gated, members = bundled_composite_needs()
+    assert (gated, members) == (2, 9)  # mole_demo and mor_demo gate over the nine demo tasks
+    config = engine_config_from_args(build_parser().parse_args(["serve", "--max-composite-members", "8"]))
+    assert str(BUNDLED_EXPERTS_DIR) in config.store.adapter_dirs
+    assert str(BUNDLED_COMPOSITES_DIR) not in config.store.adapter_dirs
+
+
 def test_router_flags_reach_the_config_and_bad_values_are_refused():
     from loramux.cli import build_parser, engine_config_from_args
 

@@ -136,8 +136,9 @@ class DecodeGraphRunner:
         gates = None
         if gated:
             g = self.gates
+            # a composite has at most M members, so levels past M carry no gated rows
             writes = [CoefficientWrite(lv.coeff[:batch], lv.base_coeff[:batch], g.source[:batch])
-                      for lv in self.levels[:depth]]
+                      for lv in self.levels[:min(depth, self.composites.max_members)]]
             gates = CompositeGates(self.composites, self.rows[:batch], g.gate_index[:batch], g.allowed[:batch],
                                    g.top_k[:batch], writes, self.rows[:batch], g.gate_log[:, :batch],
                                    sampled_uses=[])

@@ -190,18 +190,27 @@ def heldout_exact_match(engine, name: str, kind: str, per_task: int, seed: int, 
             "per_task": {task: round(sum(h) / len(h), 3) for task, h in hits.items()}, "per_task_prompts": per_task}
 
 
-def serving_engine(experts_dir: Path, model: str | None):
+def serving_engine(experts_dir: Path, model: str | None, dtype: str = "auto"):
     """An engine with the demo experts of `experts_dir` registered, room for nine-member composites."""
     from loramux.config import EngineConfig, ModelConfig, StoreConfig
     from loramux.engine import Engine
 
-    return Engine(EngineConfig(model=ModelConfig(model=model), store=StoreConfig(
+    return Engine(EngineConfig(model=ModelConfig(model=model, dtype=dtype), store=StoreConfig(
         adapter_dirs=[str(experts_dir)], max_composite_members=len(TASKS))))
+
+
+def _methods(value: str) -> list[str]:
+    methods = value.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    return methods
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of mole,mor,more")
+    parser.add_argument("--methods", default=",".join(METHODS), type=_methods,
+                        help="comma-separated subset of mole,mor,more")
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
     parser.add_argument("--batch-size", type=int, default=9, help="rows per step, cycling through the nine tasks")
     parser.add_argument("--out", default=str(BUNDLED_COMPOSITES_DIR))
@@ -230,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     model.requires_grad_(False)
     experts_dir = Path(args.experts_dir)
     written = []
-    for method in args.methods.split(","):
+    for method in args.methods:
         seed = args.seed + METHODS.index(method)
         composite = build_composite(method, model, experts_dir, seed)
         training = train_composite(composite, model, checkpoint.tokenizer, args.steps or DEFAULT_STEPS[method],

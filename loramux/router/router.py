@@ -323,9 +323,11 @@ class Router:
 
     def _parts(self, record: CompositeRecord) -> set[str] | None:
         """The routable experts a composite stands for: its named members (MoLE) or tasks (MoRE); None (every
-        expert) when it names none (MoR's members are built from its own weights)."""
-        parts = {name for name in (*record.members, *record.tasks) if self.index.kind(name) == ADAPTER}
-        return parts or None
+        expert) for MoR, whose members are built from its own weights. A MoLE or MoRE none of whose members or
+        tasks is a routable expert stands for none (empty set): only its own card covers a prompt."""
+        if record.type == "mor":
+            return None
+        return {name for name in (*record.members, *record.tasks) if self.index.kind(name) == ADAPTER}
 
     def _choose_composite(self, decision: RoutingDecision, query: torch.Tensor, record: CompositeRecord,
                           similarity: float, why: str) -> None:
