@@ -41,7 +41,7 @@ from loramux.adapters_store.registry import AdapterRecord
 from loramux.adapters_store.synthetic import write_random_adapter
 from loramux.config import CacheConfig, EngineConfig, ModelConfig, RouterConfig, SchedulerConfig, StoreConfig
 from loramux.engine import Engine, SamplingParams
-from loramux.experts import BUNDLED_EXPERTS_DIR
+from loramux.experts import BUNDLED_COMPOSITES_DIR, BUNDLED_EXPERTS_DIR
 from loramux.experts.tasks import TASKS
 from loramux.adapters_store.registry import COMPOSITE_CONFIG_FILE
 from loramux.router import Router, build_embedder, load_prompts
@@ -129,7 +129,8 @@ def synthetic_records(count: int, seed: int) -> dict[str, AdapterRecord]:
 
 
 def bundled_records(experts_dir: Path = BUNDLED_EXPERTS_DIR) -> dict[str, AdapterRecord]:
-    """The bundled experts' cards as records, without loading any weights (the router reads only cards)."""
+    """The bundled experts' cards as records, without loading any weights: the router reads only the cards, so
+    rank, alpha and targets are placeholders."""
     records = {}
     for folder in sorted(p for p in experts_dir.iterdir() if (p / "loramux.json").is_file()):
         card = json.loads((folder / "loramux.json").read_text())
@@ -265,9 +266,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="registered experts (bundled + synthetic cards) for the latency benchmark; 0: none")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--skip-generation", action="store_true", help="routing numbers only")
-    composites_dir = BUNDLED_EXPERTS_DIR / "composites"
     for kind in COMPOSITE_KINDS:
-        parser.add_argument(f"--{kind}", default=str(composites_dir / f"{kind}_demo"),
+        parser.add_argument(f"--{kind}", default=str(BUNDLED_COMPOSITES_DIR / f"{kind}_demo"),
                             help=f"{kind} composite folder (default: the shipped one; its rows are skipped if absent)")
     parser.add_argument("--runs", default=",".join(LORARETRIEVER_RUNS + COMPOSITE_RUNS),
                         help="which generation runs (rows) to make")
