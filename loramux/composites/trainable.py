@@ -22,15 +22,9 @@ from torch import nn
 
 from loramux.adapters_store.peft_format import LoraAdapter
 from loramux.composites.gates import RMS_EPS
+from loramux.config import LORA_TARGET_MODULES
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def target_shapes(model) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of every projection of the model's first decoder layer."""
-    layer = model.model.layers[0]
-    return {name: tuple(getattr(layer.self_attn if name in ATTENTION_MODULES else layer.mlp, name).weight.shape)
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
 
 def _projection(layer, module: str) -> nn.Linear:
@@ -115,8 +109,7 @@ class TrainableMoLE(HookedComposite):
     kind = "mole"
 
     def __init__(self, members: dict[str, LoraAdapter], num_layers: int, hidden: int, seed: int):
-        targets = tuple(m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-                        if any(m in a.target_modules for a in members.values()))
+        targets = tuple(m for m in LORA_TARGET_MODULES if any(m in a.target_modules for a in members.values()))
         super().__init__(num_layers, targets)
         self.member_names = list(members)
         generator = torch.Generator().manual_seed(seed)
@@ -141,7 +134,8 @@ class TrainableMoLE(HookedComposite):
         a, b, index, scale = self._stacked[(layer, module)]
         return ((x @ a.T) * g.index_select(-1, index) * scale) @ b.T
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """The gates, float32 whatever `dtype`: MoLE ships no factors of its own (its members are experts)."""
         return self.gates.tensors()
 
     def config(self) -> dict:

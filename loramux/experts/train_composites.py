@@ -35,9 +35,9 @@ from safetensors.torch import save_file
 from loramux.adapters_store.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, parse_peft_adapter
 from loramux.adapters_store.registry import COMPOSITE_CONFIG_FILE
 from loramux.composites.format import COMPOSITE_WEIGHTS_FILE
-from loramux.composites.trainable import (HookedComposite, TrainableMoLE, TrainableMoR, TrainableMoRE,
-                                          target_shapes)
+from loramux.composites.trainable import HookedComposite, TrainableMoLE, TrainableMoR, TrainableMoRE
 from loramux.engine.loader import load_checkpoint
+from loramux.engine.model import ModelShape
 from loramux.experts import BUNDLED_COMPOSITES_DIR, BUNDLED_EXPERTS_DIR
 from loramux.experts.tasks import TASKS
 from loramux.experts.train import TARGET_MODULES, answer_loss, make_batch
@@ -73,7 +73,8 @@ def load_experts(experts_dir: Path, shapes: dict, num_layers: int) -> dict[str, 
 
 
 def build_composite(method: str, model, experts_dir: Path, seed: int) -> HookedComposite:
-    shapes, num_layers, hidden = target_shapes(model), model.config.num_hidden_layers, model.config.hidden_size
+    shape = ModelShape.from_hf_config(model.config)
+    shapes, num_layers, hidden = shape.lora_target_shapes(), shape.num_layers, shape.hidden_size
     targets = tuple(TARGET_MODULES)
     if method == "mole":
         return TrainableMoLE(load_experts(experts_dir, shapes, num_layers), num_layers, hidden, seed)
@@ -166,7 +167,7 @@ def write_composite(composite: HookedComposite, folder: Path, card_fields: dict,
     Shared LoRA factors and lambdas are written in `weights_dtype` (float16 keeps the files under 4 MB; the
     engine casts to its serving dtype); gates, selectors and task embeddings stay float32."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = (composite.tensors() if isinstance(composite, TrainableMoLE) else composite.tensors(weights_dtype))
+    tensors = composite.tensors(weights_dtype)
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / COMPOSITE_WEIGHTS_FILE)
     config = composite.config() | {"card": card_fields, "training": training}
     (folder / COMPOSITE_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
