@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from loadtest.bench_common import machine_description
 from loadtest.eval_router import bundled_records, heldout_set, percentile, synthetic_records
 from loramux.config import RouterConfig
 from loramux.router import Router, load_prompts
@@ -61,18 +61,16 @@ def main(argv: list[str] | None = None) -> None:
                 wall[name].append(decision.seconds)
                 decisions[name].append(decision_key(decision))
     load_after = os.getloadavg()
-    report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                         f"torch {torch.__version__}",
+    top1 = [[r.route(p).candidates[0][0] for p in prompts] for r in routers.values()]
+    report = {"machine": f"{machine_description('cpu')}, {os.cpu_count()} cores",
               "load_average": {"before": load_before, "after": load_after}, "experts": len(records),
               "requests_per_dtype": len(prompts) * args.repeats, "torch_threads": 1,
               "different_decisions": sum(a != b for a, b in zip(*decisions.values())),
-              "different_top1_candidates": None}
+              "different_top1_candidates": sum(a != b for a, b in zip(*top1))}
     for name in routers:
         report[name] = {kind: {"p50": 1e3 * percentile(values[name], 0.5), "p99": 1e3 * percentile(values[name], 0.99),
                                "mean": 1e3 * sum(values[name]) / len(values[name])}
                         for kind, values in (("wall_ms", wall), ("cpu_ms", cpu))}
-    top1 = [[r.route(p).candidates[0][0] for p in prompts] for r in routers.values()]
-    report["different_top1_candidates"] = sum(a != b for a, b in zip(*top1))
     report["bf16_over_fp32_cpu_p99"] = report["bfloat16"]["cpu_ms"]["p99"] / report["float32"]["cpu_ms"]["p99"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
