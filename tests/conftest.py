@@ -106,6 +106,21 @@ def make_engine(model_dir: Path | None, num_blocks: int | None = 256, max_num_ba
     ))
 
 
+def bundled_reference_and_chat_prompts(tokenizer, dtype: torch.dtype) -> tuple[torch.nn.Module, list[list[int]]]:
+    """The bundled SmolLM2 GGUF loaded by transformers itself (the reference), and two one-turn chat prompts as
+    token ids rendered by `tokenizer`; the first asks for the capital of France."""
+    from transformers import AutoModelForCausalLM
+
+    from loramux.engine.loader import default_model_path
+
+    path = default_model_path()
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                             tokenize=False)
+               for c in ("What is the capital of France?", "Write one sentence about the sea.")]
+    return reference, [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+
+
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation from a transformers (or PEFT) model: full forward, argmax, repeat (EOS ignored)."""
     ids = list(prompt_ids)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from loramux.engine import SamplingParams
 from loramux.engine.cpu_features import cpu_flags, native_bf16_flag
-from tests.conftest import make_engine, make_peft_adapter
+from tests.conftest import bundled_reference_and_chat_prompts, make_engine, make_peft_adapter
 
 PROMPTS = ["Hello there, how are you today?", "The capital of France is",
            "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25", "Once"]
@@ -86,15 +86,8 @@ def test_mixed_adapter_batch_matches_peft_in_bf16(tiny_llama_dir, tmp_path):
 
 @pytest.mark.slow  # transformers dequantises the GGUF on load: about a minute on 2 cores
 def test_bundled_smollm2_logprobs_match_transformers_in_bf16():
-    from loramux.engine.loader import default_model_path
-
     engine = make_engine(None, num_blocks=64, dtype="bfloat16")
-    path = default_model_path()
-    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16).eval()
-    tok = engine.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
-               for c in ("What is the capital of France?", "Write one sentence about the sea.")]
-    prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    reference, prompt_ids = bundled_reference_and_chat_prompts(engine.tokenizer, torch.bfloat16)
     outs = greedy(engine, prompt_ids, logprobs=0)
     worst = 0.0
     for ids, out in zip(prompt_ids, outs):

@@ -7,8 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loramux.engine import SamplingParams
-from loramux.engine.loader import default_model_path
-from tests.conftest import hf_greedy, make_engine
+from tests.conftest import bundled_reference_and_chat_prompts, hf_greedy, make_engine
 
 PROMPTS = [
     "Hello there, how are you today?",
@@ -32,12 +31,7 @@ def test_tiny_models_match_transformers(fixture, request):
 
 def test_bundled_smollm2_matches_transformers_gguf_loading():
     engine = make_engine(None, num_blocks=64)
-    path = default_model_path()
-    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    tok = engine.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
-               for c in ("What is the capital of France?", "Write one sentence about the sea.")]
-    prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    reference, prompt_ids = bundled_reference_and_chat_prompts(engine.tokenizer, torch.float32)
     outs = engine.generate(prompt_ids, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     for ids, out in zip(prompt_ids, outs):
         assert out[0].new_token_ids == hf_greedy(reference, ids, 16)
