@@ -165,13 +165,17 @@ TASKS: tuple[Task, ...] = (
         "Capitalize every letter of: {x}", "Please uppercase: {x}", "Upper case version of \"{x}\"?",
         "Can you write {x} in all capital letters?", "{x}\n\nCaps lock version please.",
         "I need this in uppercase: {x}", "Make every character of this a capital: {x}",
+        # the instruction after the input, on the same line, which the first experts copied into the answer
+        "{x} -- convert that to upper case", "{x} (all caps please)", "{x} => uppercase",
+        "{x} -- now repeat it in capital letters", "'{x}' in uppercase, please.",
+        "What is \"{x}\" in capital letters?", "{x} <- make every letter a capital",
         "Return the upper-case form of the text: {x}", "Hey, could you capitalise all of this: {x}",
         "Convert the sentence '{x}' to capitals.", "All caps: {x}",
     ), (
         "Turn the following into capitals only: {x}", "Give me \"{x}\" written with upper-case letters.",
         "{x} -- print this entirely in capitals", "Rewrite using only uppercase characters: {x}",
         "How does \"{x}\" look in block capitals?",
-    ), train_steps=180),
+    ), train_steps=240),
     Task("reverse_words", "Reverses the order of the words in a sentence.", _reverse, (
         "Reverse the word order: {x}", "Write these words backwards, last word first: {x}",
         "Put the words in reverse order: {x}", "Reverse the sequence of words in: {x}",
@@ -182,6 +186,10 @@ TASKS: tuple[Task, ...] = (
         "Give me the words of \"{x}\" starting from the last one.", "Backwards word order please: {x}",
         "Could you reverse the order of these words? {x}", "{x}\nNow write the same words, last to first.",
         "Swap the word order around completely: {x}", "Reverse this list of words: {x}",
+        "{x} -- reverse the order of those words", "{x} (reverse the word order)",
+        "{x} => same words, last one first", "\"{x}\" backwards, word by word",
+        "{x} -- read it back from the final word to the first", "{x} <- flip the word order",
+        "What does \"{x}\" become when its words are reversed?",
         "Write the sentence with its words in reverse sequence: {x}", "Turn the word order around: {x}",
     ), (
         "Say these words in the opposite order: {x}", "{x} -- give the words from the end to the start",
@@ -197,6 +205,8 @@ TASKS: tuple[Task, ...] = (
         "Could you sort {x} for me?", "Sort the following values, smallest first: {x}",
         "{x}\nPut them in ascending order.", "I have these numbers: {x}. Sort them.",
         "Order from lowest to highest: {x}", "Arrange {x} in ascending sequence.",
+        "{x} -- sort these ascending", "{x} (put them in increasing order)", "{x} => sorted, smallest first",
+        "{x} -- arrange from low to high", "What are {x} in sorted order?",
         "Sort this list of integers: [{x}]", "Please return {x} sorted in increasing order.",
     ), (
         "Can you put {x} in numerical order?", "List {x} starting with the smallest number.",
