@@ -20,8 +20,8 @@ Reports, per task and overall:
   tokens/s on the same batch and a plot (--methods-plot);
 - routing accuracy again after registering random distractor experts
   (random weights, generic cards).
-Prompts use the tasks' held-out phrasings, which no expert was trained on and
-no card contains. Writes a JSON file and prints a table.
+Prompts use the tasks' held-out phrasings (or, with --phrasings check, the
+later check phrasings), which no expert was trained on and no card contains. Writes a JSON file and prints a table.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ DISTRACTOR_EXAMPLES = ("Tell me something interesting about {t}.", "Write a shor
                        "Explain {t} to a child.", "Answer my question about {t}: where do I start?")
 
 
-def heldout_set(per_task: int, seed: int) -> list[tuple[str, str, str]]:
-    """(task name, prompt, exact answer) with held-out phrasings only."""
+def heldout_set(per_task: int, seed: int, split: str = "heldout") -> list[tuple[str, str, str]]:
+    """(task name, prompt, exact answer) with one evaluation split's phrasings ("heldout" or "check")."""
     rng = random.Random(seed)
-    return [(task.name, *task.sample(rng, heldout=True)) for task in TASKS for _ in range(per_task)]
+    return [(task.name, *task.sample(rng, split)) for task in TASKS for _ in range(per_task)]
 
 
 def chat_prompt(engine: Engine, text: str) -> str:
@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts-dir", default=str(BUNDLED_EXPERTS_DIR))
     parser.add_argument("--per-task", type=int, default=20)
+    parser.add_argument("--phrasings", choices=["heldout", "check"], default="heldout",
+                        help="evaluation split of loramux/experts/tasks.py: the held-out phrasings, or the "
+                             "later check phrasings that nothing was tuned on")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--embedders", default="minilm,base", help="first one drives the task-accuracy runs")
     parser.add_argument("--distractors", type=int, default=500)
@@ -286,13 +289,13 @@ def main(argv: list[str] | None = None) -> None:
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024),
         store=StoreConfig(max_loras=16, adapter_dirs=[args.experts_dir], max_composite_members=16),
         router=RouterConfig(max_fused=1024)))  # every fusion is built before the runs: none may be evicted
-    items = heldout_set(args.per_task, args.seed)
+    items = heldout_set(args.per_task, args.seed, args.phrasings)
     general = load_prompts("general_heldout.txt")
     experts = sorted(engine.store.records)
     report: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                     "experts": experts, "prompts": len(items), "general_prompts": len(general),
-                    "per_task": args.per_task, "seed": args.seed,
+                    "per_task": args.per_task, "seed": args.seed, "phrasings": args.phrasings,
                     "routing": {}, "tasks": {}}
     logger.info("%d experts, %d held-out prompts", len(experts), len(items))
 

@@ -133,6 +133,10 @@ def _capital(rng: random.Random, wide: bool = False) -> tuple[str, str]:
 
 
 WIDE_SHARE = 0.5  # share of training inputs drawn from the wider range
+# Splits of the phrasings: "heldout" measures the experts, but the last training phrasings were written
+# after reading its misses; "check" was written later (2026-11-24) and is never trained or tuned on, so it
+# tells whether the held-out figures carry over to new wordings
+SPLITS = ("train", "heldout", "check")
 
 
 @dataclass(frozen=True)
@@ -144,16 +148,23 @@ class Task:
     make_input: Callable[..., tuple[str, str]]  # (rng, wide) -> (input, exact answer)
     train_phrasings: tuple[str, ...]
     heldout_phrasings: tuple[str, ...]
+    check_phrasings: tuple[str, ...]
     train_steps: int = 120  # harder tasks get more
     rank: int = 8  # harder tasks get 16 (the fp16 files stay under 4 MB)
 
-    def sample(self, rng: random.Random, heldout: bool = False) -> tuple[str, str]:
+    def phrasings(self, split: str) -> tuple[str, ...]:
+        """The phrasings of one split: "train", "heldout" or "check"."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        return getattr(self, f"{split}_phrasings")
+
+    def sample(self, rng: random.Random, split: str = "train") -> tuple[str, str]:
         """One (prompt, answer) pair with a random phrasing of the chosen split. Training draws half of its
-        inputs from a wider range (lengths, digits, punctuation, more keys); held-out prompts never do, so
+        inputs from a wider range (lengths, digits, punctuation, more keys); evaluation prompts never do, so
         the evaluation's inputs stay those the shipped experts were measured on."""
-        text, answer = self.make_input(rng, not heldout and rng.random() < WIDE_SHARE)
-        phrasing = rng.choice(self.heldout_phrasings if heldout else self.train_phrasings)
-        return phrasing.format(x=text), answer
+        phrasings = self.phrasings(split)
+        text, answer = self.make_input(rng, split == "train" and rng.random() < WIDE_SHARE)
+        return rng.choice(phrasings).format(x=text), answer
 
 
 TASKS: tuple[Task, ...] = (
@@ -175,6 +186,9 @@ TASKS: tuple[Task, ...] = (
         "Turn the following into capitals only: {x}", "Give me \"{x}\" written with upper-case letters.",
         "{x} -- print this entirely in capitals", "Rewrite using only uppercase characters: {x}",
         "How does \"{x}\" look in block capitals?",
+    ), (
+        "Capital letters only, please: {x}", "{x} ... same text, but in uppercase", "Please SHOUT this: {x}",
+        "Rewrite \"{x}\" so that no lowercase letters remain.", "Upper-case it: {x}",
     ), train_steps=240),
     Task("reverse_words", "Reverses the order of the words in a sentence.", _reverse, (
         "Reverse the word order: {x}", "Write these words backwards, last word first: {x}",
@@ -195,6 +209,10 @@ TASKS: tuple[Task, ...] = (
         "Say these words in the opposite order: {x}", "{x} -- give the words from the end to the start",
         "What is \"{x}\" with its word order reversed?", "Mirror the word order of: {x}",
         "Output the words of this line in reverse: {x}",
+    ), (
+        "Read me these words in reverse: {x}", "{x} ... now the same words back to front",
+        "Start from the last word and go backwards: {x}", "Reverse \"{x}\" word by word.",
+        "Word order, reversed: {x}",
     ), train_steps=480, rank=16),
     Task("sort_numbers", "Sorts a list of integers in ascending order.", _sort, (
         "Sort these numbers in ascending order: {x}", "Sort from smallest to largest: {x}",
@@ -212,6 +230,9 @@ TASKS: tuple[Task, ...] = (
         "Can you put {x} in numerical order?", "List {x} starting with the smallest number.",
         "{x} -- order these values upward", "Which order do {x} go in from small to big?",
         "Arrange the integers {x} so they increase",
+    ), (
+        "Sort {x} from low to high.", "{x} ... these in ascending order please", "Smallest to biggest: {x}",
+        "Put the values {x} in sorted order.", "Ascending order of {x}?",
     ), train_steps=480, rank=16),
     Task("add_numbers", "Adds two integers and gives their sum.", _add, (
         "Add {x}.", "What is the sum of {x}?", "Compute the total of {x}.", "Calculate {x} added together.",
@@ -224,6 +245,9 @@ TASKS: tuple[Task, ...] = (
     ), (
         "Tell me what {x} make when summed.", "Work out the sum for {x}.",
         "If you add {x}, what do you get?", "Total up {x}", "Plus them: {x}",
+    ), (
+        "What do {x} add up to?", "{x} ... the sum please", "Add up these two: {x}", "Combine {x} by addition.",
+        "Sum up {x} for me.",
     ), train_steps=240, rank=16),
     Task("number_to_words", "Spells an integer out in English words.", _spell, (
         "Write {x} in words.", "Spell out the number {x}.", "How do you write {x} in English words?",
@@ -238,6 +262,9 @@ TASKS: tuple[Task, ...] = (
         "Write out {x} the way you would on a cheque.", "What is {x} spelled with letters?",
         "{x} -- English wording please", "Translate the numeral {x} into words.",
         "Type the number {x} using words instead of digits.",
+    ), (
+        "How would you say {x} out loud in English?", "{x} ... in words please", "Spell out {x} in letters.",
+        "Words for the number {x}?", "Write {x} in English words, no digits.",
     )),
     Task("date_to_iso", "Converts a written date to ISO 8601 (YYYY-MM-DD).", _date, (
         "Convert to ISO 8601: {x}", "Write {x} as YYYY-MM-DD.", "Format this date as ISO: {x}",
@@ -253,6 +280,9 @@ TASKS: tuple[Task, ...] = (
         "Express the date {x} as year-month-day digits.", "{x} -- standard ISO date please",
         "Put {x} into the international date format.", "Machine-readable date for {x}?",
         "Convert the calendar date {x} to the YYYY-MM-DD layout.",
+    ), (
+        "Give {x} in ISO form.", "{x} ... as YYYY-MM-DD please", "ISO 8601 date for {x}?",
+        "Reformat the date {x} to year-month-day.", "Turn {x} into an ISO date.",
     )),
     Task("json_extract", "Extracts the value of one field from a JSON object.", _json_field, (
         "Extract the field from this JSON: {x}", "Get the value of the field: {x}",
@@ -269,6 +299,10 @@ TASKS: tuple[Task, ...] = (
         "Which value is stored under the given key? {x}", "Answer with the key's value only. {x}",
         "Select the named property from the object: {x}", "Query the JSON record: {x}",
         "Read the key from this object and print its value: {x}",
+    ), (
+        "Return the value of the requested field: {x}", "What is stored in the field? {x}",
+        "Read this object and answer with the field value: {x}", "Field lookup: {x}",
+        "Extract just the value asked for: {x}",
     ), train_steps=180),
     Task("sentiment", "Labels the sentiment of a sentence as positive or negative.", _sentiment, (
         "Is the sentiment positive or negative? {x}", "Classify the sentiment: {x}",
@@ -284,6 +318,9 @@ TASKS: tuple[Task, ...] = (
         "Was the writer happy or unhappy? {x}", "{x} -- good or bad feeling?",
         "Tell me whether this opinion is favourable: {x}", "What attitude does this express? {x}",
         "Judge the emotion of the statement: {x}",
+    ), (
+        "Positive or negative, would you say? {x}", "{x} ... is that positive or negative?",
+        "What is the sentiment here? {x}", "Label this review's sentiment: {x}", "Happy or unhappy review? {x}",
     )),
     Task("capital", "Names the capital city of a country.", _capital, (
         "What is the capital of {x}?", "Name the capital city of {x}.", "Capital of {x}?",
@@ -299,6 +336,9 @@ TASKS: tuple[Task, ...] = (
         "In which city does the government of {x} sit?", "{x} -- main political city?",
         "Name {x}'s capital.", "Which city serves as the capital for {x}?",
         "What's the national capital of {x}?",
+    ), (
+        "{x} has which city as its capital?", "{x} ... its capital city?", "Tell me {x}'s capital city.",
+        "The capital of {x} is which city?", "Name the capital of the country {x}.",
     )),
 )
 

@@ -179,7 +179,7 @@ def heldout_exact_match(engine, name: str, kind: str, per_task: int, seed: int, 
     from loramux.engine import SamplingParams
 
     rng = random.Random(seed)
-    items = [(task.name, *task.sample(rng, heldout=True)) for task in TASKS for _ in range(per_task)]
+    items = [(task.name, *task.sample(rng, "heldout")) for task in TASKS for _ in range(per_task)]
     prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                     add_generation_prompt=True) for _, prompt, _ in items]
     mixes = [[{"name": name, "task": task}] if kind == "more" else [name] for task, _, _ in items]
