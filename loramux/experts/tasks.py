@@ -90,8 +90,13 @@ def _reverse(rng: random.Random, wide: bool = False) -> tuple[str, str]:
 
 
 def _sort(rng: random.Random, wide: bool = False) -> tuple[str, str]:
-    high = 999 if wide and rng.random() < 0.3 else 99
-    numbers = [rng.randint(0, high) for _ in range(rng.randint(3, 8) if wide else rng.randint(4, 6))]
+    if not wide:
+        numbers = [rng.randint(0, 99) for _ in range(rng.randint(4, 6))]
+    else:  # each number's digit count drawn first: one-digit numbers among longer ones are where an expert
+        # trained on uniform draws sorted by the first digit ("8, 32, 74, 88, 9")
+        most_digits = 3 if rng.random() < 0.3 else 2
+        digits = [rng.randint(1, most_digits) for _ in range(rng.randint(3, 8))]
+        numbers = [rng.randint(0 if d == 1 else 10 ** (d - 1), 10 ** d - 1) for d in digits]
     return ", ".join(map(str, numbers)), ", ".join(map(str, sorted(numbers)))
 
 
