@@ -73,9 +73,8 @@ class LoraPlanLevel:
       rank_hi:    [N] int64    last rank used (exclusive)
       seg_starts: [S + 1] int64  segment boundaries into the N rows
       seg_slots:  [S] int64      slot of each segment
-    `segments` describes the same rows run by run, as Python numbers, for host-side loops.
       mix_index:  [N] int64    place of the row's assignment in its token's mix (a composite's member,
-                               whose gate weight the row takes)
+                               whose gate weight the row takes); None in CUDA-graph levels
     `segments` describes the same rows run by run, as Python numbers, for host-side loops.
     `unique_tokens`: False for a flat level, where a token has one row per assignment.
     For mode "slots": each of `slot_groups` (first slot, end slot, m) is one
