@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--note", default="shared machine", help="what else ran on the machine")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         engine = build_engine(args.model, Path(tmp), args.note)
         prompts = [[(7 * i + j) % 1000 + 100 for j in range(args.prompt_tokens)] for i in range(NUM_REQUESTS)]
@@ -115,12 +117,15 @@ def main() -> None:
         ratio = seconds / results[reference.get(label, "plain r16")]
         rows.append({"batch": label, "decode_step_ms": round(seconds * 1e3, 2), "ratio": round(ratio, 3)})
         logger.info("%-24s %14.1f %10.2f", label, seconds * 1e3, ratio)
+    load_after = os.getloadavg()[0]
+    logger.info("load average (1 min): %.1f at the start, %.1f at the end", load_before, load_after)
     per_slot = slot_mib(engine)
     logger.info("one slot (rank 16 padded, all projections): %.2f MiB; MoR materialises 8 (%.2f MiB), "
                 "MoRE one per task in use", per_slot, 8 * per_slot)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_description(engine.device.type), "note": args.note,
                                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                                         "load_average": [round(load_before, 2), round(load_after, 2)],
                                          "rows": rows, "slot_mib": round(per_slot, 3)}, indent=2))
 
 

@@ -71,8 +71,8 @@ def loop_reference(x, a, b, scales, runs, y_offset=0, d_total=None):
     return y
 
 
-def plan_for(runs, scales, r_max, device="cpu", slot_targets=None):
-    return build_lora_plan(runs, scales, r_max, device, slot_targets)
+def plan_for(runs, scales, r_max, device="cpu", slot_targets=None, flat=False):
+    return build_lora_plan(runs, scales, r_max, device, slot_targets, flat=flat)
 
 
 def fused_pool(ranks: list[int], r_max: int, d_in: int, d_outs: list[int], seed: int):
@@ -126,14 +126,14 @@ RANKS = [4, 8, 16, 64, 8, 4, 16, 64]  # a pool padded to rank 64, ranks 4..64
 
 def run_case(shrink, expand, pattern: str, run_len: int, depth: int, mode: str, num_tokens: int, d_in: int,
              d_outs: list[int], dtype=torch.float32, device="cpu", seed=0, inert=False, coeff_factor=1.0,
-             inactive=(), r_max=64):
+             inactive=(), r_max=64, flat=False):
     """Fused shrink + expand of every plan level against the float32 per-token loop.
 
     Sub-projections of uneven widths (d_outs), so column tiles meet their
     boundaries. inert: slot -1 rows pointing at real tokens appended to each
     level; coeff_factor: the plan's coeff tensors are scaled in place after the
     plan is built (the ops must read them there); inactive: slots marked as not
-    targeting this linear in `slot_active`. Returns (got, expected), float32 on the CPU.
+    targeting this linear in `slot_active`; flat: one plan level for every assignment. Returns (got, expected), float32 on the CPU.
     """
     a, b, scales, subs = fused_pool(RANKS, r_max, d_in, d_outs, seed)
     runs = random_runs(pattern, num_tokens, len(RANKS), RANKS, depth, run_len, seed=POPULARITY.index(pattern))
@@ -142,7 +142,7 @@ def run_case(shrink, expand, pattern: str, run_len: int, depth: int, mode: str, 
     to = dict(device=device, dtype=dtype)
     y, a_dev, b_dev = base.to(device).clone(), a.to(**to).contiguous(), b.to(**to).contiguous()
     active = torch.tensor([s not in inactive for s in range(len(RANKS))], dtype=torch.int32, device=device)
-    for level in plan_for(runs, scales, r_max, device).levels:
+    for level in plan_for(runs, scales, r_max, device, flat=flat).levels:
         level = with_mode(level, mode)
         if inert:
             level = with_inert_rows(level, [0, 3, num_tokens - 1, 0], r_max)

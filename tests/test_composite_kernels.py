@@ -39,25 +39,27 @@ def gated_reference(x, subs, scales, runs, gates, d_outs):
 
 
 def cases():
-    """(backend, run_len, mode): Triton runs every non-segment mode as BGMV, so it takes gather and segments."""
-    out = [(("torch", torch_ref.lora_shrink, torch_ref.lora_expand), run_len, mode)
-           for run_len, mode in [(1, "gather"), (1, "slots"), (7, "segments")]]
+    """(backend, run_len, mode, flat): Triton runs every non-segment mode as BGMV, so it takes gather and
+    segments, and only plans with one level per mixture depth (flat plans are for the torch backend)."""
+    out = [(("torch", torch_ref.lora_shrink, torch_ref.lora_expand), run_len, mode, flat)
+           for run_len, mode in [(1, "gather"), (1, "slots"), (7, "segments")] for flat in (False, True)]
     try:
         from loramux.kernels import triton_lora
     except ImportError:
         return out
-    return out + [(("triton", triton_lora.lora_shrink, triton_lora.lora_expand), run_len, mode)
+    return out + [(("triton", triton_lora.lora_shrink, triton_lora.lora_expand), run_len, mode, False)
                   for run_len, mode in [(1, "gather"), (7, "segments")]]
 
 
-@pytest.mark.parametrize("backend, run_len, mode", cases(), ids=lambda c: c[0] if isinstance(c, tuple) else str(c))
+@pytest.mark.parametrize("backend, run_len, mode, flat", cases(),
+                         ids=lambda c: c[0] if isinstance(c, tuple) else str(c))
 @pytest.mark.parametrize("pattern", ["zipf", "all_same", "with_base_tokens"])
-def test_coefficients_rewritten_per_layer(backend, pattern, run_len, mode):
+def test_coefficients_rewritten_per_layer(backend, pattern, run_len, mode, flat):
     _, shrink, expand = backend
     num_tokens, d_in, d_outs, depth = 21, 24, [32, 16], 3
     a, b, scales, subs = fused_pool(RANKS, R_MAX, d_in, d_outs, seed=0)
     runs = random_runs(pattern, num_tokens, len(RANKS), RANKS, depth, run_len, seed=POPULARITY.index(pattern))
-    plan = plan_for(runs, scales, R_MAX, DEVICE)
+    plan = plan_for(runs, scales, R_MAX, DEVICE, flat=flat)
     levels = [with_mode(level, mode) for level in plan.levels]
     built = [level.coeff.clone() for level in levels]
     active = torch.ones(len(RANKS), dtype=torch.int32, device=DEVICE)
@@ -66,8 +68,8 @@ def test_coefficients_rewritten_per_layer(backend, pattern, run_len, mode):
     for decoder_layer in range(2):  # a different gate per decoder level, written into the same tensors
         gates = torch.rand(num_tokens, depth, generator=g)
         y = torch.zeros(num_tokens, sum(d_outs), device=DEVICE)
-        for k, (level, coeff) in enumerate(zip(levels, built)):
-            column = gates[:, k].to(DEVICE)[level.token_idx]
+        for level, coeff in zip(levels, built):  # each row takes the gate of its place in its token's mix
+            column = gates.to(DEVICE)[level.token_idx, level.mix_index]
             torch.mul(coeff, column, out=level.coeff)
             h = shrink(x.to(DEVICE), a.to(DEVICE).contiguous(), active, level, len(d_outs))
             expand(y, b.to(DEVICE).contiguous(), h, active, level, sub_starts(d_outs))

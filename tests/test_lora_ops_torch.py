@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from loramux.kernels import torch_ref
+from loramux.kernels.plan import with_mode
 from tests.lora_cases import POPULARITY, plan_for, run_case
 
 
@@ -21,6 +22,38 @@ def check(pattern, run_len, depth, mode, **kwargs):
 @pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
 def test_shrink_expand_match_loop(pattern, run_len, depth, mode):
     check(pattern, run_len, depth, mode)
+
+
+@pytest.mark.parametrize("pattern", ["all_distinct", "all_same", "one_dominant", "with_base_tokens"])
+@pytest.mark.parametrize("run_len", [1, 13])
+@pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
+def test_a_flat_plan_sums_the_rows_a_token_has_in_its_one_level(pattern, run_len, mode):
+    check(pattern, run_len, 3, mode, flat=True)
+    check(pattern, run_len, 3, mode, flat=True, inert=True)
+
+
+def test_a_flat_plan_is_one_level_with_each_rows_place_in_its_mix():
+    runs = [(0, 2, [(3, 1.0, 0, 4), (1, 0.5, 0, 4)]), (2, 1, [(1, 1.0, 0, 4)]), (3, 1, [])]
+    [level] = plan_for(runs, torch.ones(4), 4, flat=True).levels
+    assert not level.unique_tokens
+    assert level.slot_idx.tolist() == [1, 1, 1, 3, 3]
+    assert level.token_idx.tolist() == [2, 0, 1, 0, 1]  # sorted by slot, then by level
+    assert level.mix_index.tolist() == [0, 1, 1, 0, 0]
+    assert level.coeff.tolist() == [1.0, 0.5, 0.5, 1.0, 1.0]
+    levels = plan_for(runs, torch.ones(4), 4).levels
+    assert [lv.unique_tokens for lv in levels] == [True, True]
+    assert [lv.mix_index.tolist() for lv in levels] == [[0, 0, 0], [1, 1]]
+
+
+def test_slot_groups_cut_at_a_gap_and_around_a_popular_slot():
+    # 16 slots with one row each, a gap of 8 unused slots, 4 slots with 4 rows each, then one slot with 40.
+    slots = list(range(16)) + [24 + i % 4 for i in range(16)] + [28] * 40
+    runs = [(t, 1, [(s, 1.0, 0, 4)]) for t, s in enumerate(slots)]
+    level = with_mode(plan_for(runs, torch.ones(32), 4).levels[0], "slots")
+    assert level.slot_groups == ((0, 16, 1), (24, 28, 4), (28, 29, 40))
+    # Every row has its own place, holding that row, in the packed layout: no row is lost or doubled.
+    assert level.slot_rows[level.packed_pos].tolist() == list(range(level.num_rows))
+    assert len(set(level.packed_pos.tolist())) == level.num_rows
 
 
 @pytest.mark.parametrize("pattern", ["all_distinct", "zipf", "with_base_tokens"])
@@ -52,7 +85,7 @@ def test_plan_sorts_rows_into_one_segment_per_slot():
     ([(t, 1, [(t, 1.0, 0, 4)]) for t in range(8)], "slots"),  # decode, every slot once
     ([(0, 1, [(5, 1.0, 0, 4)]), (1, 1, [(9, 1.0, 0, 4)])], "segments"),  # decode of two: fewest ops
     ([(t, 1, [(40 * t, 1.0, 0, 4)]) for t in range(6)], "gather"),  # slots far apart
-    ([(t, 1, [(0 if t < 20 else t + 10, 1.0, 0, 4)]) for t in range(22)], "gather"),  # one slot dominates
+    ([(t, 1, [(0 if t < 20 else t + 10, 1.0, 0, 4)]) for t in range(22)], "slots"),  # one slot dominates: 2 groups
 ])
 def test_plan_picks_the_formulation(runs, mode):
     [level] = plan_for(runs, torch.ones(256), 4).levels

@@ -163,3 +163,13 @@ def test_nothing_compiles_after_warm_up_gpu(dtype):
         run_case(triton_lora.lora_shrink, triton_lora.lora_expand, "zipf", run_len, 2, mode, num_tokens=tokens,
                  d_in=d_in, d_outs=list(d_outs), dtype=dtype, device="cuda", inert=True)
     assert [_compiled(k) for k in kernels] == before
+
+
+def test_expand_refuses_a_flat_plan():
+    """The expand stores without atomics, so a level where a token has two rows would lose one of them."""
+    runs = [(0, 2, [(0, 1.0, 0, 4), (1, 1.0, 0, 4)])]
+    [level] = build_lora_plan(runs, torch.ones(2), 4, DEVICE, flat=True).levels
+    y, h = torch.zeros(2, 8, device=DEVICE), torch.zeros(level.num_rows, 4, device=DEVICE)
+    with pytest.raises(AssertionError, match="flat plans"):
+        triton_lora.lora_expand(y, torch.zeros(2, 8, 4, device=DEVICE), h, torch.ones(2, dtype=torch.int32,
+                                                                                        device=DEVICE), level)

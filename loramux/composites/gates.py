@@ -1,14 +1,15 @@
 """Per-layer gates of the composite requests in one step, written into the LoRA plan's coefficients.
 
 A gated composite request (MoLE, MoR) runs with its N members as a plain
-mix: its tokens have N plan assignments, member k in plan level k, each with
-coefficient scale[slot]. Before decoder layer l runs, `CompositeGates.apply`
-computes, on the device, for the rows the gate runs for,
+mix: its tokens have N plan assignments, member k in plan level k (or, in a
+flat plan, N rows of its one level, `mix_index` k), each with coefficient
+scale[slot]. Before decoder layer l runs, `CompositeGates.apply` computes, on
+the device, for the rows the gate runs for,
 
     g = softmax over the allowed, top-k members of (W_g[l] · rmsnorm(x) / tau[l])    [Tc, M]
 
 from the layer's input x, and writes coeff[row] = scale[slot] * g[token, k] into
-plan level k (rows whose token has no gate are multiplied by 1). Every size is
+the plan (rows whose token has no gate are multiplied by 1). Every size is
 fixed when the gates are built and nothing is read back to the host, so the
 same code runs eagerly (Tc = the composite tokens) and inside a captured
 decode graph (Tc = the graph's batch rows, see `loramux.engine.cuda_graphs`);
@@ -29,11 +30,12 @@ RMS_EPS = 1e-6
 
 @dataclass
 class CoefficientWrite:
-    """Plan level k's coefficients as built (scale[slot]), and where each row's gate comes from."""
+    """A plan level's coefficients as built (scale[slot]), and where each row's gate comes from."""
 
     coeff: torch.Tensor  # [N_k] the plan level's own tensor, overwritten per decoder layer
     base_coeff: torch.Tensor  # [N_k] as built
     source: torch.Tensor  # [N_k] row of g; Tc (one past the last) = "no gate": factor 1
+    member: torch.Tensor | int  # [N_k] (or one for the whole level) column of g: the row's member
 
 
 class CompositeGates:
@@ -81,8 +83,8 @@ class CompositeGates:
         """Fill every plan level's coefficients for decoder layer `layer` from its input x [T, hidden]."""
         g = self.gate_weights(layer, x)
         g_ext = torch.cat([g, self._gate_one])
-        for k, w in enumerate(self.writes):
-            torch.mul(w.base_coeff, g_ext[w.source, k], out=w.coeff)
+        for w in self.writes:
+            torch.mul(w.base_coeff, g_ext[w.source, w.member], out=w.coeff)
         torch.index_select(g, 0, self.sampled, out=self.gate_log[layer])
 
     def take_log(self, gate_log: torch.Tensor) -> None:
@@ -119,8 +121,9 @@ def build_composite_gates(rows: list[tuple[int, int, CompositeUse, bool]], plan:
     source[torch.tensor(tokens, dtype=torch.int64)] = torch.arange(len(tokens))
     source = source.to(device)
     depth = max(len(use.members) for _, _, use, _ in rows)
-    writes = [CoefficientWrite(level.coeff, level.coeff.clone(), source[level.token_idx])
-              for level in plan.levels[:depth]]
+    # A plain row deeper in its mix than M has no gate (source Tc, whose g row is all ones): any column does.
+    writes = [CoefficientWrite(level.coeff, level.coeff.clone(), source[level.token_idx],
+                               level.mix_index.clamp(max=max_members - 1)) for level in plan.levels[:depth]]
 
     def on_device(values, dtype):
         return torch.tensor(values, dtype=dtype, device=device)

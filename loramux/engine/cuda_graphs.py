@@ -137,8 +137,8 @@ class DecodeGraphRunner:
         if gated:
             g = self.gates
             # a composite has at most M members, so levels past M carry no gated rows
-            writes = [CoefficientWrite(lv.coeff[:batch], lv.base_coeff[:batch], g.source[:batch])
-                      for lv in self.levels[:min(depth, self.composites.max_members)]]
+            writes = [CoefficientWrite(lv.coeff[:batch], lv.base_coeff[:batch], g.source[:batch], k)
+                      for k, lv in enumerate(self.levels[:min(depth, self.composites.max_members)])]
             gates = CompositeGates(self.composites, self.rows[:batch], g.gate_index[:batch], g.allowed[:batch],
                                    g.top_k[:batch], writes, self.rows[:batch], g.gate_log[:, :batch],
                                    sampled_uses=[])

@@ -377,8 +377,11 @@ class Engine:
             return failed
         sampling_seqs = [item.seq for item in plan.scheduled if item.samples]
         try:
+            # Decode graphs hold one plan level per mixture depth; eager steps take a flat plan where they can.
+            flat = self.lora_backend.takes_flat_plans and self.decode_graphs is None
             inputs = prepare_step_inputs(plan, self.config.cache.block_size, self.shape.sliding_window,
-                                         self.slots, self.device, self.attention.uses_sdpa_plan, self.composites)
+                                         self.slots, self.device, self.attention.uses_sdpa_plan, self.composites,
+                                         flat)
             self.store.wait_for_page_ins()
             if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
                 logits = self.decode_graphs.run(inputs)

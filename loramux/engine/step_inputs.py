@@ -61,9 +61,10 @@ def attention_metadata(block_tables: list[list[int]], chunks: list[tuple[int, in
 
 def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int | None, slots: LoraSlotPool,
                         device: torch.device, uses_sdpa_plan: bool,
-                        composites: CompositeRegistry | None = None) -> StepInputs:
+                        composites: CompositeRegistry | None = None, flat_lora_plan: bool = False) -> StepInputs:
     """The tensors of one step; `uses_sdpa_plan`: also build the sdpa backend's gather indices;
-    `composites`: the registry whose gates the step's gated composite requests use."""
+    `composites`: the registry whose gates the step's gated composite requests use;
+    `flat_lora_plan`: one LoRA plan level for any mixture depth (a backend that sums repeated rows)."""
     token_ids: list[int] = []
     runs = []
     logit_rows = []
@@ -82,7 +83,7 @@ def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int
         [item.seq.block_table for item in plan.scheduled],
         [(item.seq.num_computed_tokens, item.num_new_tokens) for item in plan.scheduled], len(plan.decode),
         block_size, sliding_window, device, uses_sdpa_plan)
-    lora_plan = build_lora_plan(runs, slots.scales, slots.max_rank, device, slots.targets)
+    lora_plan = build_lora_plan(runs, slots.scales, slots.max_rank, device, slots.targets, flat=flat_lora_plan)
     gates = None
     if gated_rows:
         gates = build_composite_gates(gated_rows, lora_plan, len(token_ids), composites, device)

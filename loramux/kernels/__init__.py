@@ -19,15 +19,19 @@ class LoraBackend:
     expand(y, lora_b, h, slot_active, level, sub_starts)
     warm_up(shapes, r_max, dtype, device): compile every variant the server can
         launch; shapes are (d_in, sub-projection output sizes) per LoRA linear.
+    takes_flat_plans: the expand sums rows that share a token, so a step's plan
+        may be flat (one level for any mixture depth, see `build_lora_plan`).
     """
 
     name: str
     shrink: Callable[..., torch.Tensor]
     expand: Callable[..., None]
     warm_up: Callable[..., None]
+    takes_flat_plans: bool = False
 
 
-TORCH_BACKEND = LoraBackend("torch", torch_ref.lora_shrink, torch_ref.lora_expand, torch_ref.warm_up)
+TORCH_BACKEND = LoraBackend("torch", torch_ref.lora_shrink, torch_ref.lora_expand, torch_ref.warm_up,
+                            takes_flat_plans=True)
 
 
 def select_lora_backend(requested: str, device: torch.device) -> LoraBackend:

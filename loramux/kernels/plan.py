@@ -8,8 +8,12 @@ For a step with `T` tokens every token has up to `K` assignments
 The plan stores the k-th assignment of every token in its own `LoraPlanLevel`
 so that, inside one level, a token appears at most once: the expand kernels
 then scatter into `y` without atomics, and the K levels are applied one after
-the other. Inside a level the rows are sorted by slot; each segment is a run
-of consecutive tokens with the same slot (a prefill chunk, or one decode token).
+the other. A backend whose expand sums repeated rows (torch's `index_add_`)
+may take a *flat* plan instead: one level holding every assignment, so a
+mixture of N adapters (a composite expert's members) costs one shrink and one
+expand per projection, whatever N. Inside a level the rows are sorted by slot;
+each segment is a run of consecutive tokens with the same slot (a prefill
+chunk, or one decode token).
 
 A row whose slot is negative is inert: the kernels read and write nothing for
 it (CUDA-graph padding uses slot -1), whatever its token, coefficient and ranks.
@@ -17,9 +21,11 @@ it (CUDA-graph padding uses slot -1), whatever its token, coefficient and ranks.
 The plan also says which formulation suits the level (`mode`):
 - "segments": one dense GEMM per segment (SGMV); long segments (prefill),
   or very few of them (a decode batch of one or two sequences).
-- "slots": one batched GEMM over a contiguous range of pool slots, reading the
-  slot tensors in place; rows are packed per slot and padded to the busiest
-  slot's count. Decode where most slots in the range are in use.
+- "slots": batched GEMMs over contiguous ranges of pool slots (slot groups),
+  reading the slot tensors in place; rows are packed per slot and padded to
+  the busiest slot's count in their group. Groups are cut where a gap of
+  unused slots or a popular slot would cost more than another GEMM. Decode
+  with many adapters, unless gathering is estimated cheaper.
 - "gather": gather each row's A/B and run one batched GEMV (BGMV); decode
   with scattered slots or very uneven popularity.
 """
@@ -35,7 +41,12 @@ import torch
 # Thresholds measured on the CPU with loadtest/bench_lora_ops.py (see docs/benchmarks.md).
 SEGMENTED_MIN_AVG_TOKENS = 8  # below this a Python loop over segments costs more than gathering
 SEGMENTED_MAX_FEW = 4  # ... unless there are this few segments: then the loop issues fewer ops than packing
-SLOTS_MAX_PADDING = 16  # "slots" may compute at most this many padded rows per real row
+# Costs in computed rows that choose between "slots" and "gather" and cut slot groups (bf16 decode at
+# SmolLM2's q/k/v shape on the CPU, one thread): every slot in a group's range is read in full, used or not;
+# every group is one more batched GEMM per op and its packing; gathering copies each row's A and B first.
+SLOT_READ_ROWS = 16
+GROUP_ROWS = 64
+GATHER_ROWS = 32
 
 
 class Segment(NamedTuple):
@@ -62,10 +73,15 @@ class LoraPlanLevel:
       rank_hi:    [N] int64    last rank used (exclusive)
       seg_starts: [S + 1] int64  segment boundaries into the N rows
       seg_slots:  [S] int64      slot of each segment
+      mix_index:  [N] int64    place of the row's assignment in its token's mix (a composite's member,
+                               whose gate weight the row takes); None in CUDA-graph levels
     `segments` describes the same rows run by run, as Python numbers, for host-side loops.
-    For mode "slots": slots slot_range[0]..slot_range[1]-1 are computed as a
-    batch of `slot_rows` [num_slots_in_range, m] row indices (N = padding),
-    and `packed_pos` [N] gives each row's place in that packed layout.
+    `unique_tokens`: False for a flat level, where a token has one row per assignment.
+    For mode "slots": each of `slot_groups` (first slot, end slot, m) is one
+    batched GEMM over slots first..end-1 with m packed rows per slot;
+    `slot_rows` [P] lists the packed rows of every group in turn (P = sum of
+    (end - first) * m; N = padding) and `packed_pos` [N] gives each row's
+    place in that packed layout (P for inert rows).
     """
 
     token_idx: torch.Tensor
@@ -77,7 +93,9 @@ class LoraPlanLevel:
     seg_slots: torch.Tensor
     segments: tuple[Segment, ...]
     mode: str
-    slot_range: tuple[int, int] = (0, 0)
+    mix_index: torch.Tensor | None = None
+    unique_tokens: bool = True
+    slot_groups: tuple[tuple[int, int, int], ...] = ()
     slot_rows: torch.Tensor | None = None
     packed_pos: torch.Tensor | None = None
 
@@ -107,28 +125,56 @@ class LoraPlan:
 Assignment = tuple[int, float, int, int]  # (slot, weight, rank_lo, rank_hi)
 
 
-def _slot_packing(slot_idx: torch.Tensor, max_padding: float = SLOTS_MAX_PADDING
-                  ) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None:
-    """Pack rows per slot for the "slots" mode, or None when padding would cost too much.
+def _slot_groups(slots: list[int], counts: list[int]) -> tuple[list[tuple[int, int, int]], float]:
+    """Cut the used slots (ascending, with their row counts) into groups (first slot, end slot, m) that
+    minimise the cost: a group reads every slot of its range and pads each to its busiest slot.
+    Returns the groups and their cost in rows."""
+    best = [0.0] * (len(slots) + 1)  # best[j]: the cheapest cut of the first j used slots
+    cut = [0] * (len(slots) + 1)
+    for j in range(1, len(slots) + 1):
+        best[j], m = float("inf"), 0
+        for i in range(j - 1, -1, -1):  # group = used slots i..j-1
+            m = max(m, counts[i])
+            cost = best[i] + (slots[j - 1] - slots[i] + 1) * (m + SLOT_READ_ROWS) + GROUP_ROWS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(slots)
+    while j:
+        i = cut[j]
+        groups.append((slots[i], slots[j - 1] + 1, max(counts[i:j])))
+        j = i
+    return groups[::-1], best[-1]
+
+
+def _slot_packing(slot_idx: torch.Tensor, force: bool = False
+                  ) -> tuple[tuple[tuple[int, int, int], ...], torch.Tensor, torch.Tensor] | None:
+    """Pack rows per slot for the "slots" mode, or None (unless `force`) when gathering would cost less.
 
     The live rows (slot >= 0) must be sorted by slot; inert rows (slot < 0) may
     sit anywhere and get `packed_pos` = one past the packed rows (a zero row).
     """
     n = slot_idx.shape[0]
     live = torch.nonzero(slot_idx >= 0).flatten()
-    live_slots = slot_idx[live]
-    lo, hi = (int(live_slots[0]), int(live_slots[-1]) + 1) if live.numel() else (0, 0)
-    counts = torch.bincount(live_slots - lo, minlength=hi - lo)
-    m = int(counts.max()) if live.numel() else 0
-    if (hi - lo) * m > max_padding * n:
+    used, counts = torch.unique_consecutive(slot_idx[live], return_counts=True)
+    groups, cost = _slot_groups(used.tolist(), counts.tolist())
+    if not force and cost > live.numel() * GATHER_ROWS + GROUP_ROWS:
         return None
+    group_starts, offset = [], 0  # each group's first place in the packed layout
+    for lo, hi, m in groups:
+        group_starts.append(offset)
+        offset += (hi - lo) * m
+    # Place of each used slot's first row: its group's start + (slot - group's first slot) * group's m.
+    slot_place = torch.tensor([start + (s - lo) * m for (lo, hi, m), start in zip(groups, group_starts)
+                               for s in range(lo, hi)], dtype=torch.int64)
+    slot_of_place = torch.cat([torch.arange(lo, hi) for lo, hi, _ in groups]) if groups else used
     first_row = torch.cumsum(counts, 0) - counts
-    within = torch.arange(live.numel()) - first_row[live_slots - lo]
-    packed_pos = torch.full((n,), (hi - lo) * m, dtype=torch.int64)
-    packed_pos[live] = (live_slots - lo) * m + within
-    slot_rows = torch.full(((hi - lo) * m,), n, dtype=torch.int64)
+    rank_in_slot = torch.arange(live.numel()) - torch.repeat_interleave(first_row, counts)
+    place_index = torch.searchsorted(slot_of_place, slot_idx[live])
+    packed_pos = torch.full((n,), offset, dtype=torch.int64)
+    packed_pos[live] = slot_place[place_index] + rank_in_slot
+    slot_rows = torch.full((offset,), n, dtype=torch.int64)
     slot_rows[packed_pos[live]] = live
-    return (lo, hi), slot_rows.view(hi - lo, m), packed_pos
+    return tuple(groups), slot_rows, packed_pos
 
 
 def build_lora_plan(
@@ -137,6 +183,7 @@ def build_lora_plan(
     r_max: int,
     device: torch.device | str = "cpu",
     slot_targets: Sequence[frozenset[str]] | None = None,
+    flat: bool = False,
 ) -> LoraPlan:
     """Build the plan from runs of consecutive tokens that share their assignments.
 
@@ -145,25 +192,30 @@ def build_lora_plan(
     slot_scales: [num_slots] alpha/rank (or alpha/sqrt(rank)) of each slot's adapter.
     slot_targets: [num_slots] the sub-projections each slot's adapter targets
     (None: every linear runs).
+    flat: one level with every assignment (only for a backend that sums repeated rows, see the module doc).
     """
     depth = max((len(a) for _, _, a in runs), default=0)
+    # (assignment, first token, rows, place in the mix) of each level
+    per_level = [[(a[k], start, count, k) for start, count, a in runs if len(a) > k] for k in range(depth)]
+    if flat and depth > 1:
+        per_level = [[c for level in per_level for c in level]]
     levels = []
-    for k in range(depth):
+    for chosen in per_level:
         # A stable sort by slot keeps each slot's runs in batch order.
-        chosen = sorted(((a[k], start, count) for start, count, a in runs if len(a) > k), key=lambda c: c[0][0])
-        counts = torch.tensor([c for _, _, c in chosen], dtype=torch.int64)
-        token_idx = torch.cat([torch.arange(start, start + count) for _, start, count in chosen])
+        chosen.sort(key=lambda c: c[0][0])
+        counts = torch.tensor([c for _, _, c, _ in chosen], dtype=torch.int64)
+        token_idx = torch.cat([torch.arange(start, start + count) for _, start, count, _ in chosen])
 
         def per_row(values, dtype):
             return torch.repeat_interleave(torch.tensor(values, dtype=dtype), counts)
 
-        slot_idx = per_row([a[0] for a, _, _ in chosen], torch.int64)
-        coeff = per_row([a[1] for a, _, _ in chosen], torch.float32) * slot_scales.float().cpu()[slot_idx]
-        lo = per_row([a[2] for a, _, _ in chosen], torch.int64)
-        hi = per_row([a[3] for a, _, _ in chosen], torch.int64)
+        slot_idx = per_row([a[0] for a, _, _, _ in chosen], torch.int64)
+        coeff = per_row([a[1] for a, _, _, _ in chosen], torch.float32) * slot_scales.float().cpu()[slot_idx]
+        lo = per_row([a[2] for a, _, _, _ in chosen], torch.int64)
+        hi = per_row([a[3] for a, _, _, _ in chosen], torch.int64)
         segments = []
         row = 0
-        for (slot, _, rank_lo, rank_hi), start, count in chosen:
+        for (slot, _, rank_lo, rank_hi), start, count, _ in chosen:
             segments.append(Segment(slot, row, row + count, start, rank_lo, rank_hi))
             row += count
         packing = None
@@ -182,7 +234,9 @@ def build_lora_plan(
             seg_slots=torch.tensor([s.slot for s in segments], dtype=torch.int64, device=device),
             segments=tuple(segments),
             mode=mode,
-            slot_range=packing[0] if packing else (0, 0),
+            mix_index=per_row([k for _, _, _, k in chosen], torch.int64).to(device),
+            unique_tokens=len(per_level) == depth,
+            slot_groups=packing[0] if packing else (),
             slot_rows=packing[1].to(device) if packing else None,
             packed_pos=packing[2].to(device) if packing else None,
         ))
@@ -196,7 +250,7 @@ def with_mode(level: LoraPlanLevel, mode: str) -> LoraPlanLevel:
     """The same level run with another formulation (for tests and benchmarks)."""
     if mode != "slots":
         return replace(level, mode=mode)
-    (lo, hi), slot_rows, packed_pos = _slot_packing(level.slot_idx.cpu(), max_padding=float("inf"))
+    groups, slot_rows, packed_pos = _slot_packing(level.slot_idx.cpu(), force=True)
     device = level.slot_idx.device
-    return replace(level, mode=mode, slot_range=(lo, hi), slot_rows=slot_rows.to(device),
+    return replace(level, mode=mode, slot_groups=groups, slot_rows=slot_rows.to(device),
                    packed_pos=packed_pos.to(device))

@@ -8,7 +8,9 @@ Segments skip inert rows on the host; everything else zeroes the
 contribution of rows that are not live, reading slot 0 / token 0 in their
 place, so no shape depends on how many rows are live (CUDA-graph safe).
 Coefficients and rank ranges are read from the plan's tensors, never from
-host copies, so they may be rewritten on the device between steps.
+host copies, so they may be rewritten on the device between steps. Every
+formulation adds its rows into `y` one after another (`addmm_`,
+`index_add_`), so a flat level, where a token has several rows, sums them.
 """
 
 from __future__ import annotations
@@ -28,16 +30,18 @@ def _live(level: LoraPlanLevel, slot_active: torch.Tensor) -> tuple[torch.Tensor
     return live, slots, torch.where(inert, 0, level.token_idx)
 
 
-def _packed_rows(rows: torch.Tensor, level: LoraPlanLevel) -> torch.Tensor:
-    """[N, d] rows -> [num_slots_in_range, m, d], zero where a slot has fewer rows."""
+def _slot_group_products(rows: torch.Tensor, weights: torch.Tensor, level: LoraPlanLevel) -> torch.Tensor:
+    """Mode "slots": out[n] = weights[slot[n]] @ rows[n], as one batched GEMM per slot group reading the
+    slot tensors in place. rows: [N, k]; weights: [S, out, k] -> [N, out] (inert rows get zeros)."""
     padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    return padded.index_select(0, level.slot_rows.reshape(-1)).view(*level.slot_rows.shape, rows.shape[1])
-
-
-def _unpacked_rows(packed: torch.Tensor, level: LoraPlanLevel) -> torch.Tensor:
-    """[num_slots_in_range, m, d] -> [N, d] in row order; inert rows read the zero row appended."""
-    flat = packed.reshape(-1, packed.shape[-1])
-    return torch.cat([flat, flat.new_zeros(1, flat.shape[1])]).index_select(0, level.packed_pos)
+    packed = padded.index_select(0, level.slot_rows)  # [P, k]
+    products, offset = [], 0
+    for lo, hi, m in level.slot_groups:
+        group = packed[offset:offset + (hi - lo) * m].view(hi - lo, m, rows.shape[1])
+        products.append(torch.bmm(group, weights[lo:hi].transpose(1, 2)).view(-1, weights.shape[1]))
+        offset += (hi - lo) * m
+    products.append(rows.new_zeros(1, weights.shape[1]))  # the place of inert rows
+    return torch.cat(products).index_select(0, level.packed_pos)
 
 
 def _stacked_rank_mask(level: LoraPlanLevel, width: int, num_subs: int, rows: slice = slice(None)) -> torch.Tensor:
@@ -72,8 +76,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
     live, slots, tokens = _live(level, slot_active)
     x_rows = x.index_select(0, tokens)
     if level.mode == "slots":
-        lo, hi = level.slot_range
-        h = _unpacked_rows(torch.bmm(_packed_rows(x_rows, level), lora_a[lo:hi].transpose(1, 2)), level)
+        h = _slot_group_products(x_rows, lora_a, level)
     else:
         h = torch.bmm(lora_a.index_select(0, slots), x_rows.unsqueeze(2)).squeeze(2)
     return h * (_stacked_rank_mask(level, width, num_subs) * live[:, None]).to(h.dtype)
@@ -98,8 +101,7 @@ def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, s
     factor, slots, tokens = rows
     h_scaled = (h.float() * factor).to(y_cols.dtype)
     if level.mode == "slots":
-        lo, hi = level.slot_range
-        delta = _unpacked_rows(torch.bmm(_packed_rows(h_scaled, level), lora_b[lo:hi].transpose(1, 2)), level)
+        delta = _slot_group_products(h_scaled, lora_b, level)
     else:
         delta = torch.bmm(lora_b.index_select(0, slots), h_scaled.unsqueeze(2)).squeeze(2)
     y_cols.index_add_(0, tokens, delta)
