@@ -6,7 +6,9 @@ hooks into a (frozen, possibly bfloat16) transformers Llama-style model:
 - a forward pre-hook on every decoder layer computes that layer's gate from the
   layer's input exactly as the engine does (loramux/composites/gates.py):
   g = softmax(W_g[l] · rmsnorm(x) / tau[l]), rmsnorm without a weight;
-- a forward hook on every targeted projection adds the composite's delta.
+- a forward hook on every targeted projection adds the composite's delta
+  (MoLE's per-projection gates, training only so far, are computed there, the
+  same way from the projection's own input).
 
 `tensors()` and `config()` give the contents of composite.safetensors and
 loramux_composite.json in the format loramux/composites/format.py reads, so
@@ -31,6 +33,13 @@ def _projection(layer, module: str) -> nn.Linear:
     return getattr(layer.self_attn if module in ATTENTION_MODULES else layer.mlp, module)
 
 
+def gate_softmax(x: torch.Tensor, weight: torch.Tensor, log_temperature: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, d], weight: [N, d], log_temperature: [] -> softmax(weight · rmsnorm(x) / tau): [B, T, N] float32."""
+    xs = x.float()
+    xs = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+    return torch.softmax(xs @ weight.T / log_temperature.exp(), dim=-1)
+
+
 class LayerGates(nn.Module):
     """One gate per decoder layer over N members: W [L, N, hidden] and a learned temperature per layer."""
 
@@ -41,15 +50,40 @@ class LayerGates(nn.Module):
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, hidden] the decoder layer's input -> g: [B, T, N] float32 (rows sum to 1)."""
-        xs = x.float()
-        xs = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + RMS_EPS)
-        return torch.softmax(xs @ self.weight[layer].T / self.log_temperature[layer].exp(), dim=-1)
+        return gate_softmax(x, self.weight[layer], self.log_temperature[layer])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for layer in range(self.weight.shape[0]):
             out[f"layers.{layer}.gate.weight"] = self.weight[layer].detach().float()
             out[f"layers.{layer}.gate.temperature"] = self.log_temperature[layer].detach().exp().float()
+        return out
+
+
+class ProjectionGates(nn.Module):
+    """One gate per (decoder layer, projection) over N members, reading the projection's own input:
+    per module W [L, N, d_in] and a learned temperature per layer and module."""
+
+    def __init__(self, num_layers: int, num_members: int, input_widths: dict[str, int], init_std: float,
+                 generator: torch.Generator):
+        super().__init__()
+        self.targets = list(input_widths)
+        self.weight = nn.ParameterDict({
+            module: nn.Parameter(torch.randn(num_layers, num_members, d_in, generator=generator) * init_std)
+            for module, d_in in input_widths.items()})
+        self.log_temperature = nn.Parameter(torch.zeros(num_layers, len(input_widths)))
+
+    def forward(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, d_in] the projection's input -> g: [B, T, N] float32 (rows sum to 1)."""
+        temperature = self.log_temperature[layer, self.targets.index(module)]
+        return gate_softmax(x, self.weight[module][layer], temperature)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for m, module in enumerate(self.targets):
+            for layer in range(self.weight[module].shape[0]):
+                out[f"layers.{layer}.{module}.gate.weight"] = self.weight[module][layer].detach().float()
+                out[f"layers.{layer}.{module}.gate.temperature"] = self.log_temperature[layer, m].detach().exp().float()
         return out
 
 
@@ -62,8 +96,8 @@ class HookedComposite(nn.Module):
         super().__init__()
         self.num_layers = num_layers
         self.targets = targets
-        self.gates: LayerGates | None = None
-        self.last_gates: list[torch.Tensor] = []  # [B, T, N] per decoder layer, from the last forward
+        self.gates: LayerGates | ProjectionGates | None = None
+        self.last_gates: list[torch.Tensor] = []  # [B, T, N] per gate (layer or projection) of the last forward
 
     def delta(self, layer: int, module: str, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         """x: [B, T, d_in] float32, g: [B, T, N] or None -> the projection's added output [B, T, d_out]."""
@@ -77,13 +111,18 @@ class HookedComposite(nn.Module):
         for l, layer in enumerate(model.model.layers):
             def pre(_, args, kwargs, l=l):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                state["g"] = self.gates(l, hidden) if self.gates is not None else None
+                state["g"] = self.gates(l, hidden) if isinstance(self.gates, LayerGates) else None
                 if state["g"] is not None:
                     self.last_gates.append(state["g"])
             handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
             for module in self.targets:
                 def post(_, inputs, out, l=l, module=module):
-                    return out + self.delta(l, module, inputs[0].float(), state["g"]).to(out.dtype)
+                    x = inputs[0].float()
+                    g = state["g"]
+                    if isinstance(self.gates, ProjectionGates):  # this projection's gate reads its own input
+                        g = self.gates(l, module, x)
+                        self.last_gates.append(g)
+                    return out + self.delta(l, module, x, g).to(out.dtype)
                 handles.append(_projection(layer, module).register_forward_hook(post))
         try:
             yield self
@@ -104,16 +143,25 @@ def _peft_tensor_key(layer: int, module: str, factor: str) -> str:
 
 
 class TrainableMoLE(HookedComposite):
-    """Learned per-layer gates over N frozen LoRA members: y += sum_i g_i s_i B_i A_i x."""
+    """Learned gates over N frozen LoRA members: y += sum_i g_i s_i B_i A_i x, with g per decoder layer
+    (`granularity` "layer", from the layer's input) or per projection ("projection", from its own input)."""
 
     kind = "mole"
 
-    def __init__(self, members: dict[str, LoraAdapter], num_layers: int, hidden: int, seed: int):
+    def __init__(self, members: dict[str, LoraAdapter], shapes: dict[str, tuple[int, int]], num_layers: int,
+                 hidden: int, seed: int, granularity: str = "layer"):
         targets = tuple(m for m in LORA_TARGET_MODULES if any(m in a.target_modules for a in members.values()))
         super().__init__(num_layers, targets)
         self.member_names = list(members)
+        self.granularity = granularity
         generator = torch.Generator().manual_seed(seed)
-        self.gates = LayerGates(num_layers, len(members), hidden, 0.01, generator)
+        if granularity == "layer":
+            self.gates = LayerGates(num_layers, len(members), hidden, 0.01, generator)
+        elif granularity == "projection":
+            self.gates = ProjectionGates(num_layers, len(members), {m: shapes[m][1] for m in targets}, 0.01,
+                                         generator)
+        else:
+            raise ValueError(f"MoLE gate granularity must be 'layer' or 'projection', not {granularity!r}")
         # Members are frozen buffers: per (layer, module) their A stacked along the rank [sum r, d_in], B along
         # the rank [d_out, sum r], and each rank row's member and scale, so one matmul pair serves all members.
         self._stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -139,7 +187,7 @@ class TrainableMoLE(HookedComposite):
         return self.gates.tensors()
 
     def config(self) -> dict:
-        return {"type": "mole", "members": self.member_names, "gate": {"granularity": "layer", "top_k": 0}}
+        return {"type": "mole", "members": self.member_names, "gate": {"granularity": self.granularity, "top_k": 0}}
 
 
 class SharedLora(nn.Module):

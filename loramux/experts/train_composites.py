@@ -5,7 +5,10 @@
 
 - mole: learned per-decoder-layer gates (and temperatures) over the nine frozen
   demo experts of --experts-dir, with the gate balancing loss -log prod_i q_i
-  (alpha = 0.5). Members are named by task, so the server pairs the gates with
+  (alpha = 0.5). --mole-granularity projection trains one gate per (decoder
+  layer, projection) instead, each reading its projection's input; the engine
+  does not serve those, so their held-out check runs through the hooks
+  (--heldout-via hooks). Members are named by task, so the server pairs the gates with
   the experts it registers under those names: re-run it when the experts change.
 - mor: one shared rank-8 LoRA with nine experts' lambda_A / lambda_B vectors and
   a router per decoder layer.
@@ -72,12 +75,14 @@ def load_experts(experts_dir: Path, shapes: dict, num_layers: int) -> dict[str, 
             for name in TASK_NAMES}
 
 
-def build_composite(method: str, model, experts_dir: Path, seed: int) -> HookedComposite:
+def build_composite(method: str, model, experts_dir: Path, seed: int, mole_granularity: str = "layer"
+                    ) -> HookedComposite:
     shape = ModelShape.from_hf_config(model.config)
     shapes, num_layers, hidden = shape.lora_target_shapes(), shape.num_layers, shape.hidden_size
     targets = tuple(TARGET_MODULES)
     if method == "mole":
-        return TrainableMoLE(load_experts(experts_dir, shapes, num_layers), num_layers, hidden, seed)
+        return TrainableMoLE(load_experts(experts_dir, shapes, num_layers), shapes, num_layers, hidden, seed,
+                             mole_granularity)
     if method == "mor":
         return TrainableMoR(shapes, num_layers, hidden, targets, len(TASKS), SHARED_RANK, seed)
     return TrainableMoRE(shapes, num_layers, hidden, targets, SHARED_RANK, MORE_RANK_CHOICES, TASK_NAMES,
@@ -174,21 +179,56 @@ def write_composite(composite: HookedComposite, folder: Path, card_fields: dict,
     return folder
 
 
+def heldout_items(per_task: int, seed: int) -> list[tuple[str, str, str]]:
+    """(task, prompt, answer) of `per_task` held-out phrasings of every task, drawn from `seed`."""
+    rng = random.Random(seed)
+    return [(task.name, *task.sample(rng, "heldout")) for task in TASKS for _ in range(per_task)]
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def exact_match(items: list[tuple[str, str, str]], texts: list[str]) -> dict:
+    """Overall and per-task share of generated `texts` that equal their item's answer (stripped)."""
+    hits: dict[str, list[bool]] = {}
+    for (task, _, answer), text in zip(items, texts):
+        hits.setdefault(task, []).append(text.strip() == answer)
+    return {"overall": round(sum(sum(h) for h in hits.values()) / len(items), 3),
+            "per_task": {task: round(sum(h) / len(h), 3) for task, h in hits.items()},
+            "per_task_prompts": len(items) // len(hits)}
+
+
 def heldout_exact_match(engine, name: str, kind: str, per_task: int, seed: int, max_tokens: int = 48) -> dict:
     """Greedy exact match of composite `name` served by `engine` on every task's held-out phrasings."""
     from loramux.engine import SamplingParams
 
-    rng = random.Random(seed)
-    items = [(task.name, *task.sample(rng, "heldout")) for task in TASKS for _ in range(per_task)]
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                    add_generation_prompt=True) for _, prompt, _ in items]
+    items = heldout_items(per_task, seed)
+    prompts = [chat_prompt(engine.tokenizer, prompt) for _, prompt, _ in items]
     mixes = [[{"name": name, "task": task}] if kind == "more" else [name] for task, _, _ in items]
     outputs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), mixes)
-    hits: dict[str, list[bool]] = {}
-    for (task, _, answer), [out] in zip(items, outputs):
-        hits.setdefault(task, []).append(out.new_text.strip() == answer)
-    return {"overall": round(sum(sum(h) for h in hits.values()) / len(items), 3),
-            "per_task": {task: round(sum(h) / len(h), 3) for task, h in hits.items()}, "per_task_prompts": per_task}
+    return exact_match(items, [out.new_text for [out] in outputs]) | {"via": "engine"}
+
+
+def hooked_heldout_exact_match(composite: HookedComposite, model, tokenizer, per_task: int, seed: int,
+                               max_tokens: int = 48, batch_size: int = 24) -> dict:
+    """The same check through the training forward: transformers' greedy generate with the composite's hooks,
+    for composites the engine does not serve (MoLE with per-projection gates). MoRE is not handled."""
+    items = heldout_items(per_task, seed)
+    texts = []
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(items), batch_size):
+            prompts = [chat_prompt(tokenizer, prompt) for _, prompt, _ in items[start:start + batch_size]]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad(), composite.attached(model):
+                out = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    return exact_match(items, texts) | {"via": "hooks"}
 
 
 def serving_engine(experts_dir: Path, model: str | None, dtype: str = "auto"):
@@ -229,7 +269,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout-per-task", type=int, default=8,
                         help="held-out prompts per task in the check through the engine (0: no check)")
     parser.add_argument("--heldout-max-tokens", type=int, default=48, help="tokens generated per held-out prompt")
+    parser.add_argument("--heldout-via", choices=["engine", "hooks"], default="engine",
+                        help="serve the held-out check with the engine, or with transformers and the training hooks "
+                             "(mole and mor only)")
+    parser.add_argument("--mole-granularity", choices=["layer", "projection"], default="layer",
+                        help="one MoLE gate per decoder layer, or per (decoder layer, projection): the engine "
+                             "serves only 'layer', so 'projection' needs --heldout-via hooks or --heldout-per-task 0")
     args = parser.parse_args(argv)
+    if args.heldout_per_task and args.heldout_via == "engine" and args.mole_granularity == "projection":
+        parser.error("the engine does not serve per-projection MoLE gates: pass --heldout-via hooks")
+    if args.heldout_per_task and args.heldout_via == "hooks" and "more" in args.methods:
+        parser.error("--heldout-via hooks does not check MoRE (its task is set per row): drop it from --methods")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -242,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     written = []
     for method in args.methods:
         seed = args.seed + METHODS.index(method)
-        composite = build_composite(method, model, experts_dir, seed)
+        composite = build_composite(method, model, experts_dir, seed, args.mole_granularity)
         training = train_composite(composite, model, checkpoint.tokenizer, args.steps or DEFAULT_STEPS[method],
                                    args.batch_size, LEARNING_RATES[method], seed, args.cpu_budget_s,
                                    args.wall_budget_s)
@@ -251,13 +301,17 @@ def main(argv: list[str] | None = None) -> None:
             training["selected_ranks"] = composite.selected_ranks()
         folder = write_composite(composite, Path(args.out) / f"{method}_demo", card(method, seed), training)
         logger.info("%s trained in %.0f CPU s -> %s", method, training["cpu_seconds"], folder)
-        written.append((method, folder, training))
+        written.append((method, composite, folder, training))
     if args.heldout_per_task:
-        engine = serving_engine(experts_dir, args.model)
-        for method, folder, training in written:
-            engine.add_adapter(folder.name, str(folder))
-            score = heldout_exact_match(engine, folder.name, method, args.heldout_per_task, args.seed,
-                                        args.heldout_max_tokens)
+        engine = serving_engine(experts_dir, args.model) if args.heldout_via == "engine" else None
+        for method, composite, folder, training in written:
+            if engine is None:
+                score = hooked_heldout_exact_match(composite, model, checkpoint.tokenizer, args.heldout_per_task,
+                                                   args.seed, args.heldout_max_tokens)
+            else:
+                engine.add_adapter(folder.name, str(folder))
+                score = heldout_exact_match(engine, folder.name, method, args.heldout_per_task, args.seed,
+                                            args.heldout_max_tokens)
             logger.info("%s held-out exact match %.3f %s", folder.name, score["overall"], score["per_task"])
             training["heldout_exact_match"] = score
             config = json.loads((folder / COMPOSITE_CONFIG_FILE).read_text())
