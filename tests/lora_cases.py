@@ -126,20 +126,23 @@ RANKS = [4, 8, 16, 64, 8, 4, 16, 64]  # a pool padded to rank 64, ranks 4..64
 
 def run_case(shrink, expand, pattern: str, run_len: int, depth: int, mode: str, num_tokens: int, d_in: int,
              d_outs: list[int], dtype=torch.float32, device="cpu", seed=0, inert=False, coeff_factor=1.0,
-             inactive=(), r_max=64, flat=False):
+             inactive=(), r_max=64, flat=False, slot_dtype=None):
     """Fused shrink + expand of every plan level against the float32 per-token loop.
 
     Sub-projections of uneven widths (d_outs), so column tiles meet their
     boundaries. inert: slot -1 rows pointing at real tokens appended to each
     level; coeff_factor: the plan's coeff tensors are scaled in place after the
     plan is built (the ops must read them there); inactive: slots marked as not
-    targeting this linear in `slot_active`; flat: one plan level for every assignment. Returns (got, expected), float32 on the CPU.
+    targeting this linear in `slot_active`; flat: one plan level for every
+    assignment; slot_dtype: the slot tensors' dtype when it differs from x's
+    and y's. Returns (got, expected), float32 on the CPU.
     """
     a, b, scales, subs = fused_pool(RANKS, r_max, d_in, d_outs, seed)
     runs = random_runs(pattern, num_tokens, len(RANKS), RANKS, depth, run_len, seed=POPULARITY.index(pattern))
     x = torch.randn(num_tokens, d_in, generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
     base = torch.randn(num_tokens, sum(d_outs)).to(dtype)
-    to = dict(device=device, dtype=dtype)
+    slot_dtype = slot_dtype or dtype
+    to = dict(device=device, dtype=slot_dtype)
     y, a_dev, b_dev = base.to(device).clone(), a.to(**to).contiguous(), b.to(**to).contiguous()
     active = torch.tensor([s not in inactive for s in range(len(RANKS))], dtype=torch.int32, device=device)
     for level in plan_for(runs, scales, r_max, device, flat=flat).levels:
@@ -151,5 +154,5 @@ def run_case(shrink, expand, pattern: str, run_len: int, depth: int, mode: str, 
         expand(y, b_dev, h, active, level, sub_starts(d_outs))
     live_runs = [(start, count, [(s, w * coeff_factor, lo, hi) for s, w, lo, hi in assignments if s not in inactive])
                  for start, count, assignments in runs]
-    rounded = [(sa.to(dtype).float(), sb.to(dtype).float()) for sa, sb in subs]
+    rounded = [(sa.to(slot_dtype).float(), sb.to(slot_dtype).float()) for sa, sb in subs]
     return y.float().cpu(), base.float() + fused_reference(x.float(), rounded, scales, live_runs, d_outs)

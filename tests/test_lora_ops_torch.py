@@ -72,6 +72,15 @@ def test_rows_of_slots_inactive_for_the_linear_contribute_nothing(mode):
     check("uniform", 2, 2, mode, inactive=(1, 3, 6))
 
 
+@pytest.mark.parametrize("run_len", [1, 13])
+@pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
+def test_bfloat16_activations_with_float32_slots(run_len, mode):
+    """The CPU keeps a bfloat16 model's slots in float32: the ops cast x up and add the delta to y once."""
+    got, expected = run_case(torch_ref.lora_shrink, torch_ref.lora_expand, "zipf", run_len, 2, mode, num_tokens=37,
+                             d_in=24, d_outs=[40, 16, 16], dtype=torch.bfloat16, slot_dtype=torch.float32)
+    torch.testing.assert_close(got, expected, rtol=5e-2, atol=5e-2)  # y is rounded to bfloat16 once per level
+
+
 def test_plan_sorts_rows_into_one_segment_per_slot():
     runs = [(0, 3, [(2, 1.0, 0, 4)]), (3, 1, [(0, 1.0, 0, 4)]), (4, 2, [(2, 0.5, 0, 4)]), (7, 1, [])]
     [level] = plan_for(runs, torch.ones(3), 4).levels

@@ -26,7 +26,7 @@ class LoraSlotPool:
         self.slot_of: dict[str, int] = {}
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.device = device
-        self.dtype = self.lora_linears[0][1].weight.dtype
+        self.dtype = self.lora_linears[0][1].slot_dtype  # adapters load in the slots' dtype
 
     def __contains__(self, name: str) -> bool:
         return name in self.slot_of

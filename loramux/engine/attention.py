@@ -12,6 +12,8 @@ start. Backends:
 - `torch`: the reference kernels (same signatures, a loop over sequences).
 - `sdpa` (the CPU fast path): gathers each step's context and runs batched
   SDPA per span; its gather indices (`SdpaPlan`) are built once per step.
+  Decode gathers whole cache blocks and folds each KV head's query heads
+  into the query rows of one SDPA call (see `SdpaAttention`).
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ class PrefillSpan:
 class SdpaPlan:
     """The sdpa backend's gather indices, built once per step.
 
-    decode_gather: [B, L] cache slots each decode row reads (padded);
-    decode_mask: [B, 1, 1, L] bool, True where the slot is part of the context.
+    decode_blocks: [B, nb] cache blocks each decode row reads, its block table's
+    first nb entries (nb covers the longest context; padding reads block 0);
+    decode_mask: [B, 1, 1, nb * block_size] bool, True where the slot is part of the context.
     """
 
-    decode_gather: torch.Tensor | None
+    decode_blocks: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefills: list[PrefillSpan]
 
@@ -87,6 +90,17 @@ def gather_rows(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, index.reshape(-1)).view(*index.shape, *cache.shape[1:])
 
 
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Whole cache blocks, heads first: cache [num_slots, H, D], blocks [B, nb] -> [B, H, nb * block_size, D].
+
+    One row per block of block_size * H * D contiguous values: an order of
+    magnitude fewer, longer copies than gathering slot by slot.
+    """
+    per_block = cache.view(-1, block_size * cache.shape[1] * cache.shape[2])
+    rows = per_block.index_select(0, blocks.reshape(-1))
+    return rows.view(blocks.shape[0], -1, *cache.shape[1:]).transpose(1, 2)
+
+
 def build_sdpa_plan(tables: torch.Tensor, positions: torch.Tensor, num_decode: int,
                     prefill_chunks: list[tuple[int, int]], block_size: int, sliding_window: int | None,
                     device: torch.device) -> SdpaPlan:
@@ -95,10 +109,11 @@ def build_sdpa_plan(tables: torch.Tensor, positions: torch.Tensor, num_decode: i
     tables: [N, max_blocks] int64 block tables, decode sequences first; positions: [T];
     prefill_chunks: (first position, new tokens) of each prefill sequence, in batch order.
     """
-    decode_gather = decode_mask = None
+    decode_blocks = decode_mask = None
     if num_decode:
-        key_pos = torch.arange(int(positions[:num_decode].max()) + 1)[None, :].expand(num_decode, -1)
-        decode_gather = context_slots(tables[:num_decode], key_pos, block_size).to(device)
+        num_blocks = int(positions[:num_decode].max()) // block_size + 1
+        decode_blocks = tables[:num_decode, :num_blocks].to(device)
+        key_pos = torch.arange(num_blocks * block_size)[None, :]
         decode_mask = window_mask(positions[:num_decode, None], key_pos, sliding_window)[:, None, None, :].to(device)
     prefills: list[PrefillSpan] = []
     row = num_decode
@@ -119,7 +134,7 @@ def build_sdpa_plan(tables: torch.Tensor, positions: torch.Tensor, num_decode: i
             mask = window_mask(positions[row:row + n, None], key_pos[None, :], sliding_window).to(device)
             prefills.append(PrefillSpan(row, n, 1, context_slots(tables[i], key_pos, block_size).to(device), mask))
         row += n
-    return SdpaPlan(decode_gather, decode_mask, prefills)
+    return SdpaPlan(decode_blocks, decode_mask, prefills)
 
 
 class AttentionBackend:
@@ -183,21 +198,31 @@ class PagedKernelAttention(AttentionBackend):
 
 
 class SdpaAttention(AttentionBackend):
-    """The CPU fast path: batched SDPA over gathered K/V (decode) and per prefill span."""
+    """The CPU fast path: batched SDPA over gathered K/V (decode) and per prefill span.
+
+    Decode runs one SDPA call with the query heads that share a KV head as
+    that head's query rows ([B, Hkv, group, D] against [B, Hkv, L, D], one mask
+    row per sequence): the same attention as `enable_gqa` with one query each,
+    which torch's CPU kernels run several times slower (12x in bfloat16).
+    """
 
     name = "sdpa"
     uses_sdpa_plan = True
 
     def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         plan = meta.sdpa
-        out = torch.empty_like(q)
         gqa = q.shape[1] != k.shape[1]
         if meta.num_decode:
-            nd = meta.num_decode
-            keys = gather_rows(k_cache, plan.decode_gather).transpose(1, 2)  # [B, Hkv, L, D]
-            values = gather_rows(v_cache, plan.decode_gather).transpose(1, 2)
-            out[:nd] = F.scaled_dot_product_attention(
-                q[:nd].unsqueeze(2), keys, values, attn_mask=plan.decode_mask, enable_gqa=gqa).squeeze(2)
+            nd, num_kv_heads = meta.num_decode, k.shape[1]
+            keys = gather_blocks(k_cache, plan.decode_blocks, self.block_size)
+            values = gather_blocks(v_cache, plan.decode_blocks, self.block_size)
+            grouped = q[:nd].view(nd, num_kv_heads, -1, q.shape[2])
+            decoded = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=plan.decode_mask)
+            if not plan.prefills:
+                return decoded.view(q.shape)
+        out = torch.empty_like(q)
+        if meta.num_decode:
+            out[:nd] = decoded.view(nd, *q.shape[1:])
         for span in plan.prefills:
             rows = slice(span.start, span.start + span.length * span.num_seqs)
 

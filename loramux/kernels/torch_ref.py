@@ -62,19 +62,21 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
 
     x: [T, d_in]; lora_a: [S, num_subs * r_max, d_in] (the fused
     sub-projections' A stacked along the rank); slot_active: [S] int32,
-    non-zero where the slot's adapter targets this linear; returns h: [N, num_subs * r_max] in x's dtype.
+    non-zero where the slot's adapter targets this linear; returns h: [N, num_subs * r_max] in lora_a's dtype
+    (x is cast to it: the slot tensors may be kept in float32 for a bfloat16 model).
     """
     width = lora_a.shape[1]
     if level.mode == "segments":
-        h = x.new_zeros(level.num_rows, width)
+        h = lora_a.new_zeros(level.num_rows, width)
         for seg in level.segments:
             if seg.slot >= 0:
                 rows = slice(seg.start, seg.end)
-                torch.matmul(x[seg.token:seg.token + seg.end - seg.start], lora_a[seg.slot].T, out=h[rows])
+                x_seg = x[seg.token:seg.token + seg.end - seg.start].to(lora_a.dtype)
+                torch.matmul(x_seg, lora_a[seg.slot].T, out=h[rows])
                 h[rows] *= _stacked_rank_mask(level, width, num_subs, rows) * slot_active[seg.slot]
         return h
     live, slots, tokens = _live(level, slot_active)
-    x_rows = x.index_select(0, tokens)
+    x_rows = x.index_select(0, tokens).to(lora_a.dtype)
     if level.mode == "slots":
         h = _slot_group_products(x_rows, lora_a, level)
     else:
@@ -82,29 +84,17 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
     return h * (_stacked_rank_mask(level, width, num_subs) * live[:, None]).to(h.dtype)
 
 
-def _expand_block(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
-                  level: LoraPlanLevel, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
-    """y_cols[token[n]] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, lo:hi] for one sub-projection.
-
-    rows: for the gathered modes, (h's per-row factor [N, r_max], slots, tokens) from `_scaled_rows`,
-    shared by the sub-projections of one expand; None for segments.
-    """
-    if level.mode == "segments":
-        # A segment's rows share their rank range: slice it (the plan's host copy); coefficients stay on the device.
-        for seg in level.segments:
-            if seg.slot >= 0:
-                lo, hi = seg.rank_lo, seg.rank_hi
-                scale = level.coeff[seg.start:seg.end, None] * slot_active[seg.slot]
-                scaled = (h[seg.start:seg.end, lo:hi].float() * scale).to(y_cols.dtype)
-                y_cols[seg.token:seg.token + seg.end - seg.start].addmm_(scaled, lora_b[seg.slot, :, lo:hi].T)
-        return
-    factor, slots, tokens = rows
-    h_scaled = (h.float() * factor).to(y_cols.dtype)
-    if level.mode == "slots":
-        delta = _slot_group_products(h_scaled, lora_b, level)
-    else:
-        delta = torch.bmm(lora_b.index_select(0, slots), h_scaled.unsqueeze(2)).squeeze(2)
-    y_cols.index_add_(0, tokens, delta)
+def _expand_segments(y_cols: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
+                     level: LoraPlanLevel) -> None:
+    """y_cols[token[n]] += coeff[n] * B[slot[n]][:, lo:hi] @ h[n, lo:hi] for one sub-projection, segment by segment."""
+    # A segment's rows share their rank range: slice it (the plan's host copy); coefficients stay on the device.
+    for seg in level.segments:
+        if seg.slot >= 0:
+            lo, hi = seg.rank_lo, seg.rank_hi
+            scale = level.coeff[seg.start:seg.end, None] * slot_active[seg.slot]
+            scaled = (h[seg.start:seg.end, lo:hi].float() * scale).to(lora_b.dtype)
+            delta = scaled @ lora_b[seg.slot, :, lo:hi].T
+            y_cols[seg.token:seg.token + seg.end - seg.start] += delta.to(y_cols.dtype)
 
 
 def _scaled_rows(level: LoraPlanLevel, slot_active: torch.Tensor, r_max: int
@@ -124,13 +114,27 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
     y: [T, d_total] (updated in place); lora_b: [S, d_total, r_max] (the
     sub-projections' B stacked along the output); h: [N, n_sub * r_max] from
     `lora_shrink`; slot_active: [S] int32; coeff, lo and hi come from the plan level.
+    The deltas are computed in lora_b's dtype and added to y once.
     """
     d_total, r_max = lora_b.shape[1], lora_b.shape[2]
-    rows = None if level.mode == "segments" else _scaled_rows(level, slot_active, r_max)
     ends = list(sub_starts[1:]) + [d_total]
-    for i, (start, end) in enumerate(zip(sub_starts, ends)):
-        _expand_block(y[:, start:end], lora_b[:, start:end], h[:, i * r_max:(i + 1) * r_max], slot_active, level,
-                      rows)
+    blocks = [(slice(start, end), slice(i * r_max, (i + 1) * r_max))  # (columns of y, ranks of h) per sub-projection
+              for i, (start, end) in enumerate(zip(sub_starts, ends))]
+    if level.mode == "segments":
+        for cols, ranks in blocks:
+            _expand_segments(y[:, cols], lora_b[:, cols], h[:, ranks], slot_active, level)
+        return
+    # The gathered modes add the whole delta row of every sub-projection in one index_add_: small
+    # column-slice updates cost more than the GEMMs at decode shapes.
+    factor, slots, tokens = _scaled_rows(level, slot_active, r_max)
+    h_scaled = (h.float() * factor.repeat(1, len(blocks))).to(lora_b.dtype)
+    if level.mode == "slots":
+        parts = [_slot_group_products(h_scaled[:, ranks], lora_b[:, cols], level) for cols, ranks in blocks]
+    else:
+        b_rows = lora_b.index_select(0, slots)
+        parts = [torch.bmm(b_rows[:, cols], h_scaled[:, ranks, None]).squeeze(2) for cols, ranks in blocks]
+    delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    y.index_add_(0, tokens, delta.to(y.dtype))
 
 
 def warm_up(shapes: Iterable[tuple[int, tuple[int, ...]]], r_max: int, dtype: torch.dtype,
