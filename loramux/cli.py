@@ -179,6 +179,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from loramux.engine import Engine
+    from loramux.engine.async_engine import AsyncEngine
     from loramux.router import attach_router
     from loramux.server import create_app
     from loramux.server.serve import serve
@@ -186,9 +187,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = server_config_from_args(args)
     if args.adapter_store is None:
         args.adapter_store = str(DEFAULT_ADAPTER_STORE)
-    engine = Engine(engine_config_from_args(args))
-    router = attach_router(engine) if engine.config.router.enabled else None
-    app = create_app(engine, server, router)
+    router = None
+
+    def build_engine() -> Engine:  # on the thread that will step it, see AsyncEngine
+        nonlocal router
+        engine = Engine(engine_config_from_args(args))
+        router = attach_router(engine) if engine.config.router.enabled else None  # embeds every adapter's card
+        return engine
+
+    async_engine = AsyncEngine(build_engine)
+    engine = async_engine.engine
+    app = create_app(engine, server, router, async_engine)
     s3 = s3_config_from_args(args)
     if s3 is not None:
         from loramux.adapters_store.s3_store import S3AdapterStore
