@@ -13,6 +13,14 @@ token ids, sent as ids over HTTP), 64 new tokens, greedy, EOS ignored, streamed 
 Both engines are built from the same `serve` arguments. Tokens/s counts generated tokens from the first
 request sent to the last token received. For the HTTP rows the CPU seconds of the client (this process)
 and of the server process are reported too: the client shares the machine's cores with the server.
+Every row also counts the engine steps and the seconds spent inside them (the server's from its /metrics),
+which splits a path's cost over the engine alone into more steps (requests joining the batch over several
+steps), slower steps (contention with the path's other threads) and time outside the steps. The voluntary
+context switches per step of the process that steps the engine (all its threads) show waiting: a thread
+that waits for the GIL (or a lock) blocks and switches, so threads taking turns on the GIL inside every
+step would show as hundreds or thousands per step where the engine alone shows a handful. The event loop's
+CPU seconds (the main thread of this process for `async`, of the server for `http`) bound what that thread's
+Python work can take from the engine thread: the two share one GIL.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import torch
 
 from loadtest.bench_common import machine_description
 from loadtest.client import send
+from loadtest.server_metrics import scrape
 from loadtest.server_process import ServerProcess
 from loadtest.traffic import PlannedRequest
 from loramux.adapters_store.synthetic import write_random_adapter
@@ -46,25 +55,57 @@ from loramux.engine.loader import load_checkpoint
 from loramux.engine.model import ModelShape
 
 logger = logging.getLogger("bench_http")
+STEP_COUNT, STEP_SECONDS = "loramux_step_duration_seconds_count", "loramux_step_duration_seconds_sum"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Steps:
+    """The engine steps of one run: how many, and the seconds spent inside them."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
 
 
 @dataclass
 class Measurement:
     tokens_per_s: float
+    wall_s: float  # first request sent to last token received
+    steps: int  # engine steps taken
+    step_s: float  # seconds inside those steps
+    switches_per_step: float  # voluntary context switches of the stepping process (all threads) per step
+    loop_cpu_s: float | None  # CPU seconds of the event-loop thread beside the engine thread (None: no loop)
     client_cpu_s: float  # this process's CPU seconds during the run
     server_cpu_s: float | None = None  # the server process's, for the HTTP row
     load_average: float = 0.0  # 1-minute load average at the end of the run
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def process_cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process, all its threads, or of its thread `tid` (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], models: list[str | None], new_tokens: int) -> float:
-    """Every request at once, `Engine.step` until all are done -> generated tokens/s."""
+def voluntary_switches(pid: int) -> int:
+    """Voluntary context switches of every thread of a process so far (Linux /proc): each is a wait that blocked."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        total += int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
+    return total
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], models: list[str | None], new_tokens: int,
+               steps: Steps) -> float:
+    """Every request at once, `Engine.step` until all are done -> wall seconds."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     batch = uuid.uuid4().hex
     start = time.perf_counter()
@@ -72,19 +113,23 @@ def run_engine(engine: Engine, prompts: list[list[int]], models: list[str | None
         engine.add_request(f"direct-{batch}-{i}", prompt, params, [model] if model else [])
     produced = 0
     while engine.has_unfinished_requests():
-        produced += sum(len(out.new_token_ids) for out in engine.step())
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        steps.add(time.perf_counter() - step_start)
+        produced += sum(len(out.new_token_ids) for out in outputs)
     elapsed = time.perf_counter() - start
     assert produced == len(prompts) * new_tokens, produced
-    return produced / elapsed
+    return elapsed
 
 
 async def run_async_engine(engine: Engine, prompts: list[list[int]], models: list[str | None],
-                           new_tokens: int) -> float:
-    """Every request submitted to an `AsyncEngine` over `engine`, one consumer task each -> generated tokens/s.
+                           new_tokens: int, steps: Steps) -> float:
+    """Every request submitted to an `AsyncEngine` over `engine`, one consumer task each -> wall seconds.
 
     The `AsyncEngine` (its step thread) lives for this run only: `run_engine` steps the same engine directly.
     """
     async_engine = AsyncEngine(engine)
+    async_engine.step_listeners.append(steps.add)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     batch = uuid.uuid4().hex
 
@@ -99,32 +144,47 @@ async def run_async_engine(engine: Engine, prompts: list[list[int]], models: lis
     finally:
         async_engine.shutdown()
     assert produced == len(prompts) * new_tokens, produced
-    return produced / elapsed
+    return elapsed
 
 
-async def run_http(url: str, prompts: list[list[int]], models: list[str], new_tokens: int) -> float:
-    """One streaming completion per prompt, all at once, over one connection each -> generated tokens/s."""
+async def run_http(url: str, prompts: list[list[int]], models: list[str], new_tokens: int, steps: Steps) -> float:
+    """One streaming completion per prompt, all at once, over one connection each -> wall seconds.
+
+    The server's steps come from its /metrics, scraped before and after."""
     planned = [PlannedRequest({"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
                                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}},
                               (model,)) for prompt, model in zip(prompts, models)]
     limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(send(client, p, time.monotonic()) for p in planned))
-        elapsed = time.perf_counter() - start
+    with httpx.Client(base_url=url, timeout=60) as metrics_client:
+        before = scrape(metrics_client)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            start = time.perf_counter()
+            results = await asyncio.gather(*(send(client, p, time.monotonic()) for p in planned))
+            elapsed = time.perf_counter() - start
+        after = scrape(metrics_client)
+    steps.count += round(after[STEP_COUNT] - before[STEP_COUNT])
+    steps.seconds += after[STEP_SECONDS] - before[STEP_SECONDS]
     errors = [r.error for r in results if r.error]
     assert not errors, errors[:3]
     produced = sum(r.output_tokens for r in results)
     assert produced == len(prompts) * new_tokens, produced
-    return produced / elapsed
+    return elapsed
 
 
-def measured(run, server_pid: int | None = None) -> Measurement:
-    """Run `run()` (-> tokens/s) and take the CPU seconds spent meanwhile."""
+def measured(run, tokens: int, server_pid: int | None = None, event_loop: bool = True) -> Measurement:
+    """Run `run(steps)` (-> wall seconds) and take its steps and the CPU seconds spent meanwhile.
+
+    `event_loop`: the stepping process's main thread runs an event loop beside the engine thread."""
+    steps = Steps()
+    stepping_pid = server_pid or os.getpid()
     cpu, server_cpu = time.process_time(), server_pid and process_cpu_seconds(server_pid)
-    tokens_per_s = run()
-    return Measurement(tokens_per_s, time.process_time() - cpu,
-                       server_pid and process_cpu_seconds(server_pid) - server_cpu, os.getloadavg()[0])
+    loop_cpu, switches = process_cpu_seconds(stepping_pid, stepping_pid), voluntary_switches(stepping_pid)
+    wall = run(steps)
+    switches = voluntary_switches(stepping_pid) - switches
+    loop_cpu = process_cpu_seconds(stepping_pid, stepping_pid) - loop_cpu if event_loop else None
+    return Measurement(tokens / wall, wall, steps.count, steps.seconds, switches / max(steps.count, 1), loop_cpu,
+                       time.process_time() - cpu, server_pid and process_cpu_seconds(server_pid) - server_cpu,
+                       os.getloadavg()[0])
 
 
 def main() -> None:
@@ -173,15 +233,15 @@ def main() -> None:
             servers[key] = ServerProcess([*serve_args, "--adapter-store", str(tmp / f"store-{key}")],
                                          tmp / f"{key}.log", startup_timeout=900, cwd=tree)
         # Warm-up: every adapter paged in on every side, each server's first requests served.
-        run_engine(engine, prompts, direct_models, 2)
+        run_engine(engine, prompts, direct_models, 2, Steps())
         for server in servers.values():
-            loop.run_until_complete(run_http(server.url, prompts, models, 2))
-        runs = {"engine": (lambda: run_engine(engine, prompts, direct_models, args.new_tokens), None),
-                "async": (lambda: loop.run_until_complete(run_async_engine(engine, prompts, direct_models,
-                                                                           args.new_tokens)), None)}
+            loop.run_until_complete(run_http(server.url, prompts, models, 2, Steps()))
+        runs = {"engine": (lambda steps: run_engine(engine, prompts, direct_models, args.new_tokens, steps), None),
+                "async": (lambda steps: loop.run_until_complete(run_async_engine(engine, prompts, direct_models,
+                                                                                 args.new_tokens, steps)), None)}
         for key, server in servers.items():
-            runs[key] = (lambda url=server.url: loop.run_until_complete(run_http(url, prompts, models,
-                                                                                 args.new_tokens)), server.proc.pid)
+            runs[key] = (lambda steps, url=server.url: loop.run_until_complete(
+                run_http(url, prompts, models, args.new_tokens, steps)), server.proc.pid)
         if args.py_spy:
             profilers = [subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
                                            str(server.proc.pid), "--threads", "--nonblocking", "--rate", "50",
@@ -191,7 +251,7 @@ def main() -> None:
         results: dict[str, list[Measurement]] = {key: [] for key in runs}
         for _ in range(args.rounds):
             for key, (run, server_pid) in runs.items():
-                results[key].append(measured(run, server_pid))
+                results[key].append(measured(run, n * args.new_tokens, server_pid, event_loop=key != "engine"))
     finally:
         for profiler in profilers:
             profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
@@ -207,10 +267,13 @@ def main() -> None:
                 engine.model_id, n, "base model only" if args.base else f"each its own rank-{args.rank} adapter "
                 "(all 7 projections)", args.prompt_len, args.new_tokens,
                 f"; http@ref serves {args.reference_tree}" if args.reference_tree else "")
-    logger.info("%-9s %10s %10s %14s %14s %8s", "path", "tokens/s", "best", "client CPU s", "server CPU s", "load")
+    logger.info("%-9s %10s %10s %7s %7s %9s %10s %14s %12s %14s %14s %8s", "path", "tokens/s", "best", "wall s",
+                "steps", "step s", "outside s", "switches/step", "loop CPU s", "client CPU s", "server CPU s", "load")
     for key, rows in results.items():
         for m in rows:
-            logger.info("%-9s %10.1f %10s %14.2f %14s %8.2f", key, m.tokens_per_s, "", m.client_cpu_s,
+            logger.info("%-9s %10.1f %10s %7.2f %7d %9.2f %10.2f %14.1f %12s %14.2f %14s %8.2f", key,
+                        m.tokens_per_s, "", m.wall_s, m.steps, m.step_s, m.wall_s - m.step_s, m.switches_per_step,
+                        "" if m.loop_cpu_s is None else f"{m.loop_cpu_s:.2f}", m.client_cpu_s,
                         "" if m.server_cpu_s is None else f"{m.server_cpu_s:.2f}", m.load_average)
         logger.info("%-9s %10s %10.1f", key, "", max(m.tokens_per_s for m in rows))
     best = {key: max(m.tokens_per_s for m in rows) for key, rows in results.items()}

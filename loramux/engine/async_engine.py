@@ -3,6 +3,12 @@
 The engine is not thread-safe, so every call that touches it (adding,
 aborting, adapter changes) is queued as a command and run by the loop thread
 between steps; results come back through futures and per-request queues.
+
+Given a function that builds the engine, the loop thread builds it too, so
+one thread does all of the engine's torch work: libgomp gives each thread
+that runs a parallel region its own team of worker threads, and once the
+process holds more of them than there are CPUs its workers sleep between
+regions instead of spinning (thousands of futex waits a step on CPU).
 """
 
 from __future__ import annotations
@@ -47,15 +53,18 @@ class ServerStoppingError(EngineDeadError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine | Callable[[], Engine]):
+        """Start the loop thread over `engine`, or over the engine that `engine()` builds on that thread
+        (this waits for the build and raises its error)."""
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopping = False
         self.step_listeners: list[Callable[[float], None]] = []  # called with each step's seconds (engine thread)
-        self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
+        built: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(engine, built), name="loramux-engine", daemon=True)
         self._thread.start()
+        self.engine: Engine = built.result()
 
     # ------------------------------------------------------------ public API
     async def call(self, fn: Callable[[Engine], T]) -> T:
@@ -130,6 +139,15 @@ class AsyncEngine:
             batches.setdefault(loop, []).append((stream, item))
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_put_all, batch)
+
+    def _run(self, engine: Engine | Callable[[], Engine], built: concurrent.futures.Future) -> None:
+        try:
+            self.engine = engine if isinstance(engine, Engine) else engine()
+        except BaseException as exc:  # raised by __init__ in the thread that asked for the engine
+            built.set_exception(exc)
+            return
+        built.set_result(self.engine)
+        self._loop()
 
     def _loop(self) -> None:
         while not self._stopping:

@@ -22,14 +22,20 @@ from loramux.server.state import ServerState
 logger = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine, config: ServerConfig, router: Router | None = None) -> FastAPI:
-    """The HTTP app over `engine`; without a `router`, model 'auto' and the `router` field are refused."""
+def create_app(engine: Engine, config: ServerConfig, router: Router | None = None,
+               async_engine: AsyncEngine | None = None) -> FastAPI:
+    """The HTTP app over `engine`; without a `router`, model 'auto' and the `router` field are refused.
+
+    `async_engine`, a loop already running over `engine` (`loramux serve` builds the engine on that loop's
+    thread, see AsyncEngine), serves the app's first start; otherwise each start runs a new loop.
+    """
     metrics = ServerMetrics(engine, lambda: engine.last_step_num_tokens, config.metrics_per_adapter)
     state = ServerState(engine=engine, config=config, metrics=metrics, router=router)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.async_engine = AsyncEngine(engine)
+        nonlocal async_engine
+        state.async_engine, async_engine = async_engine or AsyncEngine(engine), None
         state.async_engine.step_listeners.append(metrics.step.observe)
         yield
         async_engine, state.async_engine = state.async_engine, None
