@@ -178,9 +178,6 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import torch
-
-    from loramux.engine import Engine
     from loramux.engine.async_engine import AsyncEngine
     from loramux.router import attach_router
     from loramux.server import create_app
@@ -189,12 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = server_config_from_args(args)
     if args.adapter_store is None:
         args.adapter_store = str(DEFAULT_ADAPTER_STORE)
-    async_engine = AsyncEngine(lambda: Engine(engine_config_from_args(args)))  # built on the thread that steps it
+    async_engine = AsyncEngine.for_serving(engine_config_from_args(args))
     engine = async_engine.engine
-    # torch sets a thread's OpenMP thread count once, at its first parallel op: the engine thread keeps its
-    # count, and every thread that starts torch work after this (the router's embedder and update worker, upload
-    # checks) runs it on one thread, so the engine's OpenMP team stays the only one (see AsyncEngine).
-    torch.set_num_threads(1)
     router = attach_router(engine) if engine.config.router.enabled else None
     app = create_app(engine, server, router, async_engine)
     s3 = s3_config_from_args(args)

@@ -116,6 +116,7 @@ def with_inert_rows(level, tokens: list[int], r_max: int):
         level, token_idx=cat("token_idx", tokens, torch.int64), slot_idx=cat("slot_idx", [-1] * count, torch.int64),
         coeff=cat("coeff", [0.7] * count, torch.float32), rank_lo=cat("rank_lo", [0] * count, torch.int64),
         rank_hi=cat("rank_hi", [r_max] * count, torch.int64),
+        mix_index=None if level.mix_index is None else cat("mix_index", [0] * count, torch.int64),
         seg_starts=torch.tensor([s.start for s in segments] + [n + count], dtype=torch.int64, device=device),
         seg_slots=torch.tensor([s.slot for s in segments], dtype=torch.int64, device=device),
         segments=segments), level.mode)

@@ -89,16 +89,16 @@ def test_plan_sorts_rows_into_one_segment_per_slot():
     assert level.coeff.tolist() == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
 
 
-@pytest.mark.parametrize("runs, mode", [
-    ([(t, 64, [(t // 64, 1.0, 0, 4)]) for t in range(0, 256, 64)], "segments"),  # prefill chunks
-    ([(t, 1, [(t, 1.0, 0, 4)]) for t in range(8)], "slots"),  # decode, every slot once
-    ([(0, 1, [(5, 1.0, 0, 4)]), (1, 1, [(9, 1.0, 0, 4)])], "segments"),  # decode of two: fewest ops
-    ([(t, 1, [(40 * t, 1.0, 0, 4)]) for t in range(6)], "gather"),  # slots far apart
-    ([(t, 1, [(0 if t < 20 else t + 10, 1.0, 0, 4)]) for t in range(22)], "slots"),  # one slot dominates: 2 groups
+@pytest.mark.parametrize("runs, mode, num_groups", [
+    ([(t, 64, [(t // 64, 1.0, 0, 4)]) for t in range(0, 256, 64)], "segments", 0),  # prefill chunks
+    ([(t, 1, [(t, 1.0, 0, 4)]) for t in range(8)], "slots", 1),  # decode, every slot once
+    ([(0, 1, [(5, 1.0, 0, 4)]), (1, 1, [(9, 1.0, 0, 4)])], "segments", 0),  # decode of two: fewest ops
+    ([(t, 1, [(40 * t, 1.0, 0, 4)]) for t in range(6)], "gather", 0),  # slots far apart
+    ([(t, 1, [(0 if t < 20 else t + 10, 1.0, 0, 4)]) for t in range(22)], "slots", 2),  # one slot dominates
 ])
-def test_plan_picks_the_formulation(runs, mode):
+def test_plan_picks_the_formulation(runs, mode, num_groups):
     [level] = plan_for(runs, torch.ones(256), 4).levels
-    assert level.mode == mode
+    assert level.mode == mode and len(level.slot_groups) == num_groups
 
 
 def test_plan_carries_the_projections_its_slots_target():

@@ -170,6 +170,6 @@ def test_expand_refuses_a_flat_plan():
     runs = [(0, 2, [(0, 1.0, 0, 4), (1, 1.0, 0, 4)])]
     [level] = build_lora_plan(runs, torch.ones(2), 4, DEVICE, flat=True).levels
     y, h = torch.zeros(2, 8, device=DEVICE), torch.zeros(level.num_rows, 4, device=DEVICE)
-    with pytest.raises(AssertionError, match="flat plans"):
+    with pytest.raises(ValueError, match="flat plans"):
         triton_lora.lora_expand(y, torch.zeros(2, 8, 4, device=DEVICE), h, torch.ones(2, dtype=torch.int32,
                                                                                         device=DEVICE), level)

@@ -43,13 +43,14 @@ def replica_metric_families(registry, replica_id: str, engine) -> list:
 class EngineReplica:
     def __init__(self, engine_config: EngineConfig, server_config: ServerConfig, cluster_config: ClusterConfig,
                  s3_config: S3StoreConfig | None, app_name: str):
-        from loramux.engine import Engine
+        from loramux.engine.async_engine import AsyncEngine
         from loramux.router import attach_router
         from loramux.server import create_app
 
-        self.engine = Engine(engine_config)
+        async_engine = AsyncEngine.for_serving(engine_config)  # one OpenMP team per replica, as in `serve`
+        self.engine = async_engine.engine
         router = attach_router(self.engine) if engine_config.router.enabled else None
-        self.app = create_app(self.engine, server_config, router)
+        self.app = create_app(self.engine, server_config, router, async_engine)
         if s3_config is not None:
             from loramux.adapters_store.s3_store import S3AdapterStore
             from loramux.server.s3_adapters import attach_s3_store

@@ -21,6 +21,9 @@ import threading
 import time
 from typing import Callable, TypeVar
 
+import torch
+
+from loramux.config import EngineConfig
 from loramux.engine.engine import Engine, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,16 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, args=(engine, built), name="loramux-engine", daemon=True)
         self._thread.start()
         self.engine: Engine = built.result()
+
+    @classmethod
+    def for_serving(cls, config: EngineConfig) -> "AsyncEngine":
+        """The server's engine, built on the loop thread that steps it; every thread that starts torch work
+        after this (the router's embedder and update worker, upload checks) runs it on one thread, so the
+        engine thread's OpenMP team stays the process's only one. torch fixes a thread's count at its first
+        parallel op, so the engine thread keeps the count it had."""
+        async_engine = cls(lambda: Engine(config))
+        torch.set_num_threads(1)
+        return async_engine
 
     # ------------------------------------------------------------ public API
     async def call(self, fn: Callable[[Engine], T]) -> T:
@@ -142,7 +155,9 @@ class AsyncEngine:
 
     def _run(self, engine: Engine | Callable[[], Engine], built: concurrent.futures.Future) -> None:
         try:
-            self.engine = engine if isinstance(engine, Engine) else engine()
+            self.engine = engine() if callable(engine) else engine
+            # fixes this thread's torch thread count now, before anyone may lower the default (for_serving)
+            logger.info("engine thread runs torch on %d threads", torch.get_num_threads())
         except BaseException as exc:  # raised by __init__ in the thread that asked for the engine
             built.set_exception(exc)
             return

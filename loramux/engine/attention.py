@@ -219,10 +219,10 @@ class SdpaAttention(AttentionBackend):
             grouped = q[:nd].view(nd, num_kv_heads, -1, q.shape[2])
             decoded = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=plan.decode_mask)
             if not plan.prefills:
-                return decoded.view(q.shape)
+                return decoded.reshape(q.shape)
         out = torch.empty_like(q)
         if meta.num_decode:
-            out[:nd] = decoded.view(nd, *q.shape[1:])
+            out[:nd] = decoded.reshape(nd, *q.shape[1:])
         for span in plan.prefills:
             rows = slice(span.start, span.start + span.length * span.num_seqs)
 

@@ -217,17 +217,18 @@ def hooked_heldout_exact_match(composite: HookedComposite, model, tokenizer, per
     for composites the engine does not serve (MoLE with per-projection gates). MoRE is not handled."""
     items = heldout_items(per_task, seed)
     texts = []
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    saved = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.pad_token or tokenizer.eos_token
     try:
         for start in range(0, len(items), batch_size):
             prompts = [chat_prompt(tokenizer, prompt) for _, prompt, _ in items[start:start + batch_size]]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad(), composite.attached(model):
                 out = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                     pad_token_id=tokenizer.pad_token_id)
             texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = padding_side
+        tokenizer.padding_side, tokenizer.pad_token = saved
     return exact_match(items, texts) | {"via": "hooks"}
 
 
@@ -278,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.heldout_per_task and args.heldout_via == "engine" and args.mole_granularity == "projection":
         parser.error("the engine does not serve per-projection MoLE gates: pass --heldout-via hooks")
+    if args.mole_granularity == "projection" and "mole" in args.methods and Path(args.out) == BUNDLED_COMPOSITES_DIR:
+        parser.error("the engine does not serve per-projection MoLE gates: pass an --out other than the bundled "
+                     "composites, whose mole_demo the default serve loads")
     if args.heldout_per_task and args.heldout_via == "hooks" and "more" in args.methods:
         parser.error("--heldout-via hooks does not check MoRE (its task is set per row): drop it from --methods")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

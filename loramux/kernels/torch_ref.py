@@ -9,7 +9,7 @@ contribution of rows that are not live, reading slot 0 / token 0 in their
 place, so no shape depends on how many rows are live (CUDA-graph safe).
 Coefficients and rank ranges are read from the plan's tensors, never from
 host copies, so they may be rewritten on the device between steps. Every
-formulation adds its rows into `y` one after another (`addmm_`,
+formulation adds its rows into `y` one after another (`+=`,
 `index_add_`), so a flat level, where a token has several rows, sums them.
 """
 

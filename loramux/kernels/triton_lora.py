@@ -308,7 +308,8 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
     """
     d_total, r_max = lora_b.shape[1], lora_b.shape[2]
     assert y.stride(1) == 1 and lora_b.is_contiguous() and h.stride(1) == 1 and 1 <= len(sub_starts) <= 3
-    assert level.unique_tokens, "the expand stores without atomics: flat plans are for the torch backend"
+    if not level.unique_tokens:
+        raise ValueError("the Triton expand stores without atomics: flat plans are for the torch backend")
     if level.num_rows == 0:
         return
     bounds = list(sub_starts[1:]) + [d_total] * (4 - len(sub_starts))

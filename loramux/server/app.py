@@ -38,8 +38,8 @@ def create_app(engine: Engine, config: ServerConfig, router: Router | None = Non
         state.async_engine, async_engine = async_engine or AsyncEngine(engine), None
         state.async_engine.step_listeners.append(metrics.step.observe)
         yield
-        async_engine, state.async_engine = state.async_engine, None
-        async_engine.shutdown()
+        running, state.async_engine = state.async_engine, None
+        running.shutdown()
 
     app = FastAPI(title="loramux", version="0.1.0", default_response_class=OrjsonResponse, lifespan=lifespan)
     app.state.loramux = state
