@@ -42,3 +42,24 @@ def test_training_draws_wider_inputs_too():
 def test_an_unknown_split_is_refused():
     with pytest.raises(ValueError, match="unknown split 'test'"):
         TASKS[0].sample(random.Random(0), "test")
+
+
+def _wide_training_inputs(name: str, count: int = 600) -> list[str]:
+    """The inputs of `count` training samples drawn from the wider range."""
+    task = TASKS_BY_NAME[name]
+    rng = random.Random(5)
+    return [task.make_input(rng, True)[0] for _ in range(count)]
+
+
+def test_wide_number_to_words_inputs_are_a_third_two_digit_numbers():
+    # uniform draws over 0-999 made two-digit numbers a tenth of the data; the expert spelled them as hundreds
+    two_digit = sum(10 <= int(text) <= 99 for text in _wide_training_inputs("number_to_words")) / 600
+    assert 0.25 < two_digit < 0.42
+
+
+def test_wide_add_numbers_inputs_carry_out_of_the_units_half_the_time_or_more():
+    # the expert dropped the units carry ("66 and 44" -> 100); training must show it often
+    pairs = [tuple(map(int, text.split(" and "))) for text in _wide_training_inputs("add_numbers")]
+    carries = sum(a % 10 + b % 10 >= 10 for a, b in pairs) / len(pairs)
+    assert carries > 0.55
+    assert any(a < 10 for a, _ in pairs) and any(a > 99 for a, _ in pairs)

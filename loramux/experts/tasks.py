@@ -89,6 +89,11 @@ def _reverse(rng: random.Random, wide: bool = False) -> tuple[str, str]:
     return " ".join(words), " ".join(reversed(words))
 
 
+def _with_digits(rng: random.Random, digits: int) -> int:
+    """A uniform number with exactly `digits` digits (0 counts as a one-digit number)."""
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+
 def _sort(rng: random.Random, wide: bool = False) -> tuple[str, str]:
     if not wide:
         numbers = [rng.randint(0, 99) for _ in range(rng.randint(4, 6))]
@@ -96,18 +101,26 @@ def _sort(rng: random.Random, wide: bool = False) -> tuple[str, str]:
         # trained on uniform draws sorted by the first digit ("8, 32, 74, 88, 9")
         most_digits = 3 if rng.random() < 0.3 else 2
         digits = [rng.randint(1, most_digits) for _ in range(rng.randint(3, 8))]
-        numbers = [rng.randint(0 if d == 1 else 10 ** (d - 1), 10 ** d - 1) for d in digits]
+        numbers = [_with_digits(rng, d) for d in digits]
     return ", ".join(map(str, numbers)), ", ".join(map(str, sorted(numbers)))
 
 
 def _add(rng: random.Random, wide: bool = False) -> tuple[str, str]:
-    high = 999 if wide and rng.random() < 0.3 else 99
-    a, b = rng.randint(0, high), rng.randint(0, high)
+    if not wide:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+    else:  # digit counts drawn first, and half the sums carry out of the units: an expert trained on uniform
+        # draws dropped that carry ("66 and 44" -> 100, "4 and 16" -> 17)
+        most_digits = 3 if rng.random() < 0.3 else 2
+        a, b = (_with_digits(rng, rng.randint(1, most_digits)) for _ in range(2))
+        if rng.random() < 0.5 and a % 10 > 0:
+            b += rng.randint(10 - a % 10, 9) - b % 10
     return f"{a} and {b}", str(a + b)
 
 
 def _spell(rng: random.Random, wide: bool = False) -> tuple[str, str]:
-    n = rng.randint(0, 999)
+    # wide: the digit count drawn first, so two-digit numbers are a third of the draws, not a tenth; an expert
+    # trained on uniform draws spelled 61 as "six hundred nineteen"
+    n = _with_digits(rng, rng.randint(1, 3)) if wide else rng.randint(0, 999)
     return str(n), number_in_words(n)
 
 
@@ -253,7 +266,7 @@ TASKS: tuple[Task, ...] = (
     ), (
         "What do {x} add up to?", "{x} ... the sum please", "Add up these two: {x}", "Combine {x} by addition.",
         "Sum up {x} for me.",
-    ), train_steps=240, rank=16),
+    ), train_steps=360, rank=16),
     Task("number_to_words", "Spells an integer out in English words.", _spell, (
         "Write {x} in words.", "Spell out the number {x}.", "How do you write {x} in English words?",
         "Convert {x} to words.", "Number: {x}\nWrite it out in words.", "Express {x} in words.",
@@ -270,7 +283,7 @@ TASKS: tuple[Task, ...] = (
     ), (
         "How would you say {x} out loud in English?", "{x} ... in words please", "Spell out {x} in letters.",
         "Words for the number {x}?", "Write {x} in English words, no digits.",
-    )),
+    ), train_steps=180),
     Task("date_to_iso", "Converts a written date to ISO 8601 (YYYY-MM-DD).", _date, (
         "Convert to ISO 8601: {x}", "Write {x} as YYYY-MM-DD.", "Format this date as ISO: {x}",
         "Give the ISO date for {x}.", "Date: {x}\nConvert it to year-month-day format.",
