@@ -7,10 +7,16 @@ each batch on the same engine:
   plain r8         the same with rank-8 adapters
   + MoLE           16 plain r16 + 16 MoLE over 4 rank-16 members
   + MoR            16 plain r16 + 16 MoR, 8 experts at rank 16
+  plain r8 + 4    16 plain r8 + 16 requests over 4 more rank-8 adapters
   + MoRE           16 plain r8  + 16 MoRE at rank 8 (4 tasks, rank choices 2/4/8)
   all mixed        8 plain r16 + 8 MoLE + 8 MoR + 8 MoRE
-The figure is the median time of the decode-only steps (every request past
-its prompt), and its ratio to the plain batch of the same rank.
+MoRE's reference is `plain r8 + 4`: the same batch with each task's member
+replaced by a plain rank-8 adapter, so both read 20 adapter slots and the
+ratio is the cost of MoRE itself; MoLE, MoR and all mixed compare with
+`plain r16`. Each batch's figure is the median time of its decode-only steps
+(every request past its prompt). `--rounds` runs every batch once per round,
+in turn, so a change in the machine's load hits them alike; a ratio is taken
+within each round, and the median over rounds is reported.
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ def build_engine(model: str | None, folder: Path, threads_note: str) -> Engine:
         store=StoreConfig(max_loras=64, max_lora_rank=16, max_composites=4, max_composite_members=8)))
     shape = engine.shape
     shapes, layers, hidden = shape.lora_target_shapes(), shape.num_layers, shape.hidden_size
-    for rank in (16, 8):
-        for i in range(16):
+    for rank, count in ((16, 16), (8, 20)):
+        for i in range(count):
             name = f"r{rank}-{i}"
             engine.add_adapter(name, str(write_random_adapter(folder / name, shapes, layers, rank, seed=rank * 100 + i)))
     write_random_mole(folder / "mole", ["r16-0", "r16-1", "r16-2", "r16-3"], layers, hidden, seed=1)
@@ -79,52 +85,66 @@ def slot_mib(engine: Engine) -> float:
     return sum(m.lora_a[0].nbytes + m.lora_b[0].nbytes for _, m in engine.model.lora_linears()) / 2**20
 
 
+def batches() -> tuple[dict[str, list], dict[str, str]]:
+    """Batch label -> one mix per request, and batch label -> the label of its reference batch."""
+    def plain(rank: int, n: int, first: int = 0, distinct: int = 16) -> list:
+        return [[f"r{rank}-{first + i % distinct}"] for i in range(n)]
+
+    more = [[{"name": "more", "task": MORE_TASKS[i % 4]}] for i in range(16)]
+    mixes = {
+        "plain r16": plain(16, 32),
+        "plain r8": plain(8, 32),
+        "plain r8 + 4": plain(8, 16) + plain(8, 16, first=16, distinct=len(MORE_TASKS)),
+        "+ MoLE (4 members)": plain(16, 16) + [["mole"]] * 16,
+        "+ MoR (8 experts, r16)": plain(16, 16) + [["mor"]] * 16,
+        "+ MoRE (r8)": plain(8, 16) + more,
+        "all mixed": plain(16, 8) + [["mole"]] * 8 + [["mor"]] * 8 + more[:8],
+    }
+    references = {"plain r8": "plain r8", "plain r8 + 4": "plain r8", "+ MoRE (r8)": "plain r8 + 4"}
+    return mixes, {label: references.get(label, "plain r16") for label in mixes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="HF folder or id (default: the bundled SmolLM2-135M)")
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--note", default="shared machine", help="what else ran on the machine")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     load_before = os.getloadavg()[0]
+    mixes, references = batches()
     with tempfile.TemporaryDirectory() as tmp:
         engine = build_engine(args.model, Path(tmp), args.note)
         prompts = [[(7 * i + j) % 1000 + 100 for j in range(args.prompt_tokens)] for i in range(NUM_REQUESTS)]
-
-        def plain(rank: int, n: int) -> list:
-            return [[f"r{rank}-{i % 16}"] for i in range(n)]
-
-        more = [[{"name": "more", "task": MORE_TASKS[i % 4]}] for i in range(16)]
-        batches = {
-            "plain r16": plain(16, 32),
-            "plain r8": plain(8, 32),
-            "+ MoLE (4 members)": plain(16, 16) + [["mole"]] * 16,
-            "+ MoR (8 experts, r16)": plain(16, 16) + [["mor"]] * 16,
-            "+ MoRE (r8)": plain(8, 16) + more,
-            "all mixed": plain(16, 8) + [["mole"]] * 8 + [["mor"]] * 8 + more[:8],
-        }
-        reference = {"plain r8": "plain r8", "+ MoRE (r8)": "plain r8"}
-        decode_step_seconds(engine, prompts, batches["plain r16"], 4)  # warm-up
-        results = {}
-        for label, mixes in batches.items():
-            results[label] = decode_step_seconds(engine, prompts, mixes, args.new_tokens)
-            logger.info("%s: decode step %.1f ms", label, results[label] * 1e3)
-    logger.info("%-24s %14s %10s", "batch (32 requests)", "decode step ms", "vs plain")
+        for label in mixes:  # warm-up: every adapter and composite member paged in and slotted once
+            decode_step_seconds(engine, prompts, mixes[label], 2)
+        seconds: dict[str, list[float]] = {label: [] for label in mixes}
+        for round_index in range(args.rounds):
+            for label, batch in mixes.items():
+                seconds[label].append(decode_step_seconds(engine, prompts, batch, args.new_tokens))
+                logger.info("round %d, %s: decode step %.1f ms", round_index + 1, label, seconds[label][-1] * 1e3)
+        per_slot = slot_mib(engine)
+    logger.info("%-24s %14s %10s %24s", "batch (32 requests)", "decode step ms", "vs ref", "reference")
     rows = []
-    for label, seconds in results.items():
-        ratio = seconds / results[reference.get(label, "plain r16")]
-        rows.append({"batch": label, "decode_step_ms": round(seconds * 1e3, 2), "ratio": round(ratio, 3)})
-        logger.info("%-24s %14.1f %10.2f", label, seconds * 1e3, ratio)
+    for label, times in seconds.items():
+        reference = references[label]
+        ratios = [t / r for t, r in zip(times, seconds[reference])]
+        rows.append({"batch": label, "reference": reference,
+                     "decode_step_ms": round(statistics.median(times) * 1e3, 2),
+                     "ratio": round(statistics.median(ratios), 3),
+                     "round_ratios": [round(r, 3) for r in ratios]})
+        logger.info("%-24s %14.1f %10.2f %24s", label, rows[-1]["decode_step_ms"], rows[-1]["ratio"], reference)
     load_after = os.getloadavg()[0]
     logger.info("load average (1 min): %.1f at the start, %.1f at the end", load_before, load_after)
-    per_slot = slot_mib(engine)
     logger.info("one slot (rank 16 padded, all projections): %.2f MiB; MoR materialises 8 (%.2f MiB), "
                 "MoRE one per task in use", per_slot, 8 * per_slot)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_description(engine.device.type), "note": args.note,
                                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                                         "rounds": args.rounds,
                                          "load_average": [round(load_before, 2), round(load_after, 2)],
                                          "rows": rows, "slot_mib": round(per_slot, 3)}, indent=2))
 
