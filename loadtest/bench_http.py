@@ -6,9 +6,9 @@ One workload, measured three ways in one run, rounds interleaved (the CPU is sha
   engine   `Engine.step` in a loop in this process: the reference
   async    the same engine behind `AsyncEngine` in this process, one asyncio consumer per request
            (the engine thread and its hand-offs to the event loop, no HTTP)
+  http     `loramux serve` as a real process (uvicorn), 32 concurrent streaming clients in this process
 The engine is built and stepped on the `AsyncEngine` thread, as `loramux serve` does it (one OpenMP team in
 the process, see AsyncEngine.for_serving): the `engine` row runs its step loop there as one engine-thread call.
-  http     `loramux serve` as a real process (uvicorn), 32 concurrent streaming clients in this process
 Default workload: the bundled SmolLM2-135M on the CPU, 32 concurrent requests, each naming its own
 random rank-16 adapter on all seven projections (`--base` for no adapter), 128-token prompts (random
 token ids, sent as ids over HTTP), 64 new tokens, greedy, EOS ignored, streamed with usage.
@@ -21,8 +21,9 @@ steps), slower steps (contention with the path's other threads) and time outside
 context switches per step of the process that steps the engine (all its threads) show waiting: a thread
 that waits for the GIL (or a lock) blocks and switches, so threads taking turns on the GIL inside every
 step would show as hundreds or thousands per step where the engine alone shows a handful. The event loop's
-CPU seconds (the main thread of this process for `async`, of the server for `http`) bound what that thread's
-Python work can take from the engine thread: the two share one GIL.
+CPU seconds (the main thread of this process for `async`, of the server for `http`), also per generated
+token, bound what that thread's Python work can take from the engine thread: the two share one GIL; its own
+switches per step (`loop sw/step`) say how much of the process's waiting is the loop's.
 """
 
 from __future__ import annotations
