@@ -7,6 +7,8 @@ One workload, measured three ways in one run, rounds interleaved (the CPU is sha
   async    the same engine behind `AsyncEngine` in this process, one asyncio consumer per request
            (the engine thread and its hand-offs to the event loop, no HTTP)
   http     `loramux serve` as a real process (uvicorn), 32 concurrent streaming clients in this process
+The engine is built and stepped on the `AsyncEngine` thread, as `loramux serve` does it (one OpenMP team in
+the process, see AsyncEngine.for_serving): the `engine` row runs its step loop there as one engine-thread call.
 Default workload: the bundled SmolLM2-135M on the CPU, 32 concurrent requests, each naming its own
 random rank-16 adapter on all seven projections (`--base` for no adapter), 128-token prompts (random
 token ids, sent as ids over HTTP), 64 new tokens, greedy, EOS ignored, streamed with usage.
@@ -19,8 +21,9 @@ steps), slower steps (contention with the path's other threads) and time outside
 context switches per step of the process that steps the engine (all its threads) show waiting: a thread
 that waits for the GIL (or a lock) blocks and switches, so threads taking turns on the GIL inside every
 step would show as hundreds or thousands per step where the engine alone shows a handful. The event loop's
-CPU seconds (the main thread of this process for `async`, of the server for `http`) bound what that thread's
-Python work can take from the engine thread: the two share one GIL.
+CPU seconds (the main thread of this process for `async`, of the server for `http`), also per generated
+token, bound what that thread's Python work can take from the engine thread: the two share one GIL; its own
+switches per step (`loop sw/step`) say how much of the process's waiting is the loop's.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class Measurement:
     steps: int  # engine steps taken
     step_s: float  # seconds inside those steps
     switches_per_step: float  # voluntary context switches of the stepping process (all threads) per step
+    loop_switches_per_step: float | None  # those of its event-loop thread (its main thread; None: no loop)
     loop_cpu_s: float | None  # CPU seconds of the event-loop thread beside the engine thread (None: no loop)
     client_cpu_s: float  # this process's CPU seconds during the run
     server_cpu_s: float | None = None  # the server process's, for the HTTP row
@@ -91,10 +95,11 @@ def process_cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def voluntary_switches(pid: int) -> int:
-    """Voluntary context switches of every thread of a process so far (Linux /proc): each is a wait that blocked."""
+def voluntary_switches(pid: int, tid: int | None = None) -> int:
+    """Voluntary context switches of every thread of a process so far, or of its thread `tid` (Linux /proc):
+    each is a wait that blocked."""
     total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for task in [Path(f"/proc/{pid}/task/{tid}")] if tid else Path(f"/proc/{pid}/task").iterdir():
         try:
             status = (task / "status").read_text()
         except FileNotFoundError:  # the thread ended meanwhile
@@ -122,13 +127,9 @@ def run_engine(engine: Engine, prompts: list[list[int]], models: list[str | None
     return elapsed
 
 
-async def run_async_engine(engine: Engine, prompts: list[list[int]], models: list[str | None],
+async def run_async_engine(async_engine: AsyncEngine, prompts: list[list[int]], models: list[str | None],
                            new_tokens: int, steps: Steps) -> float:
-    """Every request submitted to an `AsyncEngine` over `engine`, one consumer task each -> wall seconds.
-
-    The `AsyncEngine` (its step thread) lives for this run only: `run_engine` steps the same engine directly.
-    """
-    async_engine = AsyncEngine(engine)
+    """Every request submitted to `async_engine`, one consumer task each -> wall seconds."""
     async_engine.step_listeners.append(steps.add)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     batch = uuid.uuid4().hex
@@ -142,7 +143,7 @@ async def run_async_engine(engine: Engine, prompts: list[list[int]], models: lis
         produced = sum(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
         elapsed = time.perf_counter() - start
     finally:
-        async_engine.shutdown()
+        async_engine.step_listeners.remove(steps.add)
     assert produced == len(prompts) * new_tokens, produced
     return elapsed
 
@@ -179,10 +180,14 @@ def measured(run, tokens: int, server_pid: int | None = None, event_loop: bool =
     stepping_pid = server_pid or os.getpid()
     cpu, server_cpu = time.process_time(), server_pid and process_cpu_seconds(server_pid)
     loop_cpu, switches = process_cpu_seconds(stepping_pid, stepping_pid), voluntary_switches(stepping_pid)
+    loop_switches = voluntary_switches(stepping_pid, stepping_pid)
     wall = run(steps)
     switches = voluntary_switches(stepping_pid) - switches
+    loop_switches = voluntary_switches(stepping_pid, stepping_pid) - loop_switches
     loop_cpu = process_cpu_seconds(stepping_pid, stepping_pid) - loop_cpu if event_loop else None
-    return Measurement(tokens / wall, wall, steps.count, steps.seconds, switches / max(steps.count, 1), loop_cpu,
+    per_step = max(steps.count, 1)
+    return Measurement(tokens / wall, wall, steps.count, steps.seconds, switches / per_step,
+                       loop_switches / per_step if event_loop else None, loop_cpu,
                        time.process_time() - cpu, server_pid and process_cpu_seconds(server_pid) - server_cpu,
                        os.getloadavg()[0])
 
@@ -218,8 +223,14 @@ def main() -> None:
     serve_args = ["--adapter-dir", str(tmp / "adapters"), "--max-loras", str(n), "--max-lora-rank", str(args.rank),
                   "--max-loras-per-batch", str(n), "--max-num-seqs", str(max(64, n)), "--no-experts", "--no-router"]
 
-    engine = Engine(engine_config_from_args(build_parser().parse_args(
+    machine = machine_description("cpu")  # before for_serving sets this thread's torch to one thread
+    async_engine = AsyncEngine.for_serving(engine_config_from_args(build_parser().parse_args(
         ["serve", *serve_args, "--adapter-store", str(tmp / "store-direct")])))
+    engine = async_engine.engine
+
+    def run_engine_on_its_thread(models_: list[str | None], new_tokens: int, steps: Steps) -> float:
+        return loop.run_until_complete(async_engine.call(
+            lambda e: run_engine(e, prompts, models_, new_tokens, steps)))
     trees = {"http": None} | ({"http@ref": args.reference_tree.resolve()} if args.reference_tree else {})
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, shape.vocab_size - 100, (n, args.prompt_len), generator=g).tolist()
@@ -233,12 +244,12 @@ def main() -> None:
             servers[key] = ServerProcess([*serve_args, "--adapter-store", str(tmp / f"store-{key}")],
                                          tmp / f"{key}.log", startup_timeout=900, cwd=tree)
         # Warm-up: every adapter paged in on every side, each server's first requests served.
-        run_engine(engine, prompts, direct_models, 2, Steps())
+        run_engine_on_its_thread(direct_models, 2, Steps())
         for server in servers.values():
             loop.run_until_complete(run_http(server.url, prompts, models, 2, Steps()))
-        runs = {"engine": (lambda steps: run_engine(engine, prompts, direct_models, args.new_tokens, steps), None),
-                "async": (lambda steps: loop.run_until_complete(run_async_engine(engine, prompts, direct_models,
-                                                                                 args.new_tokens, steps)), None)}
+        runs = {"engine": (lambda steps: run_engine_on_its_thread(direct_models, args.new_tokens, steps), None),
+                "async": (lambda steps: loop.run_until_complete(run_async_engine(
+                    async_engine, prompts, direct_models, args.new_tokens, steps)), None)}
         for key, server in servers.items():
             runs[key] = (lambda steps, url=server.url: loop.run_until_complete(
                 run_http(url, prompts, models, args.new_tokens, steps)), server.proc.pid)
@@ -257,24 +268,28 @@ def main() -> None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             profiler.wait()
         loop.close()
+        async_engine.shutdown()
         for server in servers.values():
             server.stop()
 
-    machine = machine_description("cpu")
     logger.info("machine: %s; load average (1, 5, 15 min) at the end %s", machine,
                 " ".join(f"{v:.2f}" for v in os.getloadavg()))
     logger.info("settings: %s, %d concurrent streaming requests, %s, %d-token prompts, %d new tokens, greedy%s",
                 engine.model_id, n, "base model only" if args.base else f"each its own rank-{args.rank} adapter "
                 "(all 7 projections)", args.prompt_len, args.new_tokens,
                 f"; http@ref serves {args.reference_tree}" if args.reference_tree else "")
-    logger.info("%-9s %10s %10s %7s %7s %9s %10s %14s %12s %14s %14s %8s", "path", "tokens/s", "best", "wall s",
-                "steps", "step s", "outside s", "switches/step", "loop CPU s", "client CPU s", "server CPU s", "load")
+    tokens = n * args.new_tokens
+    logger.info("%-9s %10s %10s %7s %7s %9s %10s %14s %13s %11s %12s %13s %13s %7s", "path", "tokens/s", "best",
+                "wall s", "steps", "step s", "outside s", "switches/step", "loop sw/step", "loop CPU s",
+                "loop us/tok", "client CPU s", "server CPU s", "load")
     for key, rows in results.items():
         for m in rows:
-            logger.info("%-9s %10.1f %10s %7.2f %7d %9.2f %10.2f %14.1f %12s %14.2f %14s %8.2f", key,
+            loop = (["", "", ""] if m.loop_cpu_s is None else
+                    [f"{m.loop_switches_per_step:.1f}", f"{m.loop_cpu_s:.2f}", f"{m.loop_cpu_s / tokens * 1e6:.0f}"])
+            logger.info("%-9s %10.1f %10s %7.2f %7d %9.2f %10.2f %14.1f %13s %11s %12s %13.2f %13s %7.2f", key,
                         m.tokens_per_s, "", m.wall_s, m.steps, m.step_s, m.wall_s - m.step_s, m.switches_per_step,
-                        "" if m.loop_cpu_s is None else f"{m.loop_cpu_s:.2f}", m.client_cpu_s,
-                        "" if m.server_cpu_s is None else f"{m.server_cpu_s:.2f}", m.load_average)
+                        *loop, m.client_cpu_s, "" if m.server_cpu_s is None else f"{m.server_cpu_s:.2f}",
+                        m.load_average)
         logger.info("%-9s %10s %10.1f", key, "", max(m.tokens_per_s for m in rows))
     best = {key: max(m.tokens_per_s for m in rows) for key, rows in results.items()}
     ratios = {f"{key} / engine": best[key] / best["engine"] for key in best if key != "engine"}

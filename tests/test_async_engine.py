@@ -9,7 +9,8 @@ import pytest
 
 from conftest import make_engine
 from loramux.config import ServerConfig
-from loramux.engine.async_engine import AsyncEngine
+from loramux.engine import SamplingParams
+from loramux.engine.async_engine import AsyncEngine, EngineDeadError
 from loramux.server import create_app
 
 
@@ -51,3 +52,53 @@ def test_the_app_uses_the_running_loop_once_and_starts_a_new_one_after(tiny_llam
     assert not started._thread.is_alive()  # the first shutdown stopped it
     second = asyncio.run(run_lifespan())
     assert second is not started and not second._thread.is_alive()
+
+
+async def _finished(async_engine: AsyncEngine, request_id: str) -> None:
+    """Wait (between engine steps) until the request has produced every output."""
+    while await async_engine.call(lambda engine: engine.is_request_active(request_id)):
+        pass
+
+
+def test_outputs_queued_while_the_consumer_was_away_come_in_one_batch_in_order(tiny_llama_dir):
+    async_engine = AsyncEngine(lambda: make_engine(tiny_llama_dir))
+    sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def run():
+        streamed = [out async for out in await async_engine.submit("one-by-one", [5, 6, 7], sampling)]
+        stream = await async_engine.submit("behind", [5, 6, 7], sampling)
+        await _finished(async_engine, "behind")
+        return streamed, [batch async for batch in stream.batches()]
+
+    try:
+        streamed, batches = asyncio.run(run())
+    finally:
+        async_engine.shutdown()
+    assert len(batches) == 1
+    assert [out.new_token_ids for out in batches[0]] == [out.new_token_ids for out in streamed]
+    assert [out.num_output_tokens for out in batches[0]] == [1, 2, 3, 4, 5, 6]
+    assert batches[0][-1].finish_reason == "length"
+
+
+def test_a_request_error_comes_after_the_outputs_queued_before_it(tiny_llama_dir):
+    async_engine = AsyncEngine(lambda: make_engine(tiny_llama_dir))
+    error = EngineDeadError("stopping")
+
+    async def run():
+        stream = await async_engine.submit("long", [5, 6, 7], SamplingParams(max_tokens=200, temperature=0,
+                                                                             ignore_eos=True))
+        await asyncio.sleep(0.2)  # some steps run meanwhile; how many does not matter
+        await async_engine.abort_all(error)
+        outputs = []
+        with pytest.raises(EngineDeadError) as raised:
+            async for batch in stream.batches():
+                outputs += batch
+        return outputs, raised.value
+
+    try:
+        outputs, raised = asyncio.run(run())
+    finally:
+        async_engine.shutdown()
+    assert raised is error
+    assert [out.num_output_tokens for out in outputs] == list(range(1, len(outputs) + 1))
+    assert all(out.finish_reason is None for out in outputs)

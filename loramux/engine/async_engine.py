@@ -19,7 +19,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, TypeVar
+from collections import deque
+from typing import AsyncIterator, Callable, TypeVar
 
 import torch
 
@@ -60,7 +61,7 @@ class AsyncEngine:
         """Start the loop thread over `engine`, or over the engine that `engine()` builds on that thread
         (this waits for the build and raises its error)."""
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream]] = {}
         self._wake = threading.Event()
         self._stopping = False
         self.step_listeners: list[Callable[[float], None]] = []  # called with each step's seconds (engine thread)
@@ -96,16 +97,16 @@ class AsyncEngine:
         Iterate the returned stream for outputs; closing it early aborts the request.
         """
         loop = asyncio.get_running_loop()
-        queue_: asyncio.Queue = asyncio.Queue()
+        stream = RequestStream(self, request_id, sampling.n)
 
         def add(engine: Engine):
             mix = lora_mix(engine) if callable(lora_mix) else lora_mix
             engine.add_request(request_id, prompt, sampling, mix)
-            self._streams[request_id] = (loop, queue_)
+            self._streams[request_id] = (loop, stream)
             return mix
 
-        mix = await self.call(add)
-        return RequestStream(self, request_id, queue_, sampling.n, tuple(mix))
+        stream.lora_mix = tuple(await self.call(add))
+        return stream
 
     def abort(self, request_id: str) -> None:
         def run(engine: Engine) -> None:
@@ -146,7 +147,7 @@ class AsyncEngine:
 
         A wake-up per item would cost a self-pipe write and a loop iteration per token (32 a step at batch 32).
         """
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = {}
         for request_id, item in items:
             loop, stream = self._streams[request_id]
             batches.setdefault(loop, []).append((stream, item))
@@ -197,21 +198,45 @@ class AsyncEngine:
         self._streams.clear()
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+def _put_all(batch: list[tuple[RequestStream, object]]) -> None:
     for stream, item in batch:
-        stream.put_nowait(item)
+        stream._put(item)
 
 
 class RequestStream:
-    """Outputs of one request as an async iterator; `aclose` (or leaving early) aborts it."""
+    """Outputs of one request as an async iterator (or in `batches`); `aclose` (or leaving early) aborts it.
 
-    def __init__(self, engine: AsyncEngine, request_id: str, queue_: asyncio.Queue, num_completions: int,
-                 lora_mix: tuple = ()):
+    Outputs and the request's error (an exception) are queued on the event loop by the engine thread.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str, num_completions: int, lora_mix: tuple = ()):
         self.engine = engine
         self.request_id = request_id
         self.lora_mix = lora_mix  # as submitted (names, weights)
-        self._queue = queue_
+        self._items: deque[RequestOutput | Exception] = deque()
+        self._waiter: asyncio.Future | None = None  # set while the consumer waits for an item
         self._remaining = num_completions
+
+    def _put(self, item: RequestOutput | Exception) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _take(self) -> RequestOutput:
+        item = self._items.popleft()
+        if isinstance(item, Exception):
+            self._remaining = 0
+            raise item
+        self._remaining -= item.finished
+        return item
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -219,12 +244,20 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if not self._remaining:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, Exception):
-            self._remaining = 0
-            raise item
-        self._remaining -= item.finished
-        return item
+        await self._wait()
+        return self._take()
+
+    async def batches(self) -> AsyncIterator[list[RequestOutput]]:
+        """The same outputs in order, each batch every output queued by then (at least one): a consumer that
+        fell behind the engine catches up in one go. The request's error is raised after the outputs before it."""
+        while self._remaining:
+            await self._wait()
+            batch = []
+            while self._items and self._remaining and not isinstance(self._items[0], Exception):
+                batch.append(self._take())
+            if not batch:
+                self._take()  # raises the error
+            yield batch
 
     async def aclose(self) -> None:
         if self._remaining:

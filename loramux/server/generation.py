@@ -232,26 +232,32 @@ class Generation:
     async def stream_events(self, stream: RequestStream, ctx: ResponseContext, record: RequestRecord,
                             include_usage: bool):
         """SSE chunks, then [DONE]; an engine failure or the end of the shutdown grace period becomes an
-        OpenAI-format error event followed by [DONE]. Clean-up is the response's `on_close`."""
-        choices: dict[int, RequestOutput] = {}
+        OpenAI-format error event followed by [DONE]. Clean-up is the response's `on_close`.
+
+        The outputs queued by the time this runs go out in one write, each still its own event: a client (or
+        event loop) that fell behind the engine catches up without a send per token.
+        """
+        tokens: dict[int, int] = {}  # output tokens so far, by completion index
+        chars: dict[int, int] = {}  # text characters sent so far, by completion index (legacy text_offset)
         try:
-            async for out in stream:
-                self.observe(out, record)
-                choice = choices.setdefault(out.index, RequestOutput.accumulator(out))
-                first, offset = choice.num_output_tokens == 0, len(choice.new_text)
-                choice.merge(out)
-                if out.new_text or out.finished or out.logprobs or first:
-                    yield ctx.chunk(out.index, out.new_text, out.finish_reason, out.logprobs, offset, first,
-                                    out.composite)
-            if include_usage:
-                yield ctx.usage_chunk(record.prompt_tokens, sum(c.num_output_tokens for c in choices.values()))
-            yield SSE_DONE
+            async for batch in stream.batches():
+                events = []
+                for out in batch:
+                    self.observe(out, record)
+                    first, offset = out.index not in tokens, chars.get(out.index, 0)
+                    tokens[out.index], chars[out.index] = out.num_output_tokens, offset + len(out.new_text)
+                    if out.new_text or out.finished or out.logprobs or first:
+                        events.append(ctx.chunk(out.index, out.new_text, out.finish_reason, out.logprobs, offset,
+                                                first, out.composite))
+                if events:
+                    yield b"".join(events)
+            usage = ctx.usage_chunk(record.prompt_tokens, sum(tokens.values())) if include_usage else b""
+            yield usage + SSE_DONE
             record.status = "success"
         except RequestFailedError as exc:
             record.status = "error"
             yield sse({"error": {"message": str(exc), "type": STATUS_TYPE[exc.status], "param": None,
-                                 "code": exc.code}})
-            yield SSE_DONE
+                                 "code": exc.code}}) + SSE_DONE
 
     async def collect(self, request: Request, stream: RequestStream, ctx: ResponseContext, record: RequestRecord,
                       headers: dict):
