@@ -55,10 +55,12 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
 
     x: [T, d_in]; lora_a: [S, num_subs * r_max, d_in] (the fused
     sub-projections' A stacked along the rank); slot_active: [S] int32,
-    non-zero where the slot's adapter targets this linear. Returns h in
+    non-zero where the slot's adapter targets this linear. Returns h, for
+    `lora_expand` only: [N, num_subs * r_max], or in mode "slots"
+    [P, num_subs * r_max], one row per place of the packed layout; in
     lora_a's dtype (x is cast to it: the slot tensors may be kept in float32
-    for a bfloat16 model), for `lora_expand` only: [N, num_subs * r_max], or
-    in mode "slots" [P, num_subs * r_max], one row per place of the packed layout.
+    for a bfloat16 model), except in mode "segments", where the GEMMs run in
+    x's dtype (each segment's slot tensors are cast to it).
     The coefficient is applied here, once, so the expand is products and one add.
     """
     width = lora_a.shape[1]
@@ -67,11 +69,12 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
         scale = level.coeff.index_select(0, level.packed_row) * slot_active.index_select(0, level.packed_slot)
         factor = level.packed_mask * scale[:, None]
     elif level.mode == "segments":
-        h = lora_a.new_zeros(level.num_rows, width)
-        x_cast = x.to(lora_a.dtype)  # once for every segment
+        # Long GEMMs: run them at the activations' dtype (bfloat16's rate on the CPU), casting one slot's A
+        # per segment rather than every token of x.
+        h = x.new_zeros(level.num_rows, width)
         for seg in level.segments:
             if seg.slot >= 0:
-                torch.matmul(x_cast[seg.token:seg.token + seg.end - seg.start], lora_a[seg.slot].T,
+                torch.matmul(x[seg.token:seg.token + seg.end - seg.start], lora_a[seg.slot].to(x.dtype).T,
                              out=h[seg.start:seg.end])
         # Inert rows read slot 0 here; their rank_mask row is 0.
         factor = level.rank_mask * (level.coeff * slot_active.index_select(0, level.slot_idx.clamp(min=0)))[:, None]
@@ -80,7 +83,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
         h = torch.bmm(lora_a.index_select(0, slots), x.index_select(0, tokens).to(lora_a.dtype).unsqueeze(2))
         factor = _rank_range_mask(level, width // num_subs) * (level.coeff * live)[:, None]
     scaled = h.view(h.shape[0], num_subs, -1) * factor[:, None, :]  # float32 products, rounded once below
-    return scaled.view(h.shape[0], width).to(lora_a.dtype)
+    return scaled.view(h.shape[0], width).to(h.dtype)
 
 
 def _rank_range_mask(level: LoraPlanLevel, r_max: int) -> torch.Tensor:
@@ -99,7 +102,7 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
     y: [T, d_total] (updated in place); lora_b: [S, d_total, r_max] (the
     sub-projections' B stacked along the output); h from `lora_shrink` on the
     same level; slot_active: [S] int32 (read by the shrink already).
-    The deltas are computed in lora_b's dtype and added to y once.
+    The deltas are computed in h's dtype and added to y once.
     """
     d_total, r_max = lora_b.shape[1], lora_b.shape[2]
     ends = list(sub_starts[1:]) + [d_total]
@@ -112,9 +115,9 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
         for seg in level.segments:
             if seg.slot >= 0:
                 count, lo, hi = seg.end - seg.start, seg.rank_lo, seg.rank_hi
-                delta, h_seg = buffer[:count], h[seg.start:seg.end]
+                delta, h_seg, b = buffer[:count], h[seg.start:seg.end], lora_b[seg.slot, :, lo:hi].to(h.dtype)
                 for cols, ranks in blocks:
-                    torch.mm(h_seg[:, ranks][:, lo:hi], lora_b[seg.slot, cols, lo:hi].T, out=delta[:, cols])
+                    torch.mm(h_seg[:, ranks][:, lo:hi], b[cols].T, out=delta[:, cols])
                 y[seg.token:seg.token + count] += delta.to(y.dtype)
         return
     # The gathered modes add the whole delta row of every sub-projection in one index_add_: small
