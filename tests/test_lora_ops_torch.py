@@ -7,7 +7,7 @@ import torch
 
 from loramux.kernels import torch_ref
 from loramux.kernels.plan import with_mode
-from tests.lora_cases import POPULARITY, plan_for, run_case
+from tests.lora_cases import POPULARITY, RANKS, fused_pool, plan_for, random_runs, run_case
 
 
 def check(pattern, run_len, depth, mode, **kwargs):
@@ -51,9 +51,12 @@ def test_slot_groups_cut_at_a_gap_and_around_a_popular_slot():
     runs = [(t, 1, [(s, 1.0, 0, 4)]) for t, s in enumerate(slots)]
     level = with_mode(plan_for(runs, torch.ones(32), 4).levels[0], "slots")
     assert level.slot_groups == ((0, 16, 1), (24, 28, 4), (28, 29, 40))
-    # Every row has its own place, holding that row, in the packed layout: no row is lost or doubled.
-    assert level.slot_rows[level.packed_pos].tolist() == list(range(level.num_rows))
-    assert len(set(level.packed_pos.tolist())) == level.num_rows
+    # Every row has its own place in the packed layout, under its own slot: no row is lost or doubled.
+    real = level.packed_mask.any(1)
+    assert level.packed_mask.shape == (16 * 1 + 4 * 4 + 40, 4) and int(real.sum()) == level.num_rows
+    assert sorted(level.packed_row[real].tolist()) == list(range(level.num_rows))
+    assert level.packed_slot[real].tolist() == level.slot_idx[level.packed_row[real]].tolist()
+    assert level.packed_token[real].tolist() == level.token_idx[level.packed_row[real]].tolist()
 
 
 @pytest.mark.parametrize("pattern", ["all_distinct", "zipf", "with_base_tokens"])
@@ -65,6 +68,28 @@ def test_inert_rows_read_and_write_nothing(pattern, mode):
 @pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
 def test_coefficients_are_read_from_the_device_tensor(mode):
     check("zipf", 3, 2, mode, coeff_factor=-1.5)
+
+
+@pytest.mark.parametrize("run_len", [1, 13])
+@pytest.mark.parametrize("mode", ["segments", "slots", "gather"])
+def test_coefficients_rewritten_between_layers_are_read_by_the_next_layer(run_len, mode):
+    """Composite gates rewrite a step's coefficients before each decoder layer: what the plan builds once per
+    step must not hold them."""
+    a, b, scales, _ = fused_pool(RANKS, 64, 24, [40, 16, 16], seed=0)
+    runs = random_runs("zipf", 37, len(RANKS), RANKS, 2, run_len, seed=1)
+    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(2))
+    deltas = []
+    for level in plan_for(runs, scales, 64, flat=True).levels:
+        level = with_mode(level, mode)
+        for factor in (1.0, -2.5):  # the first layer, then the second with rewritten coefficients
+            level.coeff.mul_(factor)
+            y = torch.zeros(37, 72)
+            torch_ref.lora_expand(y, b, torch_ref.lora_shrink(x, a, torch.ones(8, dtype=torch.int32), level, 3),
+                                  torch.ones(8, dtype=torch.int32), level, (0, 40, 56))
+            deltas.append(y)
+    first, second = deltas
+    assert first.abs().max() > 0
+    torch.testing.assert_close(second, -2.5 * first, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["segments", "slots", "gather"])

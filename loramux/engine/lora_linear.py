@@ -47,7 +47,8 @@ class LoraLinear(nn.Module):
     @property
     def slot_dtype(self) -> torch.dtype:
         """float32 on the CPU: there torch's bfloat16 batched GEMMs at LoRA's decode shapes (a few rows, rank 16)
-        run slower than float32 ones (twice the slots' memory buys that speed)."""
+        run slower than float32 ones (twice the slots' memory buys that speed). Prefill's long segment GEMMs
+        cast each segment's slot tensors to the activations' dtype instead (`torch_ref.lora_shrink`)."""
         return torch.float32 if self.weight.device.type == "cpu" else self.weight.dtype
 
     def allocate_slots(self, num_slots: int, r_max: int) -> None:

@@ -17,6 +17,7 @@ class LoraBackend:
 
     shrink(x, lora_a, slot_active, level, num_subs) -> h
     expand(y, lora_b, h, slot_active, level, sub_starts)
+        h is the backend's own intermediate: only its expand, on the same level, reads it.
     warm_up(shapes, r_max, dtype, device): compile every variant the server can
         launch; shapes are (d_in, sub-projection output sizes) per LoRA linear.
     takes_flat_plans: the expand sums rows that share a token, so a step's plan

@@ -77,11 +77,18 @@ class LoraPlanLevel:
                                whose gate weight the row takes); None in CUDA-graph levels
     `segments` describes the same rows run by run, as Python numbers, for host-side loops.
     `unique_tokens`: False for a flat level, where a token has one row per assignment.
-    For mode "slots": each of `slot_groups` (first slot, end slot, m) is one
-    batched GEMM over slots first..end-1 with m packed rows per slot;
-    `slot_rows` [P] lists the packed rows of every group in turn (P = sum of
-    (end - first) * m; N = padding) and `packed_pos` [N] gives each row's
-    place in that packed layout (P for inert rows).
+    `r_max`: the pool's padded rank (0 in levels built elsewhere, which run mode "gather").
+    Mode "segments" also reads
+      rank_mask:  [N, r_max] float32  1 inside the row's rank range, 0 elsewhere and on inert rows
+    Mode "slots": each of `slot_groups` (first slot, end slot, m) is one
+    batched GEMM over slots first..end-1 with m packed rows per slot; the
+    packed layout lists the places of every group in turn (P = sum of
+    (end - first) * m), a live row at one place, padding at the others:
+      packed_row:   [P] int64  the row at each place (0 at padding)
+      packed_token: [P] int64  its token (0 at padding)
+      packed_slot:  [P] int64  the slot whose tensors the group's GEMM reads there
+      packed_mask:  [P, r_max] float32  the row's rank_mask (0 at padding)
+    These are built once per step, so the ops of every layer only read them.
     """
 
     token_idx: torch.Tensor
@@ -95,9 +102,13 @@ class LoraPlanLevel:
     mode: str
     mix_index: torch.Tensor | None = None
     unique_tokens: bool = True
+    r_max: int = 0
+    rank_mask: torch.Tensor | None = None
     slot_groups: tuple[tuple[int, int, int], ...] = ()
-    slot_rows: torch.Tensor | None = None
-    packed_pos: torch.Tensor | None = None
+    packed_row: torch.Tensor | None = None
+    packed_token: torch.Tensor | None = None
+    packed_slot: torch.Tensor | None = None
+    packed_mask: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -150,10 +161,10 @@ def _slot_packing(slot_idx: torch.Tensor, force: bool = False
                   ) -> tuple[tuple[tuple[int, int, int], ...], torch.Tensor, torch.Tensor] | None:
     """Pack rows per slot for the "slots" mode, or None (unless `force`) when gathering would cost less.
 
-    The live rows (slot >= 0) must be sorted by slot; inert rows (slot < 0) may
-    sit anywhere and get `packed_pos` = one past the packed rows (a zero row).
+    Returns the slot groups and, per packed place, its row (-1 at padding) and
+    its slot. The live rows (slot >= 0) must be sorted by slot; inert rows
+    (slot < 0) may sit anywhere and get no place.
     """
-    n = slot_idx.shape[0]
     live = torch.nonzero(slot_idx >= 0).flatten()
     used, counts = torch.unique_consecutive(slot_idx[live], return_counts=True)
     groups, cost = _slot_groups(used.tolist(), counts.tolist())
@@ -170,11 +181,35 @@ def _slot_packing(slot_idx: torch.Tensor, force: bool = False
     first_row = torch.cumsum(counts, 0) - counts
     rank_in_slot = torch.arange(live.numel()) - torch.repeat_interleave(first_row, counts)
     place_index = torch.searchsorted(slot_of_place, slot_idx[live])
-    packed_pos = torch.full((n,), offset, dtype=torch.int64)
-    packed_pos[live] = slot_place[place_index] + rank_in_slot
-    slot_rows = torch.full((offset,), n, dtype=torch.int64)
-    slot_rows[packed_pos[live]] = live
-    return tuple(groups), slot_rows, packed_pos
+    packed_row = torch.full((offset,), -1, dtype=torch.int64)
+    packed_row[slot_place[place_index] + rank_in_slot] = live
+    packed_slot = torch.cat([torch.arange(lo, hi).repeat_interleave(m) for lo, hi, m in groups]) if groups \
+        else used
+    return tuple(groups), packed_row, packed_slot
+
+
+_NO_MODE_TENSORS = dict(rank_mask=None, slot_groups=(), packed_row=None, packed_token=None, packed_slot=None,
+                        packed_mask=None)
+
+
+def _mode_tensors(mode: str, slot_idx: torch.Tensor, token_idx: torch.Tensor, rank_lo: torch.Tensor,
+                  rank_hi: torch.Tensor, r_max: int, device: torch.device | str,
+                  packing: tuple[tuple[tuple[int, int, int], ...], torch.Tensor, torch.Tensor] | None = None
+                  ) -> dict:
+    """The fields of `LoraPlanLevel` that `mode` reads beside the per-row tensors (host tensors in, on `device`
+    out); `packing` from `_slot_packing` for mode "slots"."""
+    if mode == "gather":
+        return dict(_NO_MODE_TENSORS)
+    rank = torch.arange(r_max)
+    rank_mask = ((rank >= rank_lo[:, None]) & (rank < rank_hi[:, None]) & (slot_idx[:, None] >= 0)).float()
+    if mode == "segments":
+        return dict(_NO_MODE_TENSORS, rank_mask=rank_mask.to(device))
+    groups, packed_row, packed_slot = packing
+    padding = packed_row < 0
+    row = packed_row.clamp(min=0)
+    return dict(_NO_MODE_TENSORS, slot_groups=groups, packed_row=row.to(device),
+                packed_token=token_idx[row].masked_fill(padding, 0).to(device), packed_slot=packed_slot.to(device),
+                packed_mask=rank_mask[row].masked_fill(padding[:, None], 0.0).to(device))
 
 
 def build_lora_plan(
@@ -224,6 +259,7 @@ def build_lora_plan(
         else:
             packing = _slot_packing(slot_idx)
             mode = "gather" if packing is None else "slots"
+        mode_tensors = _mode_tensors(mode, slot_idx, token_idx, lo, hi, r_max, device, packing)
         levels.append(LoraPlanLevel(
             token_idx=token_idx.to(device),
             slot_idx=slot_idx.to(device),
@@ -236,9 +272,8 @@ def build_lora_plan(
             mode=mode,
             mix_index=per_row([k for _, _, _, k in chosen], torch.int64).to(device),
             unique_tokens=len(per_level) == depth,
-            slot_groups=packing[0] if packing else (),
-            slot_rows=packing[1].to(device) if packing else None,
-            packed_pos=packing[2].to(device) if packing else None,
+            r_max=r_max,
+            **mode_tensors,
         ))
     targets = None
     if slot_targets is not None:
@@ -247,10 +282,9 @@ def build_lora_plan(
 
 
 def with_mode(level: LoraPlanLevel, mode: str) -> LoraPlanLevel:
-    """The same level run with another formulation (for tests and benchmarks)."""
-    if mode != "slots":
-        return replace(level, mode=mode)
-    groups, slot_rows, packed_pos = _slot_packing(level.slot_idx.cpu(), force=True)
-    device = level.slot_idx.device
-    return replace(level, mode=mode, slot_groups=groups, slot_rows=slot_rows.to(device),
-                   packed_pos=packed_pos.to(device))
+    """The same level run with another formulation (for tests and benchmarks); also rebuilds the mode's
+    tensors after a level's per-row tensors were replaced."""
+    host = {name: getattr(level, name).cpu() for name in ("slot_idx", "token_idx", "rank_lo", "rank_hi")}
+    packing = _slot_packing(host["slot_idx"], force=True) if mode == "slots" else None
+    return replace(level, mode=mode, **_mode_tensors(mode, **host, r_max=level.r_max,
+                                                     device=level.slot_idx.device, packing=packing))
