@@ -96,12 +96,11 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) ->
 
     One row per block of block_size * H * D contiguous values: an order of
     magnitude fewer, longer copies than gathering slot by slot. The result is
-    contiguous: a batched matmul over the heads-first view would copy it
-    anyway, element by element and several times slower.
+    a strided view of the gathered rows.
     """
     per_block = cache.view(-1, block_size * cache.shape[1] * cache.shape[2])
     rows = per_block.index_select(0, blocks.reshape(-1))
-    return rows.view(blocks.shape[0], -1, *cache.shape[1:]).transpose(1, 2).contiguous()
+    return rows.view(blocks.shape[0], -1, *cache.shape[1:]).transpose(1, 2)
 
 
 def build_sdpa_plan(tables: torch.Tensor, positions: torch.Tensor, num_decode: int,
@@ -206,13 +205,18 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     """Decode attention with the query heads of each KV head as its query rows.
 
     Semantics: softmax(q @ keys^T * scale + bias) @ values, per sequence and KV head;
-    q: [B, Hkv, G, D]; keys, values: [B, Hkv, L, D]; bias: [B, 1, 1, L] float32 -> [B, Hkv, G, D].
-    Both products run in the cache's dtype and the softmax in float32 (as
-    transformers' eager attention does): at one query row per head, torch's
-    CPU SDPA kernel runs 2-3x slower than this in bfloat16.
+    q: [B, Hkv, G, D]; keys, values: [B, Hkv, L, D] (any strides); bias: [B, 1, 1, L] float32 -> [B, Hkv, G, D].
+    Measured on the CPU at one query row per head: in float32 torch's SDPA
+    kernel, reading the strided keys and values as they are, is fastest; in
+    bfloat16 it runs 2-3x slower than two batched matmuls over contiguous
+    copies with the softmax in float32 (as transformers' eager attention
+    does). A matmul over the strided view would copy it element by element,
+    several times slower than `contiguous()`.
     """
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale + bias
-    return torch.matmul(scores.softmax(-1).to(values.dtype), values)
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
+    scores = torch.matmul(q, keys.contiguous().transpose(-1, -2)).float() * scale + bias
+    return torch.matmul(scores.softmax(-1).to(values.dtype), values.contiguous())
 
 
 class SdpaAttention(AttentionBackend):
