@@ -13,7 +13,7 @@ start. Backends:
 - `sdpa` (the CPU fast path): gathers each step's context and runs batched
   SDPA per prefill span; its gather indices (`SdpaPlan`) are built once per
   step. Decode gathers whole cache blocks and folds each KV head's query
-  heads into the query rows of two batched matmuls (see `SdpaAttention`).
+  heads into its query rows (see `grouped_decode_attention`).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
 
 
 class SdpaAttention(AttentionBackend):
-    """The CPU fast path: batched matmuls over gathered K/V (decode) and SDPA per prefill span.
+    """The CPU fast path: grouped attention over gathered K/V (decode) and SDPA per prefill span.
 
     Decode folds the query heads that share a KV head into that head's query
     rows ([B, Hkv, group, D] against [B, Hkv, L, D], one bias row per
