@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.engine.attention import SdpaAttention
+from loramux.engine.attention import SdpaAttention, grouped_decode_attention
 from loramux.engine.step_inputs import attention_metadata
 from loramux.kernels import attention_ref
 
@@ -41,4 +41,27 @@ def test_sdpa_backend_matches_reference(dtype, tol, window, chunks, num_decode):
     expected = attention_ref.paged_attention_varlen(
         q.float(), k_cache.float(), v_cache.float(), meta.block_tables, meta.query_start, meta.context_lens,
         BLOCK_SIZE, HEAD_DIM ** -0.5, window)
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_grouped_decode_attention_matches_float32_loop(dtype, tol):
+    """The decode formulation (query heads folded per KV head, padded keys biased to -inf) at real-like
+    sizes (SmolLM2's 9 query / 3 KV heads, contexts that end mid-block) against a float32 loop per query head."""
+    gen = torch.Generator().manual_seed(0)
+    batch, num_kv_heads, group, head_dim, padded = 5, 3, 3, 64, 48
+    lengths = [1, 17, 32, 40, 48]
+    q = torch.randn(batch, num_kv_heads, group, head_dim, generator=gen)
+    keys, values = (torch.randn(batch, num_kv_heads, padded, head_dim, generator=gen) for _ in range(2))
+    bias = torch.full((batch, 1, 1, padded), float("-inf"))
+    for b, n in enumerate(lengths):
+        bias[b, ..., :n] = 0
+    got = grouped_decode_attention(q.to(dtype), keys.to(dtype), values.to(dtype), bias, head_dim ** -0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+    expected = torch.empty_like(q)
+    for b, n in enumerate(lengths):
+        for h in range(num_kv_heads):
+            for g in range(group):
+                weights = torch.softmax(keys[b, h, :n] @ q[b, h, g] * head_dim ** -0.5, dim=0)
+                expected[b, h, g] = weights @ values[b, h, :n]
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)

@@ -11,9 +11,9 @@ start. Backends:
   for a batch size serves every context length.
 - `torch`: the reference kernels (same signatures, a loop over sequences).
 - `sdpa` (the CPU fast path): gathers each step's context and runs batched
-  SDPA per span; its gather indices (`SdpaPlan`) are built once per step.
-  Decode gathers whole cache blocks and folds each KV head's query heads
-  into the query rows of one SDPA call (see `SdpaAttention`).
+  SDPA per prefill span; its gather indices (`SdpaPlan`) are built once per
+  step. Decode gathers whole cache blocks and folds each KV head's query
+  heads into its query rows (see `grouped_decode_attention`).
 """
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ class SdpaPlan:
 
     decode_blocks: [B, nb] cache blocks each decode row reads, its block table's
     first nb entries (nb covers the longest context; padding reads block 0);
-    decode_mask: [B, 1, 1, nb * block_size] bool, True where the slot is part of the context.
+    decode_bias: [B, 1, 1, nb * block_size] float32, 0 where the slot is part
+    of the context and -inf elsewhere (added to the scores).
     """
 
     decode_blocks: torch.Tensor | None
-    decode_mask: torch.Tensor | None
+    decode_bias: torch.Tensor | None
     prefills: list[PrefillSpan]
 
 
@@ -94,7 +95,8 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) ->
     """Whole cache blocks, heads first: cache [num_slots, H, D], blocks [B, nb] -> [B, H, nb * block_size, D].
 
     One row per block of block_size * H * D contiguous values: an order of
-    magnitude fewer, longer copies than gathering slot by slot.
+    magnitude fewer, longer copies than gathering slot by slot. The result is
+    a strided view of the gathered rows.
     """
     per_block = cache.view(-1, block_size * cache.shape[1] * cache.shape[2])
     rows = per_block.index_select(0, blocks.reshape(-1))
@@ -109,12 +111,13 @@ def build_sdpa_plan(tables: torch.Tensor, positions: torch.Tensor, num_decode: i
     tables: [N, max_blocks] int64 block tables, decode sequences first; positions: [T];
     prefill_chunks: (first position, new tokens) of each prefill sequence, in batch order.
     """
-    decode_blocks = decode_mask = None
+    decode_blocks = decode_bias = None
     if num_decode:
         num_blocks = int(positions[:num_decode].max()) // block_size + 1
         decode_blocks = tables[:num_decode, :num_blocks].to(device)
         key_pos = torch.arange(num_blocks * block_size)[None, :]
-        decode_mask = window_mask(positions[:num_decode, None], key_pos, sliding_window)[:, None, None, :].to(device)
+        attends = window_mask(positions[:num_decode, None], key_pos, sliding_window)[:, None, None, :]
+        decode_bias = torch.zeros(attends.shape).masked_fill_(~attends, float("-inf")).to(device)
     prefills: list[PrefillSpan] = []
     row = num_decode
     for i, (start, n) in enumerate(prefill_chunks, start=num_decode):
@@ -134,7 +137,7 @@ def build_sdpa_plan(tables: torch.Tensor, positions: torch.Tensor, num_decode: i
             mask = window_mask(positions[row:row + n, None], key_pos[None, :], sliding_window).to(device)
             prefills.append(PrefillSpan(row, n, 1, context_slots(tables[i], key_pos, block_size).to(device), mask))
         row += n
-    return SdpaPlan(decode_blocks, decode_mask, prefills)
+    return SdpaPlan(decode_blocks, decode_bias, prefills)
 
 
 class AttentionBackend:
@@ -197,13 +200,32 @@ class PagedKernelAttention(AttentionBackend):
             self.scale, self.sliding_window, max_query_len=meta.max_query_len)
 
 
-class SdpaAttention(AttentionBackend):
-    """The CPU fast path: batched SDPA over gathered K/V (decode) and per prefill span.
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """Decode attention with the query heads of each KV head as its query rows.
 
-    Decode runs one SDPA call with the query heads that share a KV head as
-    that head's query rows ([B, Hkv, group, D] against [B, Hkv, L, D], one mask
-    row per sequence): the same attention as `enable_gqa` with one query each,
-    which torch's CPU kernels run several times slower (12x in bfloat16).
+    Semantics: softmax(q @ keys^T * scale + bias) @ values, per sequence and KV head;
+    q: [B, Hkv, G, D]; keys, values: [B, Hkv, L, D] (any strides); bias: [B, 1, 1, L] float32 -> [B, Hkv, G, D].
+    Measured on the CPU at one query row per head: in float32 torch's SDPA
+    kernel, reading the strided keys and values as they are, is fastest; in
+    bfloat16 it runs 2-3x slower than two batched matmuls over contiguous
+    copies with the softmax in float32 (as transformers' eager attention
+    does). A matmul over the strided view would copy it element by element,
+    several times slower than `contiguous()`.
+    """
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
+    scores = torch.matmul(q, keys.contiguous().transpose(-1, -2)).float() * scale + bias
+    return torch.matmul(scores.softmax(-1).to(values.dtype), values.contiguous())
+
+
+class SdpaAttention(AttentionBackend):
+    """The CPU fast path: grouped attention over gathered K/V (decode) and SDPA per prefill span.
+
+    Decode folds the query heads that share a KV head into that head's query
+    rows ([B, Hkv, group, D] against [B, Hkv, L, D], one bias row per
+    sequence): the same attention as `enable_gqa` with one query each, which
+    torch's CPU kernels run several times slower (12x in bfloat16).
     """
 
     name = "sdpa"
@@ -217,7 +239,7 @@ class SdpaAttention(AttentionBackend):
             keys = gather_blocks(k_cache, plan.decode_blocks, self.block_size)
             values = gather_blocks(v_cache, plan.decode_blocks, self.block_size)
             grouped = q[:nd].view(nd, num_kv_heads, -1, q.shape[2])
-            decoded = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=plan.decode_mask)
+            decoded = grouped_decode_attention(grouped, keys, values, plan.decode_bias, self.scale)
             if not plan.prefills:
                 return decoded.reshape(q.shape)
         out = torch.empty_like(q)

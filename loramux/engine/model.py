@@ -95,7 +95,7 @@ def rope_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables [max_pos, head_dim], looked up by position."""
+    """Precomputed cos/sin tables [max_pos, head_dim], looked up by position once per forward pass."""
 
     def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int, dtype: torch.dtype):
         super().__init__()
@@ -105,12 +105,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """positions: [T]; each x: [T, H, D] -> rotated, same shape."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        half = xs[0].shape[-1] // 2
-        return tuple(x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin for x in xs)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> (cos, sin), each [T, 1, D]: every decoder layer rotates with the same pair."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: [T, H, D] rotated by its positions' (cos, sin) from `RotaryEmbedding` -> [T, H, D]."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -126,30 +130,30 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: ModelShape, qkv: LoraLinear, o_proj: LoraLinear, rotary: RotaryEmbedding,
-                 attend: AttentionBackend):
+    def __init__(self, shape: ModelShape, qkv: LoraLinear, o_proj: LoraLinear, attend: AttentionBackend):
         super().__init__()
         self.shape = shape
         self.qkv_proj = qkv
         self.o_proj = o_proj
-        self.rotary = rotary
         self.attend = attend
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> torch.Tensor:
         s = self.shape
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = self.qkv_proj(x, ctx.lora_plan).split([q_size, kv_size, kv_size], dim=-1)
-        q, k = self.rotary(positions, q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim))
+        q = rotate(q.view(-1, s.num_heads, s.head_dim), rope)
+        k = rotate(k.view(-1, s.num_kv_heads, s.head_dim), rope)
         out = self.attend(q, k, v.view(-1, s.num_kv_heads, s.head_dim), *kv_cache, ctx.attention)
         return self.o_proj(out.reshape(-1, q_size), ctx.lora_plan)
 
-    def forward_dense(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward_dense(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Causal attention over one whole sequence, no KV cache and no LoRA; x: [T, d] -> [T, d]."""
         s = self.shape
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = self.qkv_proj(x, NO_LORA).split([q_size, kv_size, kv_size], dim=-1)
-        q, k = self.rotary(positions, q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim))
+        q = rotate(q.view(-1, s.num_heads, s.head_dim), rope)
+        k = rotate(k.view(-1, s.num_kv_heads, s.head_dim), rope)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         out = nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True)
@@ -175,13 +179,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = input_norm
         self.post_attention_layernorm = post_norm
 
-    def forward(self, x, positions, kv_cache, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, ctx)
+    def forward(self, x, rope, kv_cache, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, ctx)
         return x + self.mlp(self.post_attention_layernorm(x), ctx.lora_plan)
 
-    def forward_dense(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward_dense(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The base layer alone over one whole sequence (no KV cache, no LoRA)."""
-        x = x + self.self_attn.forward_dense(self.input_layernorm(x), positions)
+        x = x + self.self_attn.forward_dense(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x), NO_LORA)
 
 
@@ -206,7 +210,7 @@ class CausalLM(nn.Module):
             return take(name) if name in weights else None
 
         q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        rotary = RotaryEmbedding(config, s.head_dim, max_positions, dtype).to(device)
+        self.rotary = RotaryEmbedding(config, s.head_dim, max_positions, dtype).to(device)
         layers = []
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
@@ -223,7 +227,7 @@ class CausalLM(nn.Module):
                 ("gate_proj", "up_proj"), (s.intermediate_size, s.intermediate_size), backend)
             down = LoraLinear(take(p + "mlp.down_proj.weight"), None, ("down_proj",), (s.hidden_size,), backend)
             layers.append(DecoderLayer(
-                Attention(s, qkv, o_proj, rotary, attention_backend), MLP(gate_up, down),
+                Attention(s, qkv, o_proj, attention_backend), MLP(gate_up, down),
                 RMSNorm(take(p + "input_layernorm.weight"), config.rms_norm_eps),
                 RMSNorm(take(p + "post_attention_layernorm.weight"), config.rms_norm_eps)))
         self.layers = nn.ModuleList(layers)
@@ -248,10 +252,11 @@ class CausalLM(nn.Module):
                 logit_rows: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]; logit_rows: [B] rows to score -> logits [B, vocab] (float32)."""
         x = self.embed_tokens[input_ids]
+        rope = self.rotary(positions)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, self.kv_caches)):
             if ctx.composite is not None:
                 ctx.composite.apply(i, x)
-            x = layer(x, positions, kv_cache, ctx)
+            x = layer(x, rope, kv_cache, ctx)
         x = self.norm(x[logit_rows])
         return nn.functional.linear(x, self.lm_head).float()
 
@@ -262,8 +267,8 @@ class CausalLM(nn.Module):
         Runs beside the step loop (the router embeds with it): it reads the
         weights only and touches neither the KV cache nor the adapter slots.
         """
-        positions = torch.arange(input_ids.shape[0], device=input_ids.device)
+        rope = self.rotary(torch.arange(input_ids.shape[0], device=input_ids.device))
         x = self.embed_tokens[input_ids]
         for layer in self.layers:
-            x = layer.forward_dense(x, positions)
+            x = layer.forward_dense(x, rope)
         return self.norm(x)
