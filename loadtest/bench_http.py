@@ -284,11 +284,11 @@ def main() -> None:
                 "loop us/tok", "client CPU s", "server CPU s", "load")
     for key, rows in results.items():
         for m in rows:
-            loop = (["", "", ""] if m.loop_cpu_s is None else
+            loop_columns = (["", "", ""] if m.loop_cpu_s is None else
                     [f"{m.loop_switches_per_step:.1f}", f"{m.loop_cpu_s:.2f}", f"{m.loop_cpu_s / tokens * 1e6:.0f}"])
             logger.info("%-9s %10.1f %10s %7.2f %7d %9.2f %10.2f %14.1f %13s %11s %12s %13.2f %13s %7.2f", key,
                         m.tokens_per_s, "", m.wall_s, m.steps, m.step_s, m.wall_s - m.step_s, m.switches_per_step,
-                        *loop, m.client_cpu_s, "" if m.server_cpu_s is None else f"{m.server_cpu_s:.2f}",
+                        *loop_columns, m.client_cpu_s, "" if m.server_cpu_s is None else f"{m.server_cpu_s:.2f}",
                         m.load_average)
         logger.info("%-9s %10s %10.1f", key, "", max(m.tokens_per_s for m in rows))
     best = {key: max(m.tokens_per_s for m in rows) for key, rows in results.items()}

@@ -79,7 +79,9 @@ def test_coefficients_rewritten_between_layers_are_read_by_the_next_layer(run_le
     runs = random_runs("zipf", 37, len(RANKS), RANKS, 2, run_len, seed=1)
     x = torch.randn(37, 24, generator=torch.Generator().manual_seed(2))
     deltas = []
-    for level in plan_for(runs, scales, 64, flat=True).levels:
+    plan = plan_for(runs, scales, 64, flat=True)
+    assert len(plan.levels) == 1  # flat: one level, so `deltas` holds the two layers' results
+    for level in plan.levels:
         level = with_mode(level, mode)
         for factor in (1.0, -2.5):  # the first layer, then the second with rewritten coefficients
             level.coeff.mul_(factor)

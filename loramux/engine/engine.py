@@ -381,7 +381,7 @@ class Engine:
             flat = self.lora_backend.takes_flat_plans and self.decode_graphs is None
             inputs = prepare_step_inputs(plan, self.config.cache.block_size, self.shape.sliding_window,
                                          self.slots, self.device, self.attention.uses_sdpa_plan, self.composites,
-                                         flat)
+                                         flat, self.lora_backend.reads_mode_tensors)
             self.store.wait_for_page_ins()
             if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
                 logits = self.decode_graphs.run(inputs)

@@ -61,10 +61,12 @@ def attention_metadata(block_tables: list[list[int]], chunks: list[tuple[int, in
 
 def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int | None, slots: LoraSlotPool,
                         device: torch.device, uses_sdpa_plan: bool,
-                        composites: CompositeRegistry | None = None, flat_lora_plan: bool = False) -> StepInputs:
+                        composites: CompositeRegistry | None = None, flat_lora_plan: bool = False,
+                        lora_mode_tensors: bool = True) -> StepInputs:
     """The tensors of one step; `uses_sdpa_plan`: also build the sdpa backend's gather indices;
     `composites`: the registry whose gates the step's gated composite requests use;
-    `flat_lora_plan`: one LoRA plan level for any mixture depth (a backend that sums repeated rows)."""
+    `flat_lora_plan`: one LoRA plan level for any mixture depth (a backend that sums repeated rows);
+    `lora_mode_tensors`: the LoRA backend reads the plan's per-mode tensors (see `build_lora_plan`)."""
     token_ids: list[int] = []
     runs = []
     logit_rows = []
@@ -83,7 +85,8 @@ def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int
         [item.seq.block_table for item in plan.scheduled],
         [(item.seq.num_computed_tokens, item.num_new_tokens) for item in plan.scheduled], len(plan.decode),
         block_size, sliding_window, device, uses_sdpa_plan)
-    lora_plan = build_lora_plan(runs, slots.scales, slots.max_rank, device, slots.targets, flat=flat_lora_plan)
+    lora_plan = build_lora_plan(runs, slots.scales, slots.max_rank, device, slots.targets, flat=flat_lora_plan,
+                                mode_tensors=lora_mode_tensors)
     gates = None
     if gated_rows:
         gates = build_composite_gates(gated_rows, lora_plan, len(token_ids), composites, device)

@@ -108,8 +108,8 @@ def _sort(rng: random.Random, wide: bool = False) -> tuple[str, str]:
 def _add(rng: random.Random, wide: bool = False) -> tuple[str, str]:
     if not wide:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
-    else:  # digit counts drawn first, and half the sums carry out of the units: an expert trained on uniform
-        # draws dropped that carry ("66 and 44" -> 100, "4 and 16" -> 17)
+    else:  # digit counts drawn first, and half the pairs made to carry out of the units (about 70% carry in
+        # all): an expert trained on uniform draws dropped that carry ("66 and 44" -> 100, "4 and 16" -> 17)
         most_digits = 3 if rng.random() < 0.3 else 2
         a, b = (_with_digits(rng, rng.randint(1, most_digits)) for _ in range(2))
         if rng.random() < 0.5 and a % 10 > 0:

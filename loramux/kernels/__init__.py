@@ -22,6 +22,8 @@ class LoraBackend:
         launch; shapes are (d_in, sub-projection output sizes) per LoRA linear.
     takes_flat_plans: the expand sums rows that share a token, so a step's plan
         may be flat (one level for any mixture depth, see `build_lora_plan`).
+    reads_mode_tensors: the ops read the plan's per-mode masks and packed layout
+        (`build_lora_plan(mode_tensors=...)`), not only the per-row tensors.
     """
 
     name: str
@@ -29,10 +31,11 @@ class LoraBackend:
     expand: Callable[..., None]
     warm_up: Callable[..., None]
     takes_flat_plans: bool = False
+    reads_mode_tensors: bool = False
 
 
 TORCH_BACKEND = LoraBackend("torch", torch_ref.lora_shrink, torch_ref.lora_expand, torch_ref.warm_up,
-                            takes_flat_plans=True)
+                            takes_flat_plans=True, reads_mode_tensors=True)
 
 
 def select_lora_backend(requested: str, device: torch.device) -> LoraBackend:

@@ -219,6 +219,7 @@ def build_lora_plan(
     device: torch.device | str = "cpu",
     slot_targets: Sequence[frozenset[str]] | None = None,
     flat: bool = False,
+    mode_tensors: bool = True,
 ) -> LoraPlan:
     """Build the plan from runs of consecutive tokens that share their assignments.
 
@@ -228,6 +229,8 @@ def build_lora_plan(
     slot_targets: [num_slots] the sub-projections each slot's adapter targets
     (None: every linear runs).
     flat: one level with every assignment (only for a backend that sums repeated rows, see the module doc).
+    mode_tensors: build the masks and packed layout that modes "segments" and "slots" read (False for a
+    backend that reads only the per-row tensors: no host work and no copies to the device for them).
     """
     depth = max((len(a) for _, _, a in runs), default=0)
     # (assignment, first token, rows, place in the mix) of each level
@@ -259,7 +262,8 @@ def build_lora_plan(
         else:
             packing = _slot_packing(slot_idx)
             mode = "gather" if packing is None else "slots"
-        mode_tensors = _mode_tensors(mode, slot_idx, token_idx, lo, hi, r_max, device, packing)
+        extra = _mode_tensors(mode, slot_idx, token_idx, lo, hi, r_max, device, packing) if mode_tensors \
+            else _NO_MODE_TENSORS
         levels.append(LoraPlanLevel(
             token_idx=token_idx.to(device),
             slot_idx=slot_idx.to(device),
@@ -273,7 +277,7 @@ def build_lora_plan(
             mix_index=per_row([k for _, _, _, k in chosen], torch.int64).to(device),
             unique_tokens=len(per_level) == depth,
             r_max=r_max,
-            **mode_tensors,
+            **extra,
         ))
     targets = None
     if slot_targets is not None:

@@ -4,9 +4,11 @@ Three formulations of the same math; the plan level's `mode` picks one
 (see `loramux.kernels.plan` for when each wins). A row contributes only when
 it is live: its slot is >= 0 (inert rows are CUDA-graph padding) and
 `slot_active[slot]` is set (the slot's adapter targets this linear).
-Segments skip inert rows on the host; everything else zeroes the
-contribution of rows that are not live, reading slot 0 / token 0 in their
-place, so no shape depends on how many rows are live (CUDA-graph safe).
+Segments skip inert rows on the host; "slots" packs only the plan's rows
+(its padding places read token 0 and a slot of their group, with a zero
+mask); "gather" zeroes the contribution of rows that are not live, reading
+slot 0 / token 0 in their place, so no shape depends on how many rows are
+live (CUDA-graph safe).
 The shrink applies each row's coefficient, rank range and liveness to h
 once, so the expand only multiplies and adds. Coefficients are read from
 the plan's device tensor (composite gates rewrite it per decoder layer);
@@ -22,15 +24,13 @@ from collections.abc import Iterable
 
 import torch
 
-from loramux.kernels.plan import LoraPlanLevel
+from loramux.kernels.plan import SEGMENTED_MIN_AVG_TOKENS, LoraPlanLevel
 
 
-def _live(level: LoraPlanLevel, slot_active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N] float 1/0 per live row, and the slots and tokens to read (0 for inert rows)."""
+def _slots_and_tokens(level: LoraPlanLevel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mode "gather": [N] bool inert rows, and the slots and tokens to read (0 for inert rows)."""
     inert = level.slot_idx < 0
-    slots = torch.where(inert, 0, level.slot_idx)
-    live = slot_active.index_select(0, slots).float().masked_fill(inert, 0.0)
-    return live, slots, torch.where(inert, 0, level.token_idx)
+    return inert, torch.where(inert, 0, level.slot_idx), torch.where(inert, 0, level.token_idx)
 
 
 def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -59,27 +59,32 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
     `lora_expand` only: [N, num_subs * r_max], or in mode "slots"
     [P, num_subs * r_max], one row per place of the packed layout; in
     lora_a's dtype (x is cast to it: the slot tensors may be kept in float32
-    for a bfloat16 model), except in mode "segments", where the GEMMs run in
-    x's dtype (each segment's slot tensors are cast to it).
+    for a bfloat16 model), except for long segments (prefill), whose GEMMs
+    run in x's dtype (each segment's slot tensors are cast to it).
     The coefficient is applied here, once, so the expand is products and one add.
     """
     width = lora_a.shape[1]
+    assert width == num_subs * level.r_max or level.mode == "gather", "the plan's r_max is not the pool's"
     if level.mode == "slots":
         h = _group_products(x.index_select(0, level.packed_token).to(lora_a.dtype), lora_a, level)
         scale = level.coeff.index_select(0, level.packed_row) * slot_active.index_select(0, level.packed_slot)
         factor = level.packed_mask * scale[:, None]
     elif level.mode == "segments":
-        # Long GEMMs: run them at the activations' dtype (bfloat16's rate on the CPU), casting one slot's A
-        # per segment rather than every token of x.
-        h = x.new_zeros(level.num_rows, width)
+        # Long GEMMs (prefill) run at the activations' dtype (bfloat16's rate on the CPU), casting one slot's
+        # A per segment rather than every token of x; the few rows of a decode keep the slots' dtype
+        # (`LoraLinear.slot_dtype` says why).
+        long = level.num_rows >= SEGMENTED_MIN_AVG_TOKENS * len(level.segments)
+        dtype = x.dtype if long else lora_a.dtype
+        h = x.new_zeros(level.num_rows, width, dtype=dtype)
         for seg in level.segments:
             if seg.slot >= 0:
-                torch.matmul(x[seg.token:seg.token + seg.end - seg.start], lora_a[seg.slot].to(x.dtype).T,
+                torch.matmul(x[seg.token:seg.token + seg.end - seg.start].to(dtype), lora_a[seg.slot].to(dtype).T,
                              out=h[seg.start:seg.end])
         # Inert rows read slot 0 here; their rank_mask row is 0.
         factor = level.rank_mask * (level.coeff * slot_active.index_select(0, level.slot_idx.clamp(min=0)))[:, None]
     else:
-        live, slots, tokens = _live(level, slot_active)
+        inert, slots, tokens = _slots_and_tokens(level)
+        live = slot_active.index_select(0, slots).float().masked_fill(inert, 0.0)
         h = torch.bmm(lora_a.index_select(0, slots), x.index_select(0, tokens).to(lora_a.dtype).unsqueeze(2))
         factor = _rank_range_mask(level, width // num_subs) * (level.coeff * live)[:, None]
     scaled = h.view(h.shape[0], num_subs, -1) * factor[:, None, :]  # float32 products, rounded once below
@@ -126,7 +131,7 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
         delta = _joined([_group_products(h[:, ranks], lora_b[:, cols], level) for cols, ranks in blocks], 1)
         tokens = level.packed_token  # padding places add their zero rows to token 0
     else:
-        _, slots, tokens = _live(level, slot_active)
+        _, slots, tokens = _slots_and_tokens(level)
         b_rows = lora_b.index_select(0, slots)
         delta = _joined([torch.bmm(b_rows[:, cols], h[:, ranks, None]).squeeze(2) for cols, ranks in blocks], 1)
     y.index_add_(0, tokens, delta.to(y.dtype))

@@ -1,7 +1,9 @@
 """Triton LoRA kernels: SGMV (segments) for prefill, BGMV (one row per program) for decode.
 
-Same semantics as `loramux.kernels.torch_ref` (the Triton ops take the fused
-projection's sub-projection count for the shrink). The plan level's mode picks
+The shrink and expand together have the semantics of `loramux.kernels.torch_ref`
+(the Triton ops take the fused projection's sub-projection count for the
+shrink); h is this backend's own: unscaled float32 [N, num_subs * r_max], the
+coefficient applied in the expand. The plan level's mode picks
 the variant: "segments" runs the segmented GEMM kernels, every other mode the
 gathered GEMV kernels. Fused projections take one launch each way: the shrink
 reads the stacked A of q/k/v (or gate/up), the expand writes every
