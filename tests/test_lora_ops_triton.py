@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 triton_lora = pytest.importorskip("loramux.kernels.triton_lora", reason="triton is not installed")
 
 from loramux.kernels.plan import build_lora_plan, with_mode  # noqa: E402
-from tests.lora_cases import POPULARITY, run_case  # noqa: E402
+from tests.lora_cases import POPULARITY, RANKS, fused_pool, random_runs, run_case  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -173,3 +173,23 @@ def test_expand_refuses_a_flat_plan():
     with pytest.raises(ValueError, match="flat plans"):
         triton_lora.lora_expand(y, torch.zeros(2, 8, 4, device=DEVICE), h, torch.ones(2, dtype=torch.int32,
                                                                                         device=DEVICE), level)
+
+
+@pytest.mark.parametrize("run_len", [1, 9])
+def test_a_plan_built_without_mode_tensors_gives_the_same_result(run_len):
+    """The engine builds the Triton backend's plans without the torch ops' masks and packed layout
+    (`reads_mode_tensors`): the kernels must read only the per-row tensors."""
+    a, b, scales, _ = fused_pool(RANKS, 64, 24, [40], seed=0)
+    runs = random_runs("zipf", 23, len(RANKS), RANKS, 2, run_len, seed=1)
+    x = torch.randn(23, 24, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    a, b = a.to(DEVICE), b.to(DEVICE)
+    active = torch.ones(len(RANKS), dtype=torch.int32, device=DEVICE)
+    results = []
+    for mode_tensors in (True, False):
+        y = torch.zeros(23, 40, device=DEVICE)
+        for level in build_lora_plan(runs, scales, 64, DEVICE, mode_tensors=mode_tensors).levels:
+            assert mode_tensors or (level.rank_mask is None and level.packed_row is None)
+            triton_lora.lora_expand(y, b, triton_lora.lora_shrink(x, a, active, level, 1), active, level, (0,))
+        results.append(y)
+    assert results[0].abs().max() > 0
+    torch.testing.assert_close(results[1], results[0])
