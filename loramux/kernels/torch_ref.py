@@ -37,13 +37,25 @@ def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def _group_products(rows: torch.Tensor, weights: torch.Tensor, level: LoraPlanLevel) -> torch.Tensor:
+# A shrink's slot group with at most this many rows per slot multiplies the slot tensor as the left operand,
+# in its own layout: torch's CPU bmm ran that about 2x faster at 1-2 rows (float32 A at SmolLM2's shapes) and
+# slower from 4 rows on; the expand's B slices are faster as they are.
+LEFT_OPERAND_MAX_ROWS = 2
+
+
+def _group_products(rows: torch.Tensor, weights: torch.Tensor, level: LoraPlanLevel,
+                    weights_left: bool = False) -> torch.Tensor:
     """Mode "slots": out[p] = weights[slot of place p] @ rows[p] over the packed layout, one batched GEMM per
-    slot group reading the slot tensors in place. rows: [P, k]; weights: [S, out, k] -> [P, out]."""
+    slot group reading the slot tensors in place. rows: [P, k]; weights: [S, out, k] -> [P, out].
+    weights_left: groups of at most LEFT_OPERAND_MAX_ROWS rows per slot compute (weights @ rowsᵀ)ᵀ."""
     products, offset = [], 0
     for lo, hi, m in level.slot_groups:
         group = rows[offset:offset + (hi - lo) * m].view(hi - lo, m, rows.shape[1])
-        products.append(torch.bmm(group, weights[lo:hi].transpose(1, 2)).view(-1, weights.shape[1]))
+        if weights_left and m <= LEFT_OPERAND_MAX_ROWS:
+            product = torch.bmm(weights[lo:hi], group.transpose(1, 2)).transpose(1, 2)
+        else:
+            product = torch.bmm(group, weights[lo:hi].transpose(1, 2))
+        products.append(product.reshape(-1, weights.shape[1]))
         offset += (hi - lo) * m
     return _joined(products, 0) if products else rows.new_zeros(0, weights.shape[1])
 
@@ -66,7 +78,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
     width = lora_a.shape[1]
     assert width == num_subs * level.r_max or level.mode == "gather", "the plan's r_max is not the pool's"
     if level.mode == "slots":
-        h = _group_products(x.index_select(0, level.packed_token).to(lora_a.dtype), lora_a, level)
+        h = _group_products(x.index_select(0, level.packed_token).to(lora_a.dtype), lora_a, level, weights_left=True)
         scale = level.coeff.index_select(0, level.packed_row) * slot_active.index_select(0, level.packed_slot)
         factor = level.packed_mask * scale[:, None]
     elif level.mode == "segments":
