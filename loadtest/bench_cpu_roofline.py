@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); on a CPU "
                         "shared with other busy processes 1 avoids stalls at every parallel region's barrier")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--plot", type=Path, help="also draw the results here (PNG)")
+    parser.add_argument("--plot", default="", help="also draw the results here (PNG; '' for none)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("loramux", "transformers", "httpx"):
@@ -216,8 +216,8 @@ def main() -> None:
             "machine": machine, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "load_average": {"start": load_start, "end": load_end}, "best_seconds": best,
             "model_flops": flops, **results, "ratios": ratios}, indent=2))
-    if args.plot:
-        plot(results, args.plot)
+    if args.plot:  # a string: Path("") would be "." and save ".png"
+        plot(results, Path(args.plot))
 
 
 def plot(results: dict, path: Path) -> None:
