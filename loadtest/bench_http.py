@@ -208,7 +208,7 @@ def main() -> None:
                         help="sample each server process with py-spy through all rounds (idle threads left out) and "
                              "write its collapsed stacks to PREFIX.<row>.txt; the sampling takes CPU from the "
                              "servers, so a profiled run's numbers are not the ones to report")
-    parser.add_argument("--plot", type=Path, help="a PNG of tokens/s by path here")
+    parser.add_argument("--plot", default="", help="a PNG of tokens/s by path here ('' for none)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("loramux", "httpx"):
@@ -305,7 +305,7 @@ def main() -> None:
     if args.plot:
         from loadtest.plots import path_throughput
 
-        path_throughput({key: [vars(m) for m in rows] for key, rows in results.items()}, args.plot)
+        path_throughput({key: [vars(m) for m in rows] for key, rows in results.items()}, Path(args.plot))
 
 
 if __name__ == "__main__":
