@@ -49,6 +49,17 @@ GROUP_ROWS = 64
 GATHER_ROWS = 32
 
 
+def long_segments(num_rows: int, num_segments: int) -> bool:
+    """The segments average at least SEGMENTED_MIN_AVG_TOKENS rows (prefill chunks, not decode tokens)."""
+    return num_rows >= SEGMENTED_MIN_AVG_TOKENS * num_segments
+
+
+def rank_range_mask(rank_lo: torch.Tensor, rank_hi: torch.Tensor, r_max: int) -> torch.Tensor:
+    """[N, r_max] bool: rank r is in the row's range [rank_lo, rank_hi); rank_lo, rank_hi: [N]."""
+    rank = torch.arange(r_max, device=rank_lo.device)
+    return (rank >= rank_lo[:, None]) & (rank < rank_hi[:, None])
+
+
 class Segment(NamedTuple):
     """Rows [start, end) of a plan level: tokens token..token+end-start, all with the same assignment."""
 
@@ -113,6 +124,10 @@ class LoraPlanLevel:
     @property
     def num_rows(self) -> int:
         return int(self.token_idx.shape[0])
+
+    @property
+    def long_segments(self) -> bool:
+        return long_segments(self.num_rows, len(self.segments))
 
 
 @dataclass(frozen=True)
@@ -200,8 +215,7 @@ def _mode_tensors(mode: str, slot_idx: torch.Tensor, token_idx: torch.Tensor, ra
     out); `packing` from `_slot_packing` for mode "slots"."""
     if mode == "gather":
         return dict(_NO_MODE_TENSORS)
-    rank = torch.arange(r_max)
-    rank_mask = ((rank >= rank_lo[:, None]) & (rank < rank_hi[:, None]) & (slot_idx[:, None] >= 0)).float()
+    rank_mask = (rank_range_mask(rank_lo, rank_hi, r_max) & (slot_idx[:, None] >= 0)).float()
     if mode == "segments":
         return dict(_NO_MODE_TENSORS, rank_mask=rank_mask.to(device))
     groups, packed_row, packed_slot = packing
@@ -257,7 +271,7 @@ def build_lora_plan(
             segments.append(Segment(slot, row, row + count, start, rank_lo, rank_hi))
             row += count
         packing = None
-        if len(segments) <= SEGMENTED_MAX_FEW or row >= SEGMENTED_MIN_AVG_TOKENS * len(segments):
+        if len(segments) <= SEGMENTED_MAX_FEW or long_segments(row, len(segments)):
             mode = "segments"
         else:
             packing = _slot_packing(slot_idx)

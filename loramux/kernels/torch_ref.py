@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import torch
 
-from loramux.kernels.plan import SEGMENTED_MIN_AVG_TOKENS, LoraPlanLevel
+from loramux.kernels.plan import LoraPlanLevel, rank_range_mask
 
 
 def _slots_and_tokens(level: LoraPlanLevel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,8 +85,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
         # Long GEMMs (prefill) run at the activations' dtype (bfloat16's rate on the CPU), casting one slot's
         # A per segment rather than every token of x; the few rows of a decode keep the slots' dtype
         # (`LoraLinear.slot_dtype` says why).
-        long = level.num_rows >= SEGMENTED_MIN_AVG_TOKENS * len(level.segments)
-        dtype = x.dtype if long else lora_a.dtype
+        dtype = x.dtype if level.long_segments else lora_a.dtype
         h = x.new_zeros(level.num_rows, width, dtype=dtype)
         for seg in level.segments:
             if seg.slot >= 0:
@@ -98,16 +97,10 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
         inert, slots, tokens = _slots_and_tokens(level)
         live = slot_active.index_select(0, slots).float().masked_fill(inert, 0.0)
         h = torch.bmm(lora_a.index_select(0, slots), x.index_select(0, tokens).to(lora_a.dtype).unsqueeze(2))
-        factor = _rank_range_mask(level, width // num_subs) * (level.coeff * live)[:, None]
+        # the rank ranges from the per-row tensors, which CUDA-graph levels (mode "gather") rewrite in place
+        factor = rank_range_mask(level.rank_lo, level.rank_hi, width // num_subs) * (level.coeff * live)[:, None]
     scaled = h.view(h.shape[0], num_subs, -1) * factor[:, None, :]  # float32 products, rounded once below
     return scaled.view(h.shape[0], width).to(h.dtype)
-
-
-def _rank_range_mask(level: LoraPlanLevel, r_max: int) -> torch.Tensor:
-    """[N, r_max] bool: rank r is in [rank_lo, rank_hi), from the per-row tensors (which CUDA-graph levels,
-    running mode "gather", rewrite in place between steps)."""
-    rank = torch.arange(r_max, device=level.rank_lo.device)
-    return (rank >= level.rank_lo[:, None]) & (rank < level.rank_hi[:, None])
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
