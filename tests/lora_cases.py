@@ -102,8 +102,9 @@ def sub_starts(d_outs: list[int]) -> tuple[int, ...]:
 def with_inert_rows(level, tokens: list[int], r_max: int):
     """The level with one inert row (slot -1) per entry of `tokens` appended, as CUDA-graph padding is.
 
-    The inert rows point at real tokens and carry a non-zero coefficient and a
-    full rank range, so any read or write they caused would show in the result.
+    The inert rows point at real tokens and carry a non-zero coefficient, a
+    full rank range and (in a level with scaled rows) scale row 0, so any read
+    or write they caused would show in the result.
     """
     n, count = level.num_rows, len(tokens)
     device = level.token_idx.device
@@ -117,6 +118,7 @@ def with_inert_rows(level, tokens: list[int], r_max: int):
         coeff=cat("coeff", [0.7] * count, torch.float32), rank_lo=cat("rank_lo", [0] * count, torch.int64),
         rank_hi=cat("rank_hi", [r_max] * count, torch.int64),
         mix_index=None if level.mix_index is None else cat("mix_index", [0] * count, torch.int64),
+        scale_idx=None if level.scale_idx is None else cat("scale_idx", [0] * count, torch.int64),
         seg_starts=torch.tensor([s.start for s in segments] + [n + count], dtype=torch.int64, device=device),
         seg_slots=torch.tensor([s.slot for s in segments], dtype=torch.int64, device=device),
         segments=segments), level.mode)

@@ -21,8 +21,15 @@ class LoraLinear(nn.Module):
       slot_active: [S] int32            1 where the slot's adapter targets one of
               the sub-projections here: the kernels skip the other slots' rows
     An adapter that does not target a sub-projection leaves zeros there.
-    The slot tensors share the weight's dtype, except on the CPU, where they
-    are float32 (`slot_dtype`).
+    Scaling-vector pools of the MoR experts, allocated by `allocate_scale_rows`
+    (None on a server without them); plan rows read row `scale_idx`:
+      rank_scale: [V + 1, n_sub * r_max]  λ_A of each sub-projection in its rank block
+      out_scale:  [V + 1, d_out_total]    λ_B in each sub-projection's columns
+    Rows are ones where a composite does not target a sub-projection (its shared
+    A and B are zero there anyway), and the last row stays ones: scale_idx -1
+    (no scaling) reads it.
+    The slot tensors and pools share the weight's dtype, except on the CPU, where
+    they are float32 (`slot_dtype`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -39,6 +46,8 @@ class LoraLinear(nn.Module):
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
         self.slot_active: torch.Tensor | None = None
+        self.rank_scale: torch.Tensor | None = None
+        self.out_scale: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -58,6 +67,25 @@ class LoraLinear(nn.Module):
         self.lora_a = torch.zeros(num_slots, len(self.sub_names) * r_max, w.shape[1], **to)
         self.lora_b = torch.zeros(num_slots, w.shape[0], r_max, **to)
         self.slot_active = torch.zeros(num_slots, dtype=torch.int32, device=w.device)
+
+    def allocate_scale_rows(self, num_rows: int) -> None:
+        """`num_rows` rows of scaling vectors (and the ones row), after `allocate_slots`; 0: no pools."""
+        if num_rows:
+            to = dict(dtype=self.slot_dtype, device=self.weight.device)
+            self.rank_scale = torch.ones(num_rows + 1, len(self.sub_names) * self.r_max, **to)
+            self.out_scale = torch.ones(num_rows + 1, self.weight.shape[0], **to)
+
+    def set_scales(self, row: int, sub_name: str, lambda_a: torch.Tensor, lambda_b: torch.Tensor) -> None:
+        """Write one sub-projection's λ_A [r] and λ_B [d_out] into pool row `row` (ones beyond rank r)."""
+        i = self.sub_names.index(sub_name)
+        block = self.rank_scale[row, i * self.r_max:(i + 1) * self.r_max]
+        block.fill_(1.0)
+        block[:lambda_a.shape[0]].copy_(lambda_a)
+        self.out_scale[row, self.sub_offsets[i]:self.sub_offsets[i] + self.sub_sizes[i]].copy_(lambda_b)
+
+    def reset_scales(self, row: int) -> None:
+        self.rank_scale[row].fill_(1.0)
+        self.out_scale[row].fill_(1.0)
 
     def set_slot(self, slot: int, sub_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write one sub-projection's A [r, d_in] and B [d_out, r] into `slot` (zero-padded to r_max)."""
@@ -87,6 +115,6 @@ class LoraLinear(nn.Module):
         if plan.targets is not None and plan.targets.isdisjoint(self.sub_names):
             return y  # no adapter of the step targets this projection: launch nothing
         for level in plan.levels:
-            h = self.backend.shrink(x, self.lora_a, self.slot_active, level, len(self.sub_names))
-            self.backend.expand(y, self.lora_b, h, self.slot_active, level, self.sub_offsets)
+            h = self.backend.shrink(x, self.lora_a, self.slot_active, level, len(self.sub_names), self.rank_scale)
+            self.backend.expand(y, self.lora_b, h, self.slot_active, level, self.sub_offsets, self.out_scale)
         return y

@@ -15,9 +15,11 @@ from loramux.kernels.plan import LoraPlan, LoraPlanLevel, build_lora_plan
 class LoraBackend:
     """The LoRA ops of one backend (signatures and semantics in `torch_ref`):
 
-    shrink(x, lora_a, slot_active, level, num_subs) -> h
-    expand(y, lora_b, h, slot_active, level, sub_starts)
+    shrink(x, lora_a, slot_active, level, num_subs, rank_scale) -> h
+    expand(y, lora_b, h, slot_active, level, sub_starts, out_scale)
         h is the backend's own intermediate: only its expand, on the same level, reads it.
+        rank_scale / out_scale: the linear's scaling-vector pools (None: none), read at the
+        plan rows' `scale_idx` (MoR experts).
     warm_up(shapes, r_max, dtype, device): compile every variant the server can
         launch; shapes are (d_in, sub-projection output sizes) per LoRA linear.
     takes_flat_plans: the expand sums rows that share a token, so a step's plan

@@ -1,9 +1,16 @@
 """The per-step LoRA plan: the one contract between engine, store and kernels.
 
 For a step with `T` tokens every token has up to `K` assignments
-`(slot, weight, rank_lo, rank_hi)` and every LoRA-aware linear computes
+`(slot, weight, rank_lo, rank_hi[, scale_row])` and every LoRA-aware linear computes
 
-    y[t] += sum_k weight_k * scale[slot_k] * B[slot_k][:, lo:hi] @ (A[slot_k][lo:hi, :] @ x[t])
+    y[t] += sum_k weight_k * scale[slot_k] * λ_B[j_k] ⊙ (B[slot_k][:, lo:hi] @ h_k),
+    h_k = λ_A[j_k][lo:hi] ⊙ (A[slot_k][lo:hi, :] @ x[t])
+
+where j_k = scale_row_k indexes the linear's pools of scaling vectors (a MoR
+expert: λ_A over the ranks, λ_B over the output columns, see
+`LoraLinear.rank_scale`); scale_row -1 (every plain, MoLE and MoRE assignment)
+means no scaling, λ = 1. The N experts of a MoR composite are N assignments of
+its one shared slot that differ in their scale row.
 
 The plan stores the k-th assignment of every token in its own `LoraPlanLevel`
 so that, inside one level, a token appears at most once: the expand kernels
@@ -69,6 +76,7 @@ class Segment(NamedTuple):
     token: int
     rank_lo: int
     rank_hi: int
+    scale_row: int = -1  # the rows' pool row of scaling vectors (-1: none)
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,8 @@ class LoraPlanLevel:
       seg_slots:  [S] int64      slot of each segment
       mix_index:  [N] int64    place of the row's assignment in its token's mix (a composite's member,
                                whose gate weight the row takes); None in CUDA-graph levels
+      scale_idx:  [N] int64    row of the linears' scaling-vector pools (a MoR expert), -1 = no scaling;
+                               None when no row of the level is scaled (the ops then skip the scaling)
     `segments` describes the same rows run by run, as Python numbers, for host-side loops.
     `unique_tokens`: False for a flat level, where a token has one row per assignment.
     `r_max`: the pool's padded rank (0 in levels built elsewhere, which run mode "gather").
@@ -112,6 +122,7 @@ class LoraPlanLevel:
     segments: tuple[Segment, ...]
     mode: str
     mix_index: torch.Tensor | None = None
+    scale_idx: torch.Tensor | None = None
     unique_tokens: bool = True
     r_max: int = 0
     rank_mask: torch.Tensor | None = None
@@ -148,7 +159,7 @@ class LoraPlan:
         return not self.levels
 
 
-Assignment = tuple[int, float, int, int]  # (slot, weight, rank_lo, rank_hi)
+Assignment = tuple  # (slot, weight, rank_lo, rank_hi) or (slot, weight, rank_lo, rank_hi, scale_row)
 
 
 def _slot_groups(slots: list[int], counts: list[int]) -> tuple[list[tuple[int, int, int]], float]:
@@ -226,6 +237,10 @@ def _mode_tensors(mode: str, slot_idx: torch.Tensor, token_idx: torch.Tensor, ra
                 packed_mask=rank_mask[row].masked_fill(padding[:, None], 0.0).to(device))
 
 
+def _scale_row(assignment: Assignment) -> int:
+    return assignment[4] if len(assignment) > 4 else -1
+
+
 def build_lora_plan(
     runs: list[tuple[int, int, list[Assignment]]],
     slot_scales: torch.Tensor,
@@ -237,7 +252,7 @@ def build_lora_plan(
 ) -> LoraPlan:
     """Build the plan from runs of consecutive tokens that share their assignments.
 
-    runs: (first token row, number of rows, [(slot, weight, rank_lo, rank_hi), ...]);
+    runs: (first token row, number of rows, [(slot, weight, rank_lo, rank_hi[, scale_row]), ...]);
     rows not covered by any run, or with an empty list, use the base model alone.
     slot_scales: [num_slots] alpha/rank (or alpha/sqrt(rank)) of each slot's adapter.
     slot_targets: [num_slots] the sub-projections each slot's adapter targets
@@ -265,10 +280,11 @@ def build_lora_plan(
         coeff = per_row([a[1] for a, _, _, _ in chosen], torch.float32) * slot_scales.float().cpu()[slot_idx]
         lo = per_row([a[2] for a, _, _, _ in chosen], torch.int64)
         hi = per_row([a[3] for a, _, _, _ in chosen], torch.int64)
+        scale_rows = [_scale_row(a) for a, _, _, _ in chosen]
         segments = []
         row = 0
-        for (slot, _, rank_lo, rank_hi), start, count, _ in chosen:
-            segments.append(Segment(slot, row, row + count, start, rank_lo, rank_hi))
+        for (a, start, count, _), scale_row in zip(chosen, scale_rows):
+            segments.append(Segment(a[0], row, row + count, start, a[2], a[3], scale_row))
             row += count
         packing = None
         if len(segments) <= SEGMENTED_MAX_FEW or long_segments(row, len(segments)):
@@ -289,6 +305,7 @@ def build_lora_plan(
             segments=tuple(segments),
             mode=mode,
             mix_index=per_row([k for _, _, _, k in chosen], torch.int64).to(device),
+            scale_idx=per_row(scale_rows, torch.int64).to(device) if max(scale_rows) >= 0 else None,
             unique_tokens=len(per_level) == depth,
             r_max=r_max,
             **extra,

@@ -16,6 +16,10 @@ mode "gather" also reads the rank ranges there (CUDA-graph levels rewrite
 them between steps), the other modes the masks the plan built for the step.
 Every formulation adds its rows into `y` one after another (`+=`,
 `index_add_`), so a flat level, where a token has several rows, sums them.
+A level with scaled rows (`scale_idx`, MoR experts) takes each row's λ_A from
+the linear's `rank_scale` pool into the shrink's per-row factor, and its λ_B
+from `out_scale` as one multiply of the expand's delta rows; scale_idx -1
+reads a pool's last row, all ones.
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ def _slots_and_tokens(level: LoraPlanLevel) -> tuple[torch.Tensor, torch.Tensor,
     """Mode "gather": [N] bool inert rows, and the slots and tokens to read (0 for inert rows)."""
     inert = level.slot_idx < 0
     return inert, torch.where(inert, 0, level.slot_idx), torch.where(inert, 0, level.token_idx)
+
+
+def _row_scales(pool: torch.Tensor, level: LoraPlanLevel) -> torch.Tensor:
+    """The pool's scaling vector of each row of a level with `scale_idx`: [N, w], in mode "slots" [P, w] per
+    packed place (padding places read their row 0's; their h is 0). Row -1 reads the pool's last row (ones)."""
+    rows = level.scale_idx.index_select(0, level.packed_row) if level.mode == "slots" else level.scale_idx
+    return pool[rows]
 
 
 def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -61,7 +72,7 @@ def _group_products(rows: torch.Tensor, weights: torch.Tensor, level: LoraPlanLe
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, level: LoraPlanLevel,
-                num_subs: int = 1) -> torch.Tensor:
+                num_subs: int = 1, rank_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Semantics: h[n] = coeff[n] * A[slot[n]] @ x[token[n]] for every live row n of the plan level, within its
     rank range [rank_lo, rank_hi) of each sub-projection's block; 0 elsewhere.
 
@@ -73,6 +84,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
     lora_a's dtype (x is cast to it: the slot tensors may be kept in float32
     for a bfloat16 model), except for long segments (prefill), whose GEMMs
     run in x's dtype (each segment's slot tensors are cast to it).
+    rank_scale: [V + 1, num_subs * r_max] λ_A pool (`LoraLinear.rank_scale`); row scale_idx[n] multiplies h[n].
     The coefficient is applied here, once, so the expand is products and one add.
     """
     width = lora_a.shape[1]
@@ -99,19 +111,24 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
         h = torch.bmm(lora_a.index_select(0, slots), x.index_select(0, tokens).to(lora_a.dtype).unsqueeze(2))
         # the rank ranges from the per-row tensors, which CUDA-graph levels (mode "gather") rewrite in place
         factor = rank_range_mask(level.rank_lo, level.rank_hi, width // num_subs) * (level.coeff * live)[:, None]
-    scaled = h.view(h.shape[0], num_subs, -1) * factor[:, None, :]  # float32 products, rounded once below
+    factor = factor[:, None, :]
+    if rank_scale is not None and level.scale_idx is not None:  # MoR experts: λ_A joins the per-row factor
+        factor = factor * _row_scales(rank_scale, level).view(h.shape[0], num_subs, -1)
+    scaled = h.view(h.shape[0], num_subs, -1) * factor  # float32 products, rounded once below
     return scaled.view(h.shape[0], width).to(h.dtype)
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
-                level: LoraPlanLevel, sub_starts: tuple[int, ...] = (0,)) -> None:
+                level: LoraPlanLevel, sub_starts: tuple[int, ...] = (0,), out_scale: torch.Tensor | None = None
+                ) -> None:
     """Semantics: for each fused sub-projection i with columns c_i = sub_starts[i]:sub_starts[i+1],
-    y[token[n], c_i] += B[slot[n]][c_i, :] @ h[n, i*r_max : (i+1)*r_max] for every row n of h
+    y[token[n], c_i] += λ_B[n, c_i] ⊙ (B[slot[n]][c_i, :] @ h[n, i*r_max : (i+1)*r_max]) for every row n of h
     (`lora_shrink` has applied the coefficient, the rank range and the liveness of each row).
 
     y: [T, d_total] (updated in place); lora_b: [S, d_total, r_max] (the
     sub-projections' B stacked along the output); h from `lora_shrink` on the
-    same level; slot_active: [S] int32 (read by the shrink already).
+    same level; slot_active: [S] int32 (read by the shrink already);
+    out_scale: [V + 1, d_total] λ_B pool (`LoraLinear.out_scale`), λ_B[n] = out_scale[scale_idx[n]] (1 without).
     The deltas are computed in h's dtype and added to y once.
     """
     d_total, r_max = lora_b.shape[1], lora_b.shape[2]
@@ -128,6 +145,8 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
                 delta, h_seg, b = buffer[:count], h[seg.start:seg.end], lora_b[seg.slot, :, lo:hi].to(h.dtype)
                 for cols, ranks in blocks:
                     torch.mm(h_seg[:, ranks][:, lo:hi], b[cols].T, out=delta[:, cols])
+                if out_scale is not None and seg.scale_row >= 0:
+                    delta = delta * out_scale[seg.scale_row]
                 y[seg.token:seg.token + count] += delta.to(y.dtype)
         return
     # The gathered modes add the whole delta row of every sub-projection in one index_add_: small
@@ -139,6 +158,8 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
         _, slots, tokens = _slots_and_tokens(level)
         b_rows = lora_b.index_select(0, slots)
         delta = _joined([torch.bmm(b_rows[:, cols], h[:, ranks, None]).squeeze(2) for cols, ranks in blocks], 1)
+    if out_scale is not None and level.scale_idx is not None:
+        delta = delta * _row_scales(out_scale, level)
     y.index_add_(0, tokens, delta.to(y.dtype))
 
 

@@ -2,8 +2,11 @@
 
 The shrink and expand together have the semantics of `loramux.kernels.torch_ref`
 (the Triton ops take the fused projection's sub-projection count for the
-shrink); h is this backend's own: unscaled float32 [N, num_subs * r_max], the
-coefficient applied in the expand. The plan level's mode picks
+shrink); h is this backend's own: float32 [N, num_subs * r_max] without the
+coefficient, which the expand applies. Scaled rows (MoR experts, `scale_idx`
+>= 0) take λ_A in the shrink's epilogue and λ_B in the expand's (masked loads:
+row -1 reads nothing); a level without scaled rows launches the variant
+compiled without them (HAS_SCALES). The plan level's mode picks
 the variant: "segments" runs the segmented GEMM kernels, every other mode the
 gathered GEMV kernels. Fused projections take one launch each way: the shrink
 reads the stacked A of q/k/v (or gate/up), the expand writes every
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 import triton
@@ -146,11 +150,12 @@ def _column_tile(t, d_total, sub1, sub2, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_ptr, lo_ptr, hi_ptr, active_ptr,
-                        d_in, R, r_max, stride_xt, stride_as, stride_ar, stride_hn,
-                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
-    """Semantics: h[n, r] += sum_{k in split} A[slot(seg), r, k] * x[token[n], k] for the rows n of one
-    segment tile, ranks r of one tile, within the segment's rank range (its rows share slot and range).
+                        scale_ptr, rank_scale_ptr, d_in, R, r_max, stride_xt, stride_as, stride_ar, stride_hn,
+                        stride_rs, HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Semantics: h[n, r] += λ_A[n, r] * sum_{k in split} A[slot(seg), r, k] * x[token[n], k] for the rows n of
+    one segment tile, ranks r of one tile, within the segment's rank range (its rows share slot and range);
+    λ_A[n] = rank_scale[scale_idx[n]] (1 where scale_idx is -1 or without HAS_SCALES).
 
     Grid: (segments, row tiles of the longest segment, rank tiles x d_in splits).
     """
@@ -170,15 +175,19 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_
             a = tl.load(a_ptr + slot * stride_as + rs[None, :] * stride_ar + ks[:, None],
                         mask=rank_ok[None, :] & (ks[:, None] < k_end), other=0.0)
             acc += tl.dot(x, a, input_precision=DOT_PRECISION)
+        if HAS_SCALES:  # λ_A is per rank, so scaling each split's partial sum scales their total
+            scale_rows = tl.load(scale_ptr + rows, mask=row_ok, other=-1)
+            acc *= tl.load(rank_scale_ptr + scale_rows[:, None] * stride_rs + rs[None, :],
+                           mask=(scale_rows >= 0)[:, None] & rank_ok[None, :], other=1.0).to(tl.float32)
         tl.atomic_add(h_ptr + rows[:, None] * stride_hn + rs[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit
-def _bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, slot_ptr, lo_ptr, hi_ptr, active_ptr,
-                        d_in, R, r_max, stride_xt, stride_as, stride_ar, stride_hn,
-                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Semantics: h[n, r] += sum_{k in split} A[slot[n], r, k] * x[token[n], k] within row n's rank range;
-    one row per program.
+def _bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, slot_ptr, lo_ptr, hi_ptr, active_ptr, scale_ptr,
+                        rank_scale_ptr, d_in, R, r_max, stride_xt, stride_as, stride_ar, stride_hn, stride_rs,
+                        HAS_SCALES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Semantics: h[n, r] += λ_A[n, r] * sum_{k in split} A[slot[n], r, k] * x[token[n], k] within row n's rank
+    range (λ_A as in the SGMV shrink); one row per program.
 
     Grid: (rows, rank tiles x d_in splits).
     """
@@ -196,15 +205,20 @@ def _bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, token_ptr, slot_ptr, lo_ptr, hi_ptr
             a = tl.load(a_ptr + slot * stride_as + rs[:, None] * stride_ar + ks[None, :],
                         mask=rank_ok[:, None] & (ks[None, :] < k_end), other=0.0).to(tl.float32)
             acc += tl.sum(a * x[None, :], axis=1)
+        if HAS_SCALES:  # (tl.where: the interpreter refuses a block & a scalar as a mask)
+            scale_row = tl.load(scale_ptr + n)
+            acc *= tl.load(rank_scale_ptr + scale_row * stride_rs + rs,
+                           mask=tl.where(scale_row >= 0, rank_ok, False), other=1.0).to(tl.float32)
         tl.atomic_add(h_ptr + n * stride_hn + rs, acc, mask=rank_ok)
 
 
 @triton.jit
 def _sgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_ptr, coeff_ptr, lo_ptr, hi_ptr,
-                        active_ptr, d_total, r_max, sub1, sub2, stride_yt, stride_bs, stride_bd, stride_hn,
-                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
-    """Semantics: y[token[n], j] += coeff[n] * sum_{lo <= r < hi} B[slot, j, r] * h[n, sub(j) * r_max + r].
+                        active_ptr, scale_ptr, out_scale_ptr, d_total, r_max, sub1, sub2, stride_yt, stride_bs,
+                        stride_bd, stride_hn, stride_os, HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Semantics: y[token[n], j] += coeff[n] * λ_B[n, j] * sum_{lo <= r < hi} B[slot, j, r] * h[n, sub(j) * r_max + r],
+    λ_B[n] = out_scale[scale_idx[n]] (1 where scale_idx is -1 or without HAS_SCALES).
 
     Grid: (segments, row tiles of the longest segment, column tiles per sub-projection).
     """
@@ -227,6 +241,10 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_
             b = tl.load(b_ptr + slot * stride_bs + js[None, :] * stride_bd + rs[:, None],
                         mask=column_ok[None, :] & rank_ok[:, None], other=0.0)
             delta += tl.dot(h, b, input_precision=DOT_PRECISION)
+        if HAS_SCALES:
+            scale_rows = tl.load(scale_ptr + rows, mask=row_ok, other=-1)
+            delta *= tl.load(out_scale_ptr + scale_rows[:, None] * stride_os + js[None, :],
+                             mask=(scale_rows >= 0)[:, None] & column_ok[None, :], other=1.0).to(tl.float32)
         out = y_ptr + tokens[:, None] * stride_yt + js[None, :]
         ok = row_ok[:, None] & column_ok[None, :]
         y = tl.load(out, mask=ok, other=0.0)
@@ -234,10 +252,11 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, seg_start_ptr, seg_slot_
 
 
 @triton.jit
-def _bgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, slot_ptr, coeff_ptr, lo_ptr, hi_ptr, active_ptr,
-                        d_total, r_max, sub1, sub2, stride_yt, stride_bs, stride_bd, stride_hn,
-                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Semantics: y[token[n], j] += coeff[n] * sum_{lo[n] <= r < hi[n]} B[slot[n], j, r] * h[n, sub(j) * r_max + r].
+def _bgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, slot_ptr, coeff_ptr, lo_ptr, hi_ptr, active_ptr, scale_ptr,
+                        out_scale_ptr, d_total, r_max, sub1, sub2, stride_yt, stride_bs, stride_bd, stride_hn,
+                        stride_os, HAS_SCALES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Semantics: y[token[n], j] += coeff[n] * λ_B[n, j] * sum_{lo[n] <= r < hi[n]} B[slot[n], j, r]
+    * h[n, sub(j) * r_max + r] (λ_B as in the SGMV expand).
 
     Grid: (rows, column tiles per sub-projection).
     """
@@ -257,6 +276,10 @@ def _bgmv_expand_kernel(y_ptr, b_ptr, h_ptr, token_ptr, slot_ptr, coeff_ptr, lo_
             b = tl.load(b_ptr + slot * stride_bs + js[:, None] * stride_bd + rs[None, :],
                         mask=column_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
             delta += tl.sum(b * h[None, :], axis=1)
+        if HAS_SCALES:
+            scale_row = tl.load(scale_ptr + n)
+            delta *= tl.load(out_scale_ptr + scale_row * stride_os + js,
+                             mask=tl.where(scale_row >= 0, column_ok, False), other=1.0).to(tl.float32)
         out = y_ptr + token * stride_yt + js
         y = tl.load(out, mask=column_ok, other=0.0)
         tl.store(out, (y.to(tl.float32) + delta * coeff).to(y_ptr.dtype.element_ty), mask=column_ok)
@@ -269,12 +292,24 @@ def launch_blocks(width: int, rank_width: int, level: LoraPlanLevel) -> dict[str
     return block_sizes("bgmv", width, rank_width)
 
 
+def _scale_args(level: LoraPlanLevel, pool: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
+    """(scale_idx, pool, pool's row stride, HAS_SCALES) for a kernel launch; a level without scaled rows or a
+    linear without pools passes `dummy` pointers the kernels never read."""
+    if pool is None or level.scale_idx is None:
+        return level.slot_idx, dummy, 0, False
+    assert pool.stride(1) == 1
+    return level.scale_idx, pool, pool.stride(0), True
+
+
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, level: LoraPlanLevel,
-                num_subs: int = 1, splits: int | None = None) -> torch.Tensor:
-    """Semantics: h[n] = A[slot[n]] @ x[token[n]] for every live row n, within its rank range; 0 elsewhere.
+                num_subs: int = 1, rank_scale: torch.Tensor | None = None, splits: int | None = None
+                ) -> torch.Tensor:
+    """Semantics: h[n] = λ_A[n] ⊙ (A[slot[n]] @ x[token[n]]) for every live row n, within its rank range; 0
+    elsewhere; λ_A[n] = rank_scale[scale_idx[n]], 1 for scale_idx -1.
 
     x: [T, d_in] (row-contiguous); lora_a: [S, num_subs * r_max, d_in] contiguous; slot_active: [S] int32;
-    returns h: [N, num_subs * r_max] float32. `splits` overrides the split-K count (tests).
+    rank_scale: [V + 1, num_subs * r_max] or None; returns h: [N, num_subs * r_max] float32. `splits`
+    overrides the split-K count (tests).
     """
     d_in, R = x.shape[1], lora_a.shape[1]
     assert x.stride(1) == 1 and lora_a.is_contiguous() and R % num_subs == 0
@@ -283,25 +318,30 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
         return h
     bs = launch_blocks(d_in, R, level)
     rank_tiles = triton.cdiv(R, bs["BLOCK_R"])
-    args = (d_in, R, R // num_subs, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0))
+    scale_idx, rank_scale, stride_rs, has_scales = _scale_args(level, rank_scale, h)
+    args = (scale_idx, rank_scale, d_in, R, R // num_subs, x.stride(0), lora_a.stride(0), lora_a.stride(1),
+            h.stride(0), stride_rs)
     if level.mode == "segments":
         row_tiles = triton.cdiv(max(seg.end - seg.start for seg in level.segments), bs["BLOCK_M"])
         programs = len(level.segments) * row_tiles * rank_tiles
         splits = splits or split_k(programs, d_in, bs["BLOCK_D"], _num_sms(x.device))
         _sgmv_shrink_kernel[(len(level.segments), row_tiles, rank_tiles * splits)](
             x, lora_a, h, level.token_idx, level.seg_starts, level.seg_slots, level.rank_lo, level.rank_hi,
-            slot_active, *args, DOT_PRECISION=_dot_precision(x.dtype), **bs)
+            slot_active, *args, HAS_SCALES=has_scales, DOT_PRECISION=_dot_precision(x.dtype), **bs)
     else:
         splits = splits or split_k(level.num_rows * rank_tiles, d_in, bs["BLOCK_D"], _num_sms(x.device))
         _bgmv_shrink_kernel[(level.num_rows, rank_tiles * splits)](
-            x, lora_a, h, level.token_idx, level.slot_idx, level.rank_lo, level.rank_hi, slot_active, *args, **bs)
+            x, lora_a, h, level.token_idx, level.slot_idx, level.rank_lo, level.rank_hi, slot_active, *args,
+            HAS_SCALES=has_scales, **bs)
     return h
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
-                level: LoraPlanLevel, sub_starts: tuple[int, ...] = (0,)) -> None:
+                level: LoraPlanLevel, sub_starts: tuple[int, ...] = (0,), out_scale: torch.Tensor | None = None
+                ) -> None:
     """Semantics: for each fused sub-projection i with columns c_i = sub_starts[i]:sub_starts[i+1],
-    y[token[n], c_i] += coeff[n] * B[slot[n]][c_i, lo:hi] @ h[n, i*r_max+lo : i*r_max+hi] for every live row n.
+    y[token[n], c_i] += coeff[n] * λ_B[n, c_i] ⊙ (B[slot[n]][c_i, lo:hi] @ h[n, i*r_max+lo : i*r_max+hi]) for every
+    live row n; λ_B[n] = out_scale[scale_idx[n]] ([V + 1, d_total] pool), 1 for scale_idx -1 or no pool.
 
     One launch for the whole fused projection. y: [T, d_total] row-contiguous,
     updated in place; lora_b: [S, d_total, r_max] contiguous (the
@@ -317,16 +357,18 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
     bounds = list(sub_starts[1:]) + [d_total] * (4 - len(sub_starts))
     bs = launch_blocks(d_total, r_max, level)
     column_tiles = sum(triton.cdiv(end - start, bs["BLOCK_D"]) for start, end in zip([0] + bounds, bounds))
-    args = (d_total, r_max, bounds[0], bounds[1], y.stride(0), lora_b.stride(0), lora_b.stride(1), h.stride(0))
+    scale_idx, out_scale, stride_os, has_scales = _scale_args(level, out_scale, h)
+    args = (scale_idx, out_scale, d_total, r_max, bounds[0], bounds[1], y.stride(0), lora_b.stride(0),
+            lora_b.stride(1), h.stride(0), stride_os)
     if level.mode == "segments":
         row_tiles = triton.cdiv(max(seg.end - seg.start for seg in level.segments), bs["BLOCK_M"])
         _sgmv_expand_kernel[(len(level.segments), row_tiles, column_tiles)](
             y, lora_b, h, level.token_idx, level.seg_starts, level.seg_slots, level.coeff, level.rank_lo,
-            level.rank_hi, slot_active, *args, DOT_PRECISION=_dot_precision(y.dtype), **bs)
+            level.rank_hi, slot_active, *args, HAS_SCALES=has_scales, DOT_PRECISION=_dot_precision(y.dtype), **bs)
     else:
         _bgmv_expand_kernel[(level.num_rows, column_tiles)](
             y, lora_b, h, level.token_idx, level.slot_idx, level.coeff, level.rank_lo, level.rank_hi,
-            slot_active, *args, **bs)
+            slot_active, *args, HAS_SCALES=has_scales, **bs)
 
 
 def warm_up_levels(r_max: int, device: torch.device) -> list[LoraPlanLevel]:
@@ -342,9 +384,10 @@ def warm_up(shapes: Iterable[tuple[int, tuple[int, ...]]], r_max: int, dtype: to
 
     shapes: (d_in, sub-projection output sizes) of each LoRA linear, e.g.
     (4096, (4096, 1024, 1024)) for a fused q/k/v; r_max: --max-lora-rank;
-    dtype: the model's dtype. Runs each kernel once on zero weights.
+    dtype: the model's dtype. Runs each kernel once on zero weights, with and without scaling-vector pools.
     """
     levels = warm_up_levels(r_max, device)
+    levels += [replace(level, scale_idx=torch.zeros_like(level.slot_idx)) for level in levels]
     for d_in, sub_sizes in set(shapes):
         tokens = SGMV_SHORT_SEGMENT + 1
         x = torch.zeros(tokens, d_in, dtype=dtype, device=device)
@@ -352,6 +395,9 @@ def warm_up(shapes: Iterable[tuple[int, tuple[int, ...]]], r_max: int, dtype: to
         lora_a = torch.zeros(1, len(sub_sizes) * r_max, d_in, dtype=dtype, device=device)
         lora_b = torch.zeros(1, sum(sub_sizes), r_max, dtype=dtype, device=device)
         active = torch.ones(1, dtype=torch.int32, device=device)
+        rank_scale = torch.ones(1, len(sub_sizes) * r_max, dtype=dtype, device=device)
+        out_scale = torch.ones(1, sum(sub_sizes), dtype=dtype, device=device)
         starts = tuple(sum(sub_sizes[:i]) for i in range(len(sub_sizes)))
         for level in levels:
-            lora_expand(y, lora_b, lora_shrink(x, lora_a, active, level, len(sub_sizes)), active, level, starts)
+            h = lora_shrink(x, lora_a, active, level, len(sub_sizes), rank_scale)
+            lora_expand(y, lora_b, h, active, level, starts, out_scale)
