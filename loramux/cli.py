@@ -74,6 +74,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="gated composite experts (MoLE, MoR) the server holds")
     g.add_argument("--max-composite-members", type=int, default=st.max_composite_members,
                    help="members (experts) per gated composite")
+    g.add_argument("--max-mor-experts", type=int, default=st.max_mor_experts,
+                   help="experts of all MoR composites together: rows of the scaling-vector pools (default: "
+                        "max-composites x max-composite-members; 0 refuses MoR composites)")
     g.add_argument("--lora-backend", default=st.lora_backend, choices=["auto", "torch", "triton"])
     g.add_argument("--no-experts", action="store_true",
                    help="do not register the bundled demo experts and composites (they load only with the default "
@@ -137,7 +140,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         store=StoreConfig(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
                           max_adapter_bytes=args.max_adapter_bytes, lora_backend=args.lora_backend,
                           store_dir=store_dir, adapters=dict(args.adapter), adapter_dirs=adapter_dirs,
-                          max_composites=args.max_composites, max_composite_members=args.max_composite_members),
+                          max_composites=args.max_composites, max_composite_members=args.max_composite_members,
+                          max_mor_experts=args.max_mor_experts),
         router=RouterConfig(enabled=not args.no_router, embedder=args.router_embedder, strategy=args.router_strategy,
                             top_k=args.router_top_k, temperature=args.router_temperature,
                             threshold=args.router_threshold, margin=args.router_margin,

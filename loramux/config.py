@@ -95,6 +95,13 @@ class StoreConfig:
     max_composites: int = 8  # gated composite experts (MoLE, MoR) whose gates live on the device
     max_composite_members: int = 9  # members (experts) per gated composite; sizes the gate tensors (9: the
     # bundled MoLE and MoR composites gate over the nine demo tasks)
+    max_mor_experts: int | None = None  # rows of the MoR scaling-vector pools, all MoR composites together;
+    # None: max_composites * max_composite_members (every gated composite a MoR of the most experts)
+
+    @property
+    def mor_expert_rows(self) -> int:
+        return self.max_composites * self.max_composite_members if self.max_mor_experts is None \
+            else self.max_mor_experts
 
     def __post_init__(self) -> None:
         _require(self.max_loras > 0, "--max-loras must be positive")
@@ -103,6 +110,7 @@ class StoreConfig:
         _require(self.max_lora_rank > 0, "--max-lora-rank must be positive")
         _require(self.max_composites > 0, "--max-composites must be positive")
         _require(self.max_composite_members >= 2, "--max-composite-members must be at least 2")
+        _require(self.max_mor_experts is None or self.max_mor_experts >= 0, "--max-mor-experts must not be negative")
         _require(self.lora_backend in ("auto", "torch", "triton"),
                  f"--lora-backend must be auto, torch or triton, got {self.lora_backend!r}")
 

@@ -102,11 +102,12 @@ BAD = [
 
 def state(engine):
     return (sorted(engine.store.records), sorted(engine.composites.records), list(engine.composites._free_gates),
-            engine.composites.gate_weight.clone(), sorted(p.name for p in engine.store.store_dir.iterdir()))
+            engine.composites.gate_weight.clone(), sorted(p.name for p in engine.store.store_dir.iterdir()),
+            list(engine.composites.scale_rows._free))
 
 
 def assert_same(before, after):
-    assert before[:3] == after[:3] and before[4] == after[4]
+    assert before[:3] == after[:3] and before[4:] == after[4:]
     assert torch.equal(before[3], after[3])
 
 
@@ -154,7 +155,7 @@ def test_upload_is_written_and_deleted(setup):
         "up", (root / "mor" / "loramux_composite.json").read_bytes(),
         (root / "mor" / "composite.safetensors").read_bytes())
     assert (engine.store.store_dir / "up" / "composite.safetensors").is_file() and record.uploaded
-    assert [n for n in engine.store.records if n.startswith("up.")] == ["up.expert0", "up.expert1", "up.expert2"]
+    assert [n for n in engine.store.records if n.startswith("up.")] == ["up.shared"]  # one member, one slot
     engine.remove_adapter("up")
     assert not (engine.store.store_dir / "up").exists() and "up" not in engine.composites
     assert not [n for n in engine.store.records if n.startswith("up.")]
@@ -181,22 +182,22 @@ def test_a_derived_member_is_deleted_only_with_its_composite(setup):
     engine, root = setup
     engine.add_adapter("mine", str(root / "mor"))
     with pytest.raises(AdapterError, match="belongs to composite 'mine'") as err:
-        engine.remove_adapter("mine.expert1")
-    assert err.value.code == "in_use" and "mine.expert1" in engine.store
+        engine.remove_adapter("mine.shared")
+    assert err.value.code == "in_use" and "mine.shared" in engine.store
     engine.remove_adapter("mine")
-    assert "mine.expert1" not in engine.store
+    assert "mine.shared" not in engine.store
 
 
 def test_members_built_in_memory_are_lifecycle_entries_keyed_by_content(setup):
-    """MoR experts live in the store's state machine: at the CPU tier whatever the CPU bound, never on disk,
-    hidden from the router; a second composite with the same files gets members with the same checksums."""
+    """MoR's shared member lives in the store's state machine: at the CPU tier whatever the CPU bound, never on
+    disk, hidden from the router; a second composite with the same files gets a member with the same checksum."""
     engine, root = setup
     store = engine.store
     engine.add_adapter("twin-a", str(root / "mor"))
     engine.add_adapter("twin-b", str(root / "mor"))
     try:
         entries = {n: store.lifecycle[n] for n in store.records if n.startswith("twin-")}
-        assert len(entries) == 6
+        assert sorted(entries) == ["twin-a.shared", "twin-b.shared"]
         for name, entry in entries.items():
             assert entry.in_memory and entry.record.member_of == name.split(".")[0] and entry.record.path == ""
             assert entry.tier >= Tier.CPU  # nothing to read back from disk
@@ -208,7 +209,6 @@ def test_members_built_in_memory_are_lifecycle_entries_keyed_by_content(setup):
         for name, entry in entries.items():
             checksums[name.split(".", 1)[1]].append(entry.record.checksum)
         assert all(a == b for a, b in checksums.values())  # same content, same identity
-        assert len({a for a, _ in checksums.values()}) == 3  # the experts differ
     finally:
         store.lifecycle.max_cpu = engine.config.store.max_cpu_loras
         engine.remove_adapter("twin-a")
@@ -228,3 +228,49 @@ def test_an_adapter_cannot_take_a_composites_name(setup):
         assert_same(before, state(engine))
     finally:
         engine.remove_adapter("shared-name")
+
+
+def test_a_mor_composite_takes_one_slot_and_pool_rows_that_its_deletion_frees(setup):
+    """The shared A/B are one store member (one slot once used); each expert's λ_A / λ_B sit in its row of every
+    LoRA linear's pools; deleting the composite frees the rows, and the next MoR composite takes them again."""
+    engine, root = setup
+    pool = engine.composites.scale_rows
+    free_before = pool.num_free
+    record = engine.composites.register_path("pooled", root / "mor")
+    assert record.members == ["pooled.expert0", "pooled.expert1", "pooled.expert2"] and record.shared == "pooled.shared"
+    assert [n for n in engine.store.records if n.startswith("pooled")] == ["pooled.shared"]
+    assert pool.num_free == free_before - 3 and len(set(record.scale_rows)) == 3
+    tensors = load_file(root / "mor" / "composite.safetensors")
+    layer, qkv = engine.model.lora_linears()[0]
+    for expert, row in enumerate(record.scale_rows):  # q_proj is the first sub-projection of the fused q/k/v
+        lambda_a, lambda_b = (tensors[f"layers.{layer}.q_proj.lambda_{ab}"][expert] for ab in "AB")
+        assert torch.equal(qkv.rank_scale[row, :lambda_a.shape[0]], lambda_a)
+        assert torch.equal(qkv.rank_scale[row, lambda_a.shape[0]:qkv.r_max], torch.ones(qkv.r_max - lambda_a.shape[0]))
+        assert torch.equal(qkv.out_scale[row, :lambda_b.shape[0]], lambda_b)
+    assert torch.equal(qkv.rank_scale[-1], torch.ones_like(qkv.rank_scale[-1]))  # the row of "no scaling"
+    ids = engine.tokenizer.encode("one two", add_special_tokens=False)
+    engine.generate([ids], None, [["pooled"]])
+    assert [n for n in engine.slots.slot_of if n.startswith("pooled")] == ["pooled.shared"]
+    rows = list(record.scale_rows)
+    engine.remove_adapter("pooled")
+    assert pool.num_free == free_before
+    assert engine.composites.register_path("pooled-again", root / "mor").scale_rows == rows
+    engine.remove_adapter("pooled-again")
+    assert pool.num_free == free_before
+
+
+def test_mor_is_refused_when_the_pool_is_full(tiny_llama_dir, setup):
+    _, root = setup
+    engine = make_engine(tiny_llama_dir, max_mor_experts=5)
+    engine.composites.store_dir = engine.store.store_dir = root / "store-small-pool"
+    engine.store.store_dir.mkdir()
+    engine.add_adapter("first", str(root / "mor"))  # 3 of the 5 rows
+    before = state(engine)
+    with pytest.raises(AdapterError, match="at most 5 MoR experts") as err:
+        engine.add_adapter("second", str(root / "mor"))
+    assert err.value.code == "too_many_mor_experts"
+    assert_same(before, state(engine))
+    engine.add_adapter("more-ok", str(root / "more"))  # MoRE takes no rows
+    engine.remove_adapter("first")
+    engine.add_adapter("second", str(root / "mor"))
+    assert engine.composites.scale_rows.num_free == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.composites.synthetic import write_random_mole
+from loramux.composites.synthetic import write_random_mole, write_random_mor
 from loramux.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
 from loramux.engine import Engine, SamplingParams
 from loramux.engine.cuda_graphs import batch_sizes_up_to
@@ -57,15 +57,27 @@ def mole_dir(tmp_path):
     return write_random_mole(tmp_path / "mole", ["g0", "g1", "g2"], 2, 64, seed=3, gate_std=1.0)
 
 
+@pytest.fixture
+def mor_dir(tmp_path):
+    shapes = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
+              "gate_proj": (96, 64), "up_proj": (96, 64), "down_proj": (64, 96)}
+    return write_random_mor(tmp_path / "mor", shapes, 2, 64, num_experts=3, rank=8, seed=4, b_std=0.5,
+                            targets=("q_proj", "k_proj", "v_proj", "down_proj"))
+
+
 COMPOSITE_MIXES = [["mole"], ["g0"], [{"name": "mole", "top_k": 1}], [], [{"name": "mole", "mask": ["g1"]}]]
+MOR_MIXES = [["mor"], ["g0"], [{"name": "mor", "top_k": 2}], [], ["mole"]]
 
 
-def test_gated_composite_steps_replay_the_static_path(tiny_llama_dir, adapters, mole_dir):
-    """Decode steps with MoLE requests (mixed with plain and base-only ones) go through the static buffers,
-    with the gates computed inside the forward pass: same tokens and gate reports as the normal path."""
+@pytest.mark.parametrize("mixes", [COMPOSITE_MIXES, MOR_MIXES], ids=["mole", "mor"])
+def test_gated_composite_steps_replay_the_static_path(tiny_llama_dir, adapters, mole_dir, mor_dir, mixes):
+    """Decode steps with MoLE or MoR requests (mixed with plain and base-only ones) go through the static
+    buffers, with the gates computed inside the forward pass (and MoR's scale rows in the static levels): same
+    tokens and gate reports as the normal path."""
     engines = [make_engine(tiny_llama_dir, adapters=adapters, attention_backend="torch") for _ in range(2)]
     for engine in engines:
         engine.add_adapter("mole", str(mole_dir))
+        engine.add_adapter("mor", str(mor_dir))
     static = engines[1]
     static.decode_graphs = static.make_decode_graphs(use_cuda_graphs=False)
     replays = []
@@ -73,7 +85,7 @@ def test_gated_composite_steps_replay_the_static_path(tiny_llama_dir, adapters, 
     static.decode_graphs.run = lambda inputs: replays.append(inputs.ctx.composite) or run(inputs)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompts = [engines[0].tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
-    expected, got = (e.generate(prompts, params, COMPOSITE_MIXES) for e in engines)
+    expected, got = (e.generate(prompts, params, mixes) for e in engines)
     assert [o[0].new_token_ids for o in got] == [o[0].new_token_ids for o in expected]
     for mine, reference in zip(got, expected):
         if reference[0].composite is not None:

@@ -7,10 +7,10 @@ per-decoder-layer **gate** over them:
 - mole: members are adapters by name (already registered) or PEFT folders
   shipped inside the composite (`{"name", "path"}`); the gate is learned.
 - mor:  one shared A [r, d_in] / B [d_out, r] per module and N experts with
-  lambda_A [N, r], lambda_B [N, d_out]; expert i becomes the derived member
-  A_i = diag(lambda_A_i) A, B_i = diag(lambda_B_i) B (the plan has one
-  coefficient per row, so a per-output-column scale cannot be applied at run
-  time: the experts are materialised, see docs/architecture.md).
+  lambda_A [N, r], lambda_B [N, d_out]; the shared factors are one derived
+  member (one slot), and the gate runs over the N experts, each that slot with
+  its own pool row of scaling vectors (`expert_scales`, written into the LoRA
+  linears' pools at registration: see `loramux.composites.scale_pool`).
 - more: one shared LoRA of rank r; per task and per module a selector picks a
   rank prefix k from `rank_choices` (argmax of selector @ task embedding).
   Each task becomes one derived member whose module m keeps A[:k_m], B[:, :k_m]
@@ -54,9 +54,12 @@ _GATE_KEY = re.compile(r"layers\.(\d+)\.gate\.(weight|temperature)$")
 class CompositeSpec:
     """A validated composite.
 
-    members: (name, adapter) in gate order; adapter None = a registered adapter
+    members: (name, adapter) the store serves; adapter None = a registered adapter
       of that name, otherwise a derived member the store will hold in memory
-      under `name` (which is then "<composite>.<suffix>").
+      under `name` (which is then "<composite>.<suffix>"). In gate order, except
+      for mor, whose one member is the shared A/B ("<composite>.shared").
+    experts: mor only, the gate's N members "<composite>.expert<i>";
+      expert_scales: (layer, module) -> (lambda_A [N, r], lambda_B [N, d_out]).
     gate_weight: [L, N, hidden] float32, gate_temperature: [L] float32 (None for more).
     tasks: more only, task name -> index into members.
     """
@@ -71,6 +74,13 @@ class CompositeSpec:
     member_ranks: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # more: task -> module -> ranks
     description: str = ""
     examples: list[str] = field(default_factory=list)
+    experts: list[str] = field(default_factory=list)
+    expert_scales: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def gated(self) -> list[str]:
+        """The names the gate runs over, in its order: mor's experts, otherwise the members."""
+        return self.experts or [m for m, _ in self.members]
 
 
 @dataclass(frozen=True)
@@ -187,19 +197,19 @@ def _mole_members(cfg: dict, folder: Path | None, name: str, base: BaseShape) ->
     return members
 
 
-def _mor_members(cfg: dict, tensors: dict, name: str, base: BaseShape) -> list[tuple[str, LoraAdapter]]:
+def _mor_members(cfg: dict, tensors: dict, name: str, base: BaseShape
+                 ) -> tuple[list[tuple[str, LoraAdapter]], list[str], dict[tuple[int, str], tuple]]:
+    """The shared member, the experts' names and their scaling vectors (see `CompositeSpec`)."""
     num_experts = _int_field(cfg, "num_experts", 2, base.max_members)
     rank, alpha, targets, shared = _shared_lora(cfg, tensors, base)
-    experts = [{} for _ in range(num_experts)]
-    for (layer, module), (a, b) in shared.items():
+    scales = {}
+    for (layer, module), (_, b) in shared.items():
         p = f"layers.{layer}.{module}."
-        lambda_a = _take(tensors, p + "lambda_A", (num_experts, rank))
-        lambda_b = _take(tensors, p + "lambda_B", (num_experts, b.shape[0]))
-        for i, expert in enumerate(experts):
-            expert[(layer, module)] = (lambda_a[i, :, None] * a, lambda_b[i, :, None] * b)
-    return [(f"{name}.expert{i}", LoraAdapter(rank=rank, alpha=alpha, scale=alpha / rank, target_modules=targets,
-                                              weights=weights, base_model=cfg.get("base_model_name_or_path")))
-            for i, weights in enumerate(experts)]
+        scales[(layer, module)] = (_take(tensors, p + "lambda_A", (num_experts, rank)),
+                                   _take(tensors, p + "lambda_B", (num_experts, b.shape[0])))
+    member = LoraAdapter(rank=rank, alpha=alpha, scale=alpha / rank, target_modules=targets, weights=shared,
+                         base_model=cfg.get("base_model_name_or_path"))
+    return [(f"{name}.shared", member)], [f"{name}.expert{i}" for i in range(num_experts)], scales
 
 
 def _more_members(cfg: dict, tensors: dict, name: str, base: BaseShape
@@ -268,31 +278,32 @@ def parse_composite(name: str, config_bytes: bytes, weights_bytes: bytes, base: 
         m = _SHARED_KEY.fullmatch(key) or _GATE_KEY.fullmatch(key)
         if (m and int(m.group(1)) >= base.num_layers) or not (m or key == "task_embeddings"):
             _refuse("invalid_weights", f"{COMPOSITE_WEIGHTS_FILE}: unexpected tensor {key!r}")
-    tasks, default_task, ranks = {}, None, {}
+    tasks, default_task, ranks, experts, scales = {}, None, {}, [], {}
     if kind == "mole":
         members = _mole_members(cfg, folder, name, base)
     elif kind == "mor":
-        members = _mor_members(cfg, tensors, name, base)
+        members, experts, scales = _mor_members(cfg, tensors, name, base)
     else:
         members, tasks, ranks = _more_members(cfg, tensors, name, base)
         default_task = cfg.get("default_task")
         if default_task is not None and default_task not in tasks:
             _refuse("invalid_config", f"{COMPOSITE_CONFIG_FILE}: default_task {default_task!r} is not one of the "
                                       "tasks")
-    if len(members) > base.max_members and kind != "more":
+    gated = len(experts or members)
+    if gated > base.max_members and kind != "more":
         _refuse("too_many_members", f"a {kind} composite may have at most {base.max_members} members on this "
-                                    f"server (--max-composite-members), got {len(members)}")
+                                    f"server (--max-composite-members), got {gated}")
     gate_weight = gate_temperature = None
     top_k = 0
     if kind != "more":
-        gate_weight, gate_temperature = _gate(tensors, base, len(members))
+        gate_weight, gate_temperature = _gate(tensors, base, gated)
         top_k = gate_cfg.get("top_k", 0)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= len(members):
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= gated:
             _refuse("invalid_config", f"{COMPOSITE_CONFIG_FILE}: gate.top_k must be between 0 (all) and "
-                                      f"{len(members)}, got {top_k!r}")
+                                      f"{gated}, got {top_k!r}")
     if tensors:
         _refuse("invalid_weights", f"{COMPOSITE_WEIGHTS_FILE}: tensors {sorted(tensors)[:4]} are not used by a "
                                    f"{kind} composite")
     return CompositeSpec(kind=kind, members=members, gate_weight=gate_weight, gate_temperature=gate_temperature,
                          top_k=top_k, tasks=tasks, default_task=default_task, member_ranks=ranks,
-                         description=description, examples=examples)
+                         description=description, examples=examples, experts=experts, expert_scales=scales)

@@ -6,7 +6,10 @@ registry hands to the store with `register_derived`, entries of the store's
 lifecycle like any adapter), so paging, pinning and slots work unchanged.
 Its gate (MoLE, MoR) takes one of `max_composites` rows of the device tensors
 `gate_weight` [C, L, M, hidden] and `gate_inv_temperature` [C, L], where M is
-the server's member cap: fixed sizes, filled at registration.
+the server's member cap: fixed sizes, filled at registration. A MoR
+composite's store member is its shared A/B (one slot); its N experts take N
+rows of the LoRA linears' scaling-vector pools (`ScaleRowPool`), and a request
+runs N assignments of the shared member, one per expert and pool row.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from loramux.adapters_store.registry import (COMPOSITE_CONFIG_FILE, check_name, 
                                              trash_adapter_dir)
 from loramux.adapters_store.store import AdapterStore
 from loramux.composites.format import COMPOSITE_WEIGHTS_FILE, BaseShape, CompositeSpec, parse_composite
+from loramux.composites.scale_pool import ScaleRowPool
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ class CompositeRecord:
     name: str
     type: str
     path: str
-    members: list[str]
+    members: list[str]  # what the gate runs over (mor: its experts)
     top_k: int
     tasks: list[str]
     default_task: str | None
@@ -47,6 +51,8 @@ class CompositeRecord:
     gate_index: int = -1  # row of the gate tensors; -1 for more (no gate)
     member_checksums: dict[str, str] = field(default_factory=dict)  # named members as registered
     task_ranks: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # more: task -> module -> per layer
+    shared: str | None = None  # mor: the store member holding the shared A/B
+    scale_rows: list[int] = field(default_factory=list)  # mor: each expert's row of the scaling-vector pools
     description: str = ""
     examples: list[str] = field(default_factory=list)
     uploaded: bool = False
@@ -97,6 +103,7 @@ class CompositeUse:
     task: str | None
     per_layer: bool
     cache_key: tuple  # what the gate's effect on K/V depends on (content, not names): Sequence.lora_identity
+    scale_rows: tuple[int, ...] = ()  # mor: the pool row of each member (expert) of the mix
     gate_sum: torch.Tensor | None = None  # [L, N] float64
     entropy_sum: float = 0.0
     num_tokens: int = 0
@@ -104,7 +111,7 @@ class CompositeUse:
     def fresh(self) -> "CompositeUse":
         """The same use with empty statistics (one per completion of a request)."""
         return CompositeUse(self.name, self.kind, self.gate_index, self.members, self.allowed, self.top_k,
-                            self.task, self.per_layer, self.cache_key)
+                            self.task, self.per_layer, self.cache_key, self.scale_rows)
 
     def add_gates(self, gates: torch.Tensor) -> None:
         """gates: [L, N] one sampled token's gate weights in every decoder layer."""
@@ -134,8 +141,10 @@ class CompositeUse:
 
 class CompositeRegistry:
     def __init__(self, store: AdapterStore, base: BaseShape, max_composites: int, store_dir: Path | None,
-                 device: torch.device):
+                 device: torch.device, scale_rows: ScaleRowPool | None = None):
+        """scale_rows: the pool MoR experts take rows of (None: MoR composites are refused)."""
         self.store = store
+        self.scale_rows = scale_rows
         self.base = base
         self.store_dir = store_dir
         self.records: dict[str, CompositeRecord] = {}
@@ -246,6 +255,11 @@ class CompositeRegistry:
         if spec.gate_weight is not None and not self._free_gates and not reuses_gate:
             raise AdapterError("too_many_composites", f"this server holds at most {self.gate_weight.shape[0]} "
                                                       "gated composites (--max-composites)")
+        if spec.experts:
+            if self.scale_rows is None:
+                raise AdapterError("too_many_mor_experts", "this server has no pools for MoR experts")
+            returning = len(self.records[name].scale_rows) if replace and name in self.records else 0
+            self.scale_rows.check_room(len(spec.experts), returning)
 
     def _install(self, name: str, spec: CompositeSpec, folder: Path, weights_bytes: bytes, uploaded: bool,
                  replace: bool) -> CompositeRecord:
@@ -255,21 +269,23 @@ class CompositeRegistry:
         gate_index = -1
         if spec.gate_weight is not None:
             gate_index = self._free_gates.pop()
-            n = len(spec.members)
+            n = len(spec.gated)
             self.gate_weight[gate_index].zero_()
             self.gate_weight[gate_index, :, :n].copy_(spec.gate_weight)
             self.gate_inv_temperature[gate_index].copy_(1.0 / spec.gate_temperature)
+        scale_rows = self.scale_rows.take(spec.expert_scales, len(spec.experts)) if spec.experts else []
         for member, adapter in spec.members:
             if adapter is not None:
                 self.store.register_derived(member, adapter, name)
         record = CompositeRecord(
-            name=name, type=spec.kind, path=str(folder), members=[m for m, _ in spec.members], top_k=spec.top_k,
+            name=name, type=spec.kind, path=str(folder), members=spec.gated, top_k=spec.top_k,
             tasks=list(spec.tasks), default_task=spec.default_task,
             checksum=hashlib.sha256(weights_bytes).hexdigest(), gate_index=gate_index,
             member_checksums={m: self.store.get(m).checksum for m, a in spec.members if a is None},
-            task_ranks=spec.member_ranks, description=spec.description, examples=spec.examples, uploaded=uploaded)
+            task_ranks=spec.member_ranks, description=spec.description, examples=spec.examples, uploaded=uploaded,
+            shared=spec.members[0][0] if spec.experts else None, scale_rows=scale_rows)
         self.records[name] = record
-        logger.info("composite %s: %s over %d members", name, spec.kind, len(spec.members))
+        logger.info("composite %s: %s over %d members", name, spec.kind, len(spec.gated))
         for listener in self.change_listeners:
             listener(name, record)
         return record
@@ -294,7 +310,7 @@ class CompositeRegistry:
         record.uploaded = record.uploaded and remove_files
         if record.uploaded:  # out of sight at once (the gate is on the device; nothing reads the files again)
             record.path = str(trash_adapter_dir(self.store_dir, Path(record.path)))
-        for member in record.members:
+        for member in record.members + ([record.shared] if record.shared else []):
             if member not in record.member_checksums and member in self.store:  # built in memory for it
                 self.store.delete_derived(member)
         if self._uses[name]:
@@ -305,6 +321,8 @@ class CompositeRegistry:
     def _finish_delete(self, record: CompositeRecord) -> None:
         if record.gate_index >= 0:
             self._free_gates.append(record.gate_index)
+        if record.scale_rows:
+            self.scale_rows.give_back(record.scale_rows)
         if record.uploaded:  # already in its `.del-*` folder
             shutil.rmtree(Path(record.path).parent, ignore_errors=True)
 
@@ -353,12 +371,15 @@ class CompositeRegistry:
             top_k = record.top_k if options.top_k is None else options.top_k
             if not 0 <= top_k <= len(record.members):
                 raise AdapterError("invalid_option", f"top_k must be between 1 and {len(record.members)}")
-            mix = tuple((m, 1.0, 0, self.store.get(m).rank) for m in record.members)
+            # mor: every expert is the shared member, scaled by its pool row (`CompositeUse.scale_rows`)
+            stored = [record.shared] * len(record.members) if record.shared else record.members
+            mix = tuple((m, 1.0, 0, self.store.get(m).rank) for m in stored)
         self._uses[name] += 1
         use = CompositeUse(name=name, kind=record.type, gate_index=record.gate_index, members=tuple(record.members),
                            allowed=allowed, top_k=top_k or len(record.members), task=task,
                            per_layer=options.per_layer,
-                           cache_key=(record.checksum, allowed, top_k or len(record.members), task))
+                           cache_key=(record.checksum, allowed, top_k or len(record.members), task),
+                           scale_rows=tuple(record.scale_rows))
         return mix, use
 
     def acquire_again(self, use: CompositeUse) -> None:

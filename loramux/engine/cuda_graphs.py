@@ -18,7 +18,9 @@ is inert by construction, not by luck:
   number), so no two rows of a level write the same output row and a padded
   row writes only its own padded row; rows without an assignment at that level
   (padding, or a sequence with a shorter mix) have slot -1, which every LoRA
-  backend treats as inert. The levels run in the gathered (BGMV) mode, whose
+  backend treats as inert. On a server with MoR scaling-vector pools every
+  level carries `scale_idx` (-1 where a row is not a MoR expert's), rewritten
+  between replays like the slots. The levels run in the gathered (BGMV) mode, whose
   shapes depend only on the row count. Adapter slot tensors are read in
   place, so adapters paged in between replays need no recapture.
 - a gated graph runs the composite gates for every batch row (sizes fixed by
@@ -67,6 +69,7 @@ class _PlanLevel:
     base_coeff: torch.Tensor  # coeff as built; gated graphs rewrite coeff from it per decoder layer
     rank_lo: torch.Tensor
     rank_hi: torch.Tensor
+    scale_idx: torch.Tensor  # row of the scaling-vector pools; -1: none
 
 
 @dataclass
@@ -105,8 +108,11 @@ class DecodeGraphRunner:
         self.query_start = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.rows = torch.arange(max_batch, device=device)  # logit rows, and every level's token_idx
         self.levels = [_PlanLevel(zeros(max_batch), zeros(max_batch, dtype=torch.float32),
-                                  zeros(max_batch, dtype=torch.float32), zeros(max_batch), zeros(max_batch))
+                                  zeros(max_batch, dtype=torch.float32), zeros(max_batch), zeros(max_batch),
+                                  zeros(max_batch))
                        for _ in range(max_depth)]
+        # the graphs read scale rows only where the linears have pools (a server that serves MoR composites)
+        self.scaled = any(m.rank_scale is not None for _, m in model.lora_linears())
         self.composites = composites if composites is not None and composites.gate_weight.shape[0] else None
         self.gates = None
         if self.composites is not None:
@@ -128,6 +134,7 @@ class DecodeGraphRunner:
         levels = tuple(LoraPlanLevel(
             token_idx=self.rows[:batch], slot_idx=lv.slot_idx[:batch], coeff=lv.coeff[:batch],
             rank_lo=lv.rank_lo[:batch], rank_hi=lv.rank_hi[:batch],
+            scale_idx=lv.scale_idx[:batch] if self.scaled else None,
             seg_starts=empty, seg_slots=empty, segments=(), mode="gather") for lv in self.levels[:depth])
         attention = AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
@@ -173,12 +180,15 @@ class DecodeGraphRunner:
         plan_levels = () if inputs is None else inputs.ctx.lora_plan.levels
         for k, level in enumerate(self.levels[:depth]):
             level.slot_idx.fill_(-1)
+            level.scale_idx.fill_(-1)
             for buffer in (level.coeff, level.rank_lo, level.rank_hi):
                 buffer.zero_()
             if k < len(plan_levels):
                 real = plan_levels[k]
                 for name in ("slot_idx", "coeff", "rank_lo", "rank_hi"):
                     getattr(level, name).index_copy_(0, real.token_idx, getattr(real, name))
+                if real.scale_idx is not None:
+                    level.scale_idx.index_copy_(0, real.token_idx, real.scale_idx)
             level.base_coeff.copy_(level.coeff)  # the plan's coefficients as built: no gate has run yet
 
     def fill_gates(self, gates: CompositeGates | None, batch: int) -> None:

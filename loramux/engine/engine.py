@@ -17,6 +17,7 @@ from loramux.adapters_store.peft_format import AdapterError
 from loramux.adapters_store.registry import COMPOSITE_CONFIG_FILE
 from loramux.adapters_store.store import AdapterStore
 from loramux.composites import BaseShape, CompositeOptions, CompositeRegistry, CompositeUse
+from loramux.composites.scale_pool import ScaleRowPool
 from loramux.config import EngineConfig
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.cpu_features import NATIVE_BF16_FLAGS, cpu_flags, native_bf16_flag
@@ -131,7 +132,8 @@ class Engine:
         self.composites = CompositeRegistry(
             self.store, BaseShape(self.shape.lora_target_shapes(), self.shape.num_layers, self.shape.hidden_size,
                                   config.store.max_lora_rank, config.store.max_composite_members),
-            config.store.max_composites, self.store.store_dir, self.device)
+            config.store.max_composites, self.store.store_dir, self.device,
+            ScaleRowPool(self.model.lora_linears(), config.store.mor_expert_rows))
         self.num_blocks = self._allocate_kv_cache()
         self.max_model_len = min(model_max, self.num_blocks * config.cache.block_size)
         self.blocks = BlockManager(self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
@@ -284,8 +286,9 @@ class Engine:
         except AdapterError as exc:
             raise RequestError(str(exc), param="adapters", code=exc.code) from exc
 
-    def _normalize_mix(self, lora_mix) -> LoraMix:
-        """Accept names, (name, weight) or (name, weight, lo, hi); check them against the pool."""
+    def _normalize_mix(self, lora_mix, from_composite: bool = False) -> LoraMix:
+        """Accept names, (name, weight) or (name, weight, lo, hi); check them against the pool.
+        from_composite: the registry's mix of a composite, where a MoR's experts all name its shared member."""
         out = []
         for entry in lora_mix:
             name, weight, lo, hi = ((entry, 1.0, 0, None) if isinstance(entry, str) else (tuple(entry) + (0, None))[:4])
@@ -297,10 +300,11 @@ class Engine:
                 raise RequestError(f"rank range {lo}:{hi} of adapter {name!r} must lie within 0:{rank}",
                                    param="adapters")
             out.append((name, float(weight), int(lo), int(hi)))
-        if len({name for name, *_ in out}) != len(out):
+        distinct = len({name for name, *_ in out})
+        if distinct != len(out) and not from_composite:
             raise RequestError("an adapter appears twice in the mix", param="adapters")
         limit = min(self.config.store.max_loras, self.config.scheduler.max_loras_per_batch)
-        if len(out) > limit:
+        if distinct > limit:
             raise RequestError(f"a mix may name at most {limit} adapters on this server", param="adapters")
         return tuple(out)
 
@@ -322,7 +326,7 @@ class Engine:
                                param="prompt", code="context_length_exceeded")
         lora_mix, composite = self._resolve_composite(lora_mix)
         try:
-            mix = self._normalize_mix(lora_mix)
+            mix = self._normalize_mix(lora_mix, from_composite=composite is not None)
         except RequestError:
             if composite is not None:
                 self.composites.release(composite)

@@ -76,7 +76,10 @@ def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int
         row = len(token_ids)
         token_ids += seq.token_ids[start:start + n]
         if seq.lora_mix:
-            runs.append((row, n, [(slots.slot_of[name], w, lo, hi) for name, w, lo, hi in seq.lora_mix]))
+            # a MoR composite's experts: its shared member's slot, each with its row of the scaling-vector pools
+            scale_rows = seq.composite.scale_rows if seq.composite is not None else ()
+            runs.append((row, n, [(slots.slot_of[name], w, lo, hi, scale_rows[k] if scale_rows else -1)
+                                  for k, (name, w, lo, hi) in enumerate(seq.lora_mix)]))
         if seq.composite is not None and seq.composite.gate_index >= 0:
             gated_rows.append((row, n, seq.composite, item.samples))
         if item.samples:
