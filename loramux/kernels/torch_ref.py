@@ -39,9 +39,10 @@ def _slots_and_tokens(level: LoraPlanLevel) -> tuple[torch.Tensor, torch.Tensor,
 
 def _row_scales(pool: torch.Tensor, level: LoraPlanLevel) -> torch.Tensor:
     """The pool's scaling vector of each row of a level with `scale_idx`: [N, w], in mode "slots" [P, w] per
-    packed place (padding places read their row 0's; their h is 0). Row -1 reads the pool's last row (ones)."""
+    packed place (padding places read their row 0's; their h is 0). Row -1 reads the pool's last row (ones):
+    `remainder` wraps it, and index_select runs far faster on the CPU than advanced indexing."""
     rows = level.scale_idx.index_select(0, level.packed_row) if level.mode == "slots" else level.scale_idx
-    return pool[rows]
+    return pool.index_select(0, rows.remainder(pool.shape[0]))
 
 
 def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
