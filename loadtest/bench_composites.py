@@ -85,6 +85,11 @@ def slot_mib(engine: Engine) -> float:
     return sum(m.lora_a[0].nbytes + m.lora_b[0].nbytes for _, m in engine.model.lora_linears()) / 2**20
 
 
+def scale_row_mib(engine: Engine) -> float:
+    """Device memory of one row of the MoR scaling-vector pools (one expert) across every LoRA-aware projection."""
+    return sum(m.rank_scale[0].nbytes + m.out_scale[0].nbytes for _, m in engine.model.lora_linears()) / 2**20
+
+
 def batches() -> tuple[dict[str, list], dict[str, str]]:
     """Batch label -> one mix per request, and batch label -> the label of its reference batch."""
     def plain(rank: int, n: int, first: int = 0, distinct: int = 16) -> list:
@@ -126,7 +131,7 @@ def main() -> None:
             for label, batch in mixes.items():
                 seconds[label].append(decode_step_seconds(engine, prompts, batch, args.new_tokens))
                 logger.info("round %d, %s: decode step %.1f ms", round_index + 1, label, seconds[label][-1] * 1e3)
-        per_slot = slot_mib(engine)
+        per_slot, per_row = slot_mib(engine), scale_row_mib(engine)
     logger.info("%-24s %14s %10s %24s", "batch (32 requests)", "decode step ms", "vs ref", "reference")
     rows = []
     for label, times in seconds.items():
@@ -139,14 +144,15 @@ def main() -> None:
         logger.info("%-24s %14.1f %10.2f %24s", label, rows[-1]["decode_step_ms"], rows[-1]["ratio"], reference)
     load_after = os.getloadavg()[0]
     logger.info("load average (1 min): %.1f at the start, %.1f at the end", load_before, load_after)
-    logger.info("one slot (rank 16 padded, all projections): %.2f MiB; MoR materialises 8 (%.2f MiB), "
-                "MoRE one per task in use", per_slot, 8 * per_slot)
+    logger.info("one slot (rank 16 padded, all projections): %.2f MiB; MoR holds one slot and 8 pool rows of "
+                "%.3f MiB (%.2f MiB in all), MoRE one slot per task in use", per_slot, per_row, per_slot + 8 * per_row)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_description(engine.device.type), "note": args.note,
                                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                                          "rounds": args.rounds,
                                          "load_average": [round(load_before, 2), round(load_after, 2)],
-                                         "rows": rows, "slot_mib": round(per_slot, 3)}, indent=2))
+                                         "rows": rows, "slot_mib": round(per_slot, 3),
+                                         "scale_row_mib": round(per_row, 4)}, indent=2))
 
 
 if __name__ == "__main__":

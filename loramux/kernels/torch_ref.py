@@ -160,7 +160,7 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
         b_rows = lora_b.index_select(0, slots)
         delta = _joined([torch.bmm(b_rows[:, cols], h[:, ranks, None]).squeeze(2) for cols, ranks in blocks], 1)
     if out_scale is not None and level.scale_idx is not None:
-        delta = delta * _row_scales(out_scale, level)
+        delta.mul_(_row_scales(out_scale, level))  # in place: delta is this call's own (a new [P, d] costs page faults)
     y.index_add_(0, tokens, delta.to(y.dtype))
 
 
