@@ -43,6 +43,7 @@ def server(tiny_llama_dir, folders):
                           "--num-kv-blocks", "256",
                           "--adapter-dir", str(folders / "serving"), "--adapter-store", str(folders / "store"),
                           "--admin-api-key", ADMIN_KEY, "--max-loras", "12", "--max-composite-members", "4",
+                          "--max-mor-experts", "5",
                           "--adapter-load-root", str(folders)],
                          folders / "server.log")
     yield proc
@@ -142,6 +143,25 @@ def test_upload_use_delete(server, folders):
         assert c.delete("/v1/adapters/mor").status_code == 200
     assert complete(server, model="mor").status_code == 404
     assert names(server) == before and not (folders / "store" / "mor").exists()
+
+
+def test_mor_beyond_the_scaling_vector_pools_is_refused_and_nothing_is_stored(server, folders):
+    """The server holds 5 MoR experts (--max-mor-experts 5): a second 3-expert MoR gets its own 422 in the
+    OpenAI error format, nothing stored; once the first is deleted its rows take the second."""
+    assert upload(server, "mor-a", folders / "mor").status_code == 201
+    before = names(server)
+    r = upload(server, "mor-b", folders / "mor")
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "too_many_mor_experts" and "--max-mor-experts" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert names(server) == before and not (folders / "store" / "mor-b").exists()
+    with http(server) as c:
+        assert c.delete("/v1/adapters/mor-a").status_code == 200
+    assert upload(server, "mor-b", folders / "mor").status_code == 201
+    assert complete(server, model="mor-b").status_code == 200
+    with http(server) as c:
+        assert c.delete("/v1/adapters/mor-b").status_code == 200
 
 
 def test_loaded_from_a_server_path_and_deleted_without_touching_its_folder(server, folders):
