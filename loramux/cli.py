@@ -121,12 +121,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     if args.model is None and not args.no_experts:
         adapter_dirs[:0] = [str(BUNDLED_EXPERTS_DIR)]
         gated, members = bundled_composite_needs()
-        if gated <= args.max_composites and members <= args.max_composite_members:
+        # the one bundled MoR has at most `members` experts, each a row of the scaling-vector pools
+        mor_rows_ok = args.max_mor_experts is None or args.max_mor_experts >= members
+        if gated <= args.max_composites and members <= args.max_composite_members and mor_rows_ok:
             adapter_dirs.insert(1, str(BUNDLED_COMPOSITES_DIR))  # the engine registers composites last anyway
         else:
             logging.getLogger("loramux").warning(
-                "bundled composites left out: they need --max-composites >= %d and --max-composite-members >= %d",
-                gated, members)
+                "bundled composites left out: they need --max-composites >= %d, --max-composite-members >= %d "
+                "and --max-mor-experts >= %d", gated, members, members)
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                           served_model_name=args.served_model_name, enforce_eager=args.enforce_eager,
