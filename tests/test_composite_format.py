@@ -103,7 +103,7 @@ BAD = [
 def state(engine):
     return (sorted(engine.store.records), sorted(engine.composites.records), list(engine.composites._free_gates),
             engine.composites.gate_weight.clone(), sorted(p.name for p in engine.store.store_dir.iterdir()),
-            list(engine.composites.scale_rows._free))
+            list(engine.composites.scale_pool._free))
 
 
 def assert_same(before, after):
@@ -234,7 +234,7 @@ def test_a_mor_composite_takes_one_slot_and_pool_rows_that_its_deletion_frees(se
     """The shared A/B are one store member (one slot once used); each expert's λ_A / λ_B sit in its row of every
     LoRA linear's pools; deleting the composite frees the rows, and the next MoR composite takes them again."""
     engine, root = setup
-    pool = engine.composites.scale_rows
+    pool = engine.composites.scale_pool
     free_before = pool.num_free
     record = engine.composites.register_path("pooled", root / "mor")
     assert record.members == ["pooled.expert0", "pooled.expert1", "pooled.expert2"] and record.shared == "pooled.shared"
@@ -273,4 +273,4 @@ def test_mor_is_refused_when_the_pool_is_full(tiny_llama_dir, setup):
     engine.add_adapter("more-ok", str(root / "more"))  # MoRE takes no rows
     engine.remove_adapter("first")
     engine.add_adapter("second", str(root / "mor"))
-    assert engine.composites.scale_rows.num_free == 2
+    assert engine.composites.scale_pool.num_free == 2

@@ -296,7 +296,7 @@ def test_deleting_a_composite_lets_running_requests_finish(tiny_llama_dir, compo
     assert tokens == expected.new_token_ids
     assert not [n for n in engine.store.records if n.startswith("mor.")]  # its shared member went with it
     assert len(engine.composites._free_gates) == engine.config.store.max_composites - 1  # only mole holds one
-    assert engine.composites.scale_rows.num_free == engine.config.store.mor_expert_rows  # its experts' pool rows
+    assert engine.composites.scale_pool.num_free == engine.config.store.mor_expert_rows  # its experts' pool rows
 
 
 def test_bad_request_options(tiny_llama_dir, composites):

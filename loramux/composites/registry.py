@@ -141,10 +141,10 @@ class CompositeUse:
 
 class CompositeRegistry:
     def __init__(self, store: AdapterStore, base: BaseShape, max_composites: int, store_dir: Path | None,
-                 device: torch.device, scale_rows: ScaleRowPool | None = None):
-        """scale_rows: the pool MoR experts take rows of (None: MoR composites are refused)."""
+                 device: torch.device, scale_pool: ScaleRowPool | None = None):
+        """scale_pool: the pool MoR experts take rows of (None: MoR composites are refused)."""
         self.store = store
-        self.scale_rows = scale_rows
+        self.scale_pool = scale_pool
         self.base = base
         self.store_dir = store_dir
         self.records: dict[str, CompositeRecord] = {}
@@ -256,10 +256,10 @@ class CompositeRegistry:
             raise AdapterError("too_many_composites", f"this server holds at most {self.gate_weight.shape[0]} "
                                                       "gated composites (--max-composites)")
         if spec.experts:
-            if self.scale_rows is None:
+            if self.scale_pool is None:
                 raise AdapterError("too_many_mor_experts", "this server has no pools for MoR experts")
             returning = len(self.records[name].scale_rows) if replace and name in self.records else 0
-            self.scale_rows.check_room(len(spec.experts), returning)
+            self.scale_pool.check_room(len(spec.experts), returning)
 
     def _install(self, name: str, spec: CompositeSpec, folder: Path, weights_bytes: bytes, uploaded: bool,
                  replace: bool) -> CompositeRecord:
@@ -273,7 +273,7 @@ class CompositeRegistry:
             self.gate_weight[gate_index].zero_()
             self.gate_weight[gate_index, :, :n].copy_(spec.gate_weight)
             self.gate_inv_temperature[gate_index].copy_(1.0 / spec.gate_temperature)
-        scale_rows = self.scale_rows.take(spec.expert_scales, len(spec.experts)) if spec.experts else []
+        scale_rows = self.scale_pool.take(spec.expert_scales, len(spec.experts)) if spec.experts else []
         for member, adapter in spec.members:
             if adapter is not None:
                 self.store.register_derived(member, adapter, name)
@@ -322,7 +322,7 @@ class CompositeRegistry:
         if record.gate_index >= 0:
             self._free_gates.append(record.gate_index)
         if record.scale_rows:
-            self.scale_rows.give_back(record.scale_rows)
+            self.scale_pool.give_back(record.scale_rows)
         if record.uploaded:  # already in its `.del-*` folder
             shutil.rmtree(Path(record.path).parent, ignore_errors=True)
 
