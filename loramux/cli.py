@@ -76,7 +76,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="members (experts) per gated composite")
     g.add_argument("--max-mor-experts", type=int, default=st.max_mor_experts,
                    help="experts of all MoR composites together: rows of the scaling-vector pools (default: "
-                        "max-composites x max-composite-members; 0 refuses MoR composites)")
+                        "max-composites x max-composite-members; 0 refuses MoR composites; below 9 the bundled composites, which "
+                        "include a MoR of 9 experts, are all left out)")
     g.add_argument("--lora-backend", default=st.lora_backend, choices=["auto", "torch", "triton"])
     g.add_argument("--no-experts", action="store_true",
                    help="do not register the bundled demo experts and composites (they load only with the default "

@@ -259,6 +259,23 @@ def test_a_mor_composite_takes_one_slot_and_pool_rows_that_its_deletion_frees(se
     assert pool.num_free == free_before
 
 
+def test_replacing_a_mor_composite_reuses_its_pool_rows_and_shared_member(setup):
+    engine, root = setup
+    pool = engine.composites.scale_pool
+    free_before = pool.num_free
+    rows = engine.composites.register_path("renewed", root / "mor").scale_rows
+    ids = engine.tokenizer.encode("one two", add_special_tokens=False)
+    first = engine.generate([ids], None, [["renewed"]])[0][0].new_token_ids
+    record = engine.composites.register_path("renewed", root / "mor", replace=True)
+    try:
+        assert sorted(record.scale_rows) == sorted(rows) and pool.num_free == free_before - len(rows)
+        assert [n for n in engine.store.records if n.startswith("renewed")] == ["renewed.shared"]
+        assert engine.generate([ids], None, [["renewed"]])[0][0].new_token_ids == first  # the same weights again
+    finally:
+        engine.remove_adapter("renewed")
+    assert pool.num_free == free_before
+
+
 def test_mor_is_refused_when_the_pool_is_full(tiny_llama_dir, setup):
     _, root = setup
     engine = make_engine(tiny_llama_dir, max_mor_experts=5)

@@ -58,6 +58,11 @@ class CompositeRecord:
     uploaded: bool = False
     created: float = field(default_factory=time.time)
 
+    @property
+    def stored_members(self) -> list[str]:
+        """The store's adapters the composite uses: its members, and for mor the shared member instead."""
+        return [self.shared] if self.shared else self.members
+
     def to_json(self) -> dict:
         return asdict(self) | {"object": "composite"}
 
@@ -141,8 +146,8 @@ class CompositeUse:
 
 class CompositeRegistry:
     def __init__(self, store: AdapterStore, base: BaseShape, max_composites: int, store_dir: Path | None,
-                 device: torch.device, scale_pool: ScaleRowPool | None = None):
-        """scale_pool: the pool MoR experts take rows of (None: MoR composites are refused)."""
+                 device: torch.device, scale_pool: ScaleRowPool):
+        """scale_pool: the pool MoR experts take rows of."""
         self.store = store
         self.scale_pool = scale_pool
         self.base = base
@@ -242,7 +247,7 @@ class CompositeRegistry:
     def _check_installable(self, name: str, spec: CompositeSpec, replace: bool) -> None:
         """Everything `_install` needs, checked before it changes anything."""
         for member, adapter in spec.members:
-            owned = replace and name in self.records and member in self.records[name].members
+            owned = replace and name in self.records and member in self.records[name].stored_members
             if adapter is None and member not in self.store:
                 raise AdapterError("member_not_found", f"member {member!r} of composite {name!r} is not a "
                                                        "registered adapter")
@@ -256,8 +261,6 @@ class CompositeRegistry:
             raise AdapterError("too_many_composites", f"this server holds at most {self.gate_weight.shape[0]} "
                                                       "gated composites (--max-composites)")
         if spec.experts:
-            if self.scale_pool is None:
-                raise AdapterError("too_many_mor_experts", "this server has no pools for MoR experts")
             returning = len(self.records[name].scale_rows) if replace and name in self.records else 0
             self.scale_pool.check_room(len(spec.experts), returning)
 
@@ -273,10 +276,22 @@ class CompositeRegistry:
             self.gate_weight[gate_index].zero_()
             self.gate_weight[gate_index, :, :n].copy_(spec.gate_weight)
             self.gate_inv_temperature[gate_index].copy_(1.0 / spec.gate_temperature)
-        scale_rows = self.scale_pool.take(spec.expert_scales, len(spec.experts)) if spec.experts else []
-        for member, adapter in spec.members:
-            if adapter is not None:
-                self.store.register_derived(member, adapter, name)
+        scale_rows, derived = [], []
+        try:
+            if spec.experts:
+                scale_rows = self.scale_pool.take(spec.expert_scales, len(spec.experts))
+            for member, adapter in spec.members:
+                if adapter is not None:
+                    self.store.register_derived(member, adapter, name)
+                    derived.append(member)
+        except BaseException:  # give back what this registration took
+            for member in derived:
+                self.store.delete_derived(member)
+            if scale_rows:
+                self.scale_pool.give_back(scale_rows)
+            if gate_index >= 0:
+                self._free_gates.append(gate_index)
+            raise
         record = CompositeRecord(
             name=name, type=spec.kind, path=str(folder), members=spec.gated, top_k=spec.top_k,
             tasks=list(spec.tasks), default_task=spec.default_task,
@@ -310,7 +325,7 @@ class CompositeRegistry:
         record.uploaded = record.uploaded and remove_files
         if record.uploaded:  # out of sight at once (the gate is on the device; nothing reads the files again)
             record.path = str(trash_adapter_dir(self.store_dir, Path(record.path)))
-        for member in record.members + ([record.shared] if record.shared else []):
+        for member in record.stored_members:
             if member not in record.member_checksums and member in self.store:  # built in memory for it
                 self.store.delete_derived(member)
         if self._uses[name]:

@@ -205,7 +205,9 @@ class Engine:
 
     @property
     def graph_lora_depth(self) -> int:
-        """The deepest LoRA mix captured in decode graphs (and warmed up): mixes can be as deep as the limit."""
+        """The deepest LoRA mix captured in decode graphs (and warmed up). A plain mix can be as deep as the
+        limit; a composite's (its members, a MoR's experts) up to --max-composite-members, and steps deeper than
+        the graphs run eagerly."""
         limit = min(self.config.store.max_loras, self.config.scheduler.max_loras_per_batch)
         return min(limit, MAX_GRAPH_LORA_DEPTH)
 
@@ -286,9 +288,9 @@ class Engine:
         except AdapterError as exc:
             raise RequestError(str(exc), param="adapters", code=exc.code) from exc
 
-    def _normalize_mix(self, lora_mix, from_composite: bool = False) -> LoraMix:
+    def _normalize_mix(self, lora_mix, repeats_allowed: bool = False) -> LoraMix:
         """Accept names, (name, weight) or (name, weight, lo, hi); check them against the pool.
-        from_composite: the registry's mix of a composite, where a MoR's experts all name its shared member."""
+        repeats_allowed: the registry's mix of a MoR composite, whose experts all name its shared member."""
         out = []
         for entry in lora_mix:
             name, weight, lo, hi = ((entry, 1.0, 0, None) if isinstance(entry, str) else (tuple(entry) + (0, None))[:4])
@@ -301,7 +303,7 @@ class Engine:
                                    param="adapters")
             out.append((name, float(weight), int(lo), int(hi)))
         distinct = len({name for name, *_ in out})
-        if distinct != len(out) and not from_composite:
+        if distinct != len(out) and not repeats_allowed:
             raise RequestError("an adapter appears twice in the mix", param="adapters")
         limit = min(self.config.store.max_loras, self.config.scheduler.max_loras_per_batch)
         if distinct > limit:
@@ -326,7 +328,7 @@ class Engine:
                                param="prompt", code="context_length_exceeded")
         lora_mix, composite = self._resolve_composite(lora_mix)
         try:
-            mix = self._normalize_mix(lora_mix, from_composite=composite is not None)
+            mix = self._normalize_mix(lora_mix, repeats_allowed=composite is not None and composite.kind == "mor")
         except RequestError:
             if composite is not None:
                 self.composites.release(composite)

@@ -159,7 +159,8 @@ class LoraPlan:
         return not self.levels
 
 
-Assignment = tuple  # (slot, weight, rank_lo, rank_hi) or (slot, weight, rank_lo, rank_hi, scale_row)
+# (slot, weight, rank_lo, rank_hi) or (slot, weight, rank_lo, rank_hi, scale_row)
+Assignment = tuple[int, float, int, int] | tuple[int, float, int, int, int]
 
 
 def _slot_groups(slots: list[int], counts: list[int]) -> tuple[list[tuple[int, int, int]], float]:
