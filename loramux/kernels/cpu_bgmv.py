@@ -7,16 +7,21 @@ twice the bytes. `cpu_bgmv.cpp` streams bfloat16 slots once with float32 sums,
 so with it the slots stay in the model's dtype (`LoraBackend.float32_slots_on_cpu`).
 Levels of long segments (prefill) run torch's segment GEMMs, at bfloat16's rate.
 
-The kernel is built with the machine's compiler on first use, into torch's
-extension cache (`~/.cache/torch_extensions`, or $TORCH_EXTENSIONS_DIR): later
-processes load the built library. Only CPUs with AVX512-BF16 get it: elsewhere
+The kernel is built with the machine's compiler (and ninja) on first use, into
+torch's extension cache (`~/.cache/torch_extensions`, or $TORCH_EXTENSIONS_DIR),
+under a name holding the source's hash: later processes load the built library,
+and checkouts with different sources do not rebuild over each other. Only CPUs with AVX512-BF16 get it: elsewhere
 `--dtype auto` serves float32, where the torch ops are the fast ones.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -43,8 +48,11 @@ def load_kernel() -> bool:
         return False
     from torch.utils import cpp_extension
 
+    if shutil.which("ninja") is None:  # pip's ninja sits beside the interpreter of a venv that is not activated
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:12]
     try:
-        cpp_extension.load(name="loramux_cpu_bgmv", sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
+        cpp_extension.load(name=f"loramux_cpu_bgmv_{digest}", sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except (OSError, RuntimeError, ImportError) as exc:  # no compiler or ninja, a failed build
         logger.warning("LoRA CPU kernel could not be built (%s); using torch's ops with float32 slots", exc)
