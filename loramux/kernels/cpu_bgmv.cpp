@@ -53,6 +53,46 @@ inline float dot_row(const uint16_t* a, int64_t d_in, const uint16_t* x_row) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
+// Rows of a prefill segment share their slot and rank range: up to kGroup of them are summed together, so
+// each line of A is loaded once for all of them (x's rows stay in L1).
+constexpr int kGroup = 4;
+
+template <int C>
+inline void dot_rows(const uint16_t* a_row, int64_t d_in, const uint16_t* const* x_rows, float* out) {
+  __m512 acc[C];
+#pragma GCC unroll 4
+  for (int j = 0; j < C; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < d_in; k += 32) {
+    const __mmask32 mask = tail_mask(d_in - k);
+    const __m512bh av = as_bh(_mm512_maskz_loadu_epi16(mask, a_row + k));
+#pragma GCC unroll 4
+    for (int j = 0; j < C; ++j)
+      acc[j] = _mm512_dpbf16_ps(acc[j], av, as_bh(_mm512_maskz_loadu_epi16(mask, x_rows[j] + k)));
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < C; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+inline void dot_group(const uint16_t* a_row, int64_t d_in, const uint16_t* const* x_rows, int count, float* out) {
+  switch (count) {
+    case 1: out[0] = dot_row(a_row, d_in, x_rows[0]); return;
+    case 2: return dot_rows<2>(a_row, d_in, x_rows, out);
+    case 3: return dot_rows<3>(a_row, d_in, x_rows, out);
+    default: return dot_rows<4>(a_row, d_in, x_rows, out);
+  }
+}
+
+// Rows n.. (at most kGroup, before end) that are live and share row n's slot and, with `same_ranks`, its
+// rank range: the rows of one prefill segment, or one decode row.
+inline int group_size(const int64_t* slot, const int64_t* lo, const int64_t* hi, const int32_t* slot_active,
+                      int64_t n, int64_t end, bool same_ranks) {
+  int count = 1;
+  while (count < kGroup && n + count < end && slot[n + count] == slot[n] &&
+         (!same_ranks || (lo[n + count] == lo[n] && hi[n + count] == hi[n])))
+    ++count;
+  return live_row(slot[n], slot_active) ? count : -count;  // negative: rows that contribute nothing
+}
+
 void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& slot_active, const at::Tensor& slot,
                  const at::Tensor& token, const at::Tensor& coeff, const at::Tensor& rank_lo,
                  const at::Tensor& rank_hi, int64_t num_subs, at::Tensor& h) {
@@ -64,20 +104,25 @@ void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& slo
   const int64_t *slot_p = slot.data_ptr<int64_t>(), *token_p = token.data_ptr<int64_t>();
   const int64_t *lo_p = rank_lo.data_ptr<int64_t>(), *hi_p = rank_hi.data_ptr<int64_t>();
   const float* coeff_p = coeff.data_ptr<float>();
-  at::parallel_for(0, slot.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      at::BFloat16* h_row = h_p + n * width;
-      std::fill(h_row, h_row + width, at::BFloat16(0.0f));
-      const int64_t s = slot_p[n];
-      if (!live_row(s, active)) continue;
-      const uint16_t* x_row = x_p + token_p[n] * d_in;
-      const int64_t lo = std::max<int64_t>(lo_p[n], 0), hi = std::min(hi_p[n], r_max);
-      for (int64_t i = 0; i < num_subs; ++i) {
-        for (int64_t r = lo; r < hi; ++r) {
-          const float sum = dot_row(a_p + (s * width + i * r_max + r) * d_in, d_in, x_row);
-          h_row[i * r_max + r] = at::BFloat16(sum * coeff_p[n]);
+  h.zero_();
+  at::parallel_for(0, slot.size(0), kGroup, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end;) {
+      const int grouped = group_size(slot_p, lo_p, hi_p, active, n, end, true);
+      const int count = std::abs(grouped);
+      if (grouped > 0) {
+        const uint16_t* x_rows[kGroup];
+        for (int j = 0; j < count; ++j) x_rows[j] = x_p + token_p[n + j] * d_in;
+        const int64_t lo = std::max<int64_t>(lo_p[n], 0), hi = std::min(hi_p[n], r_max);
+        float sums[kGroup];
+        for (int64_t i = 0; i < num_subs; ++i) {
+          for (int64_t r = lo; r < hi; ++r) {  // a rank range's rows are one sequential stream of A
+            dot_group(a_p + (slot_p[n] * width + i * r_max + r) * d_in, d_in, x_rows, count, sums);
+            for (int j = 0; j < count; ++j)
+              h_p[(n + j) * width + i * r_max + r] = at::BFloat16(sums[j] * coeff_p[n + j]);
+          }
         }
       }
+      n += count;
     }
   });
 }
@@ -91,17 +136,22 @@ inline __m512 fold_pairs(__m512 a, __m512 b) {
 }
 
 // One tile of `cols` (<= 16) columns of B[slot] ([., R] row-major, so the tile is 16*R contiguous bfloat16,
-// M = R/2 vectors of 32) dotted with h's block; the 16 sums are added to y_row (bfloat16) in place.
+// M = R/2 vectors of 32), loaded once for the rows of a group.
 template <int M>
-inline void expand_tile(const uint16_t* b_tile, const __m512bh* h_vecs, int cols, at::BFloat16* y_row) {
-  constexpr int kHVecs = M >= 16 ? M / 16 : 1;  // h's block spans R/32 vectors, or repeats within one
-  __m512 v[M];
+inline void load_tile(const uint16_t* b_tile, int cols, __m512i* bv) {
   const int64_t valid = static_cast<int64_t>(cols) * 2 * M;
 #pragma GCC unroll 64
-  for (int j = 0; j < M; ++j) {
-    const __m512i bv = _mm512_maskz_loadu_epi16(tail_mask(valid - 32 * j), b_tile + 32 * j);
-    v[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(bv), h_vecs[j % kHVecs]);
-  }
+  for (int j = 0; j < M; ++j) bv[j] = _mm512_maskz_loadu_epi16(tail_mask(valid - 32 * j), b_tile + 32 * j);
+}
+
+// The tile dotted with one row's h block (laid out as the tile, h_vecs); the 16 sums are added to y_row
+// (bfloat16) in place.
+template <int M>
+inline void add_tile_product(const __m512i* bv, const __m512bh* h_vecs, int cols, at::BFloat16* y_row) {
+  constexpr int kHVecs = M >= 16 ? M / 16 : 1;  // h's block spans R/32 vectors, or repeats within one
+  __m512 v[M];
+#pragma GCC unroll 64
+  for (int j = 0; j < M; ++j) v[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(bv[j]), h_vecs[j % kHVecs]);
 #pragma GCC unroll 8
   for (int width = M; width > 1; width /= 2) {
 #pragma GCC unroll 32
@@ -131,24 +181,32 @@ void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const 
   const int32_t* active = slot_active.data_ptr<int32_t>();
   const int64_t *slot_p = slot.data_ptr<int64_t>(), *token_p = token.data_ptr<int64_t>();
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    alignas(64) uint16_t pattern[kHVecs * 32];
-    __m512bh h_vecs[kHVecs];
-    int64_t pattern_row = -1, pattern_sub = -1;
-    for (int64_t n = 0; n < rows; ++n) {  // rows in order: a token's rows add one after another
-      const int64_t s = slot_p[n];
-      if (!live_row(s, active)) continue;
-      const uint16_t* b_slot = b_p + s * d_total * R;
-      at::BFloat16* y_row = y_p + token_p[n] * d_total;
-      for (int64_t t = begin; t < end; ++t) {
-        const Tile& tile = tiles[t];
-        if (pattern_row != n || pattern_sub != tile.sub) {  // h's block laid out as the tile's B is
-          const uint16_t* h_block = h_p + n * width + tile.sub * R;
-          for (int k = 0; k < kHVecs * 32; ++k) pattern[k] = h_block[k % R];
-          for (int j = 0; j < kHVecs; ++j) h_vecs[j] = as_bh(_mm512_load_si512(pattern + 32 * j));
-          pattern_row = n, pattern_sub = tile.sub;
+    alignas(64) uint16_t pattern[kGroup][kHVecs * 32];
+    __m512bh h_vecs[kGroup][kHVecs];
+    __m512i bv[M];
+    // rows in order (a group's rows in order inside each tile): a token's rows add one after another
+    for (int64_t n = 0; n < rows;) {
+      const int grouped = group_size(slot_p, nullptr, nullptr, active, n, rows, false);
+      const int count = std::abs(grouped);
+      if (grouped > 0) {
+        const uint16_t* b_slot = b_p + slot_p[n] * d_total * R;
+        int64_t pattern_sub = -1;
+        for (int64_t t = begin; t < end; ++t) {
+          const Tile& tile = tiles[t];
+          if (pattern_sub != tile.sub) {  // each row's h block laid out as the tile's B is
+            for (int j = 0; j < count; ++j) {
+              const uint16_t* h_block = h_p + (n + j) * width + tile.sub * R;
+              for (int k = 0; k < kHVecs * 32; ++k) pattern[j][k] = h_block[k % R];
+              for (int v = 0; v < kHVecs; ++v) h_vecs[j][v] = as_bh(_mm512_load_si512(pattern[j] + 32 * v));
+            }
+            pattern_sub = tile.sub;
+          }
+          load_tile<M>(b_slot + tile.col * R, tile.cols, bv);
+          for (int j = 0; j < count; ++j)
+            add_tile_product<M>(bv, h_vecs[j], tile.cols, y_p + token_p[n + j] * d_total + tile.col);
         }
-        expand_tile<M>(b_slot + tile.col * R, h_vecs, tile.cols, y_row + tile.col);
       }
+      n += count;
     }
   });
 }
