@@ -127,40 +127,44 @@ void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& slo
   });
 }
 
-// Lanes 0..7 take the pair sums of a's lanes, lanes 8..15 those of b's: rows keep their order, each with
-// half as many partial sums.
-inline __m512 fold_pairs(__m512 a, __m512 b) {
+// One tile of `cols` (<= 16) columns of B[slot] ([., R] row-major: the tile is 16*R contiguous bfloat16,
+// M = R/2 vectors of 32), transposed to t[p], lane c = the pair of ranks (2p, 2p+1) of column c, so each
+// row's product is M vdpbf16ps into one vector of 16 column sums, with h's pairs broadcast. The transpose
+// (log2(M) passes of deinterleaving, M permutes each) is paid once per tile for a group's rows.
+template <int M>
+inline void load_transposed_tile(const uint16_t* b_tile, int cols, __m512i* t) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  return _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b));
-}
-
-// One tile of `cols` (<= 16) columns of B[slot] ([., R] row-major, so the tile is 16*R contiguous bfloat16,
-// M = R/2 vectors of 32), loaded once for the rows of a group.
-template <int M>
-inline void load_tile(const uint16_t* b_tile, int cols, __m512i* bv) {
   const int64_t valid = static_cast<int64_t>(cols) * 2 * M;
 #pragma GCC unroll 64
-  for (int j = 0; j < M; ++j) bv[j] = _mm512_maskz_loadu_epi16(tail_mask(valid - 32 * j), b_tile + 32 * j);
+  for (int j = 0; j < M; ++j) t[j] = _mm512_maskz_loadu_epi16(tail_mask(valid - 32 * j), b_tile + 32 * j);
+  // dword f = column * M + pair; each pass moves f's lowest bit to the top, log2(M) passes give pair * 16 + column
+  __m512i next[M];
+#pragma GCC unroll 8
+  for (int pass = 1; pass < M; pass *= 2) {
+#pragma GCC unroll 32
+    for (int k = 0; k < M / 2; ++k) {
+      next[k] = _mm512_permutex2var_epi32(t[2 * k], even, t[2 * k + 1]);
+      next[M / 2 + k] = _mm512_permutex2var_epi32(t[2 * k], odd, t[2 * k + 1]);
+    }
+#pragma GCC unroll 64
+    for (int j = 0; j < M; ++j) t[j] = next[j];
+  }
 }
 
-// The tile dotted with one row's h block (laid out as the tile, h_vecs); the 16 sums are added to y_row
-// (bfloat16) in place.
+// y_row[0:cols] (bfloat16) += the transposed tile times one row's h block (R bfloat16, read as M pairs).
 template <int M>
-inline void add_tile_product(const __m512i* bv, const __m512bh* h_vecs, int cols, at::BFloat16* y_row) {
-  constexpr int kHVecs = M >= 16 ? M / 16 : 1;  // h's block spans R/32 vectors, or repeats within one
-  __m512 v[M];
+inline void add_tile_product(const __m512i* t, const uint16_t* h_block, int cols, at::BFloat16* y_row) {
+  uint32_t pairs[M];
+  std::memcpy(pairs, h_block, sizeof(pairs));
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains of vdpbf16ps
 #pragma GCC unroll 64
-  for (int j = 0; j < M; ++j) v[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(bv[j]), h_vecs[j % kHVecs]);
-#pragma GCC unroll 8
-  for (int width = M; width > 1; width /= 2) {
-#pragma GCC unroll 32
-    for (int j = 0; j < width / 2; ++j) v[j] = fold_pairs(v[2 * j], v[2 * j + 1]);
-  }
+  for (int p = 0; p < M; ++p)
+    acc[p % 2] = _mm512_dpbf16_ps(acc[p % 2], as_bh(t[p]), as_bh(_mm512_set1_epi32(static_cast<int>(pairs[p]))));
   const __mmask16 mask = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
   const __m256i y_bf = _mm256_maskz_loadu_epi16(mask, y_row);
   const __m512 y_f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(y_bf), 16));
-  const __m256i sum = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(y_f, v[0]));
+  const __m256i sum = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(y_f, _mm512_add_ps(acc[0], acc[1])));
   _mm256_mask_storeu_epi16(y_row, mask, sum);
 }
 
@@ -173,7 +177,6 @@ template <int M>
 void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const at::Tensor& slot_active,
                  const at::Tensor& slot, const at::Tensor& token, const std::vector<Tile>& tiles) {
   constexpr int64_t R = 2 * M;
-  constexpr int kHVecs = M >= 16 ? M / 16 : 1;
   const int64_t d_total = y.size(1), width = h.size(1), rows = slot.size(0);
   const auto* b_p = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
   const auto* h_p = reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>());
@@ -181,29 +184,19 @@ void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const 
   const int32_t* active = slot_active.data_ptr<int32_t>();
   const int64_t *slot_p = slot.data_ptr<int64_t>(), *token_p = token.data_ptr<int64_t>();
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    alignas(64) uint16_t pattern[kGroup][kHVecs * 32];
-    __m512bh h_vecs[kGroup][kHVecs];
-    __m512i bv[M];
+    __m512i t[M];
     // rows in order (a group's rows in order inside each tile): a token's rows add one after another
     for (int64_t n = 0; n < rows;) {
       const int grouped = group_size(slot_p, nullptr, nullptr, active, n, rows, false);
       const int count = std::abs(grouped);
       if (grouped > 0) {
         const uint16_t* b_slot = b_p + slot_p[n] * d_total * R;
-        int64_t pattern_sub = -1;
-        for (int64_t t = begin; t < end; ++t) {
-          const Tile& tile = tiles[t];
-          if (pattern_sub != tile.sub) {  // each row's h block laid out as the tile's B is
-            for (int j = 0; j < count; ++j) {
-              const uint16_t* h_block = h_p + (n + j) * width + tile.sub * R;
-              for (int k = 0; k < kHVecs * 32; ++k) pattern[j][k] = h_block[k % R];
-              for (int v = 0; v < kHVecs; ++v) h_vecs[j][v] = as_bh(_mm512_load_si512(pattern[j] + 32 * v));
-            }
-            pattern_sub = tile.sub;
-          }
-          load_tile<M>(b_slot + tile.col * R, tile.cols, bv);
+        for (int64_t i = begin; i < end; ++i) {
+          const Tile& tile = tiles[i];
+          load_transposed_tile<M>(b_slot + tile.col * R, tile.cols, t);
           for (int j = 0; j < count; ++j)
-            add_tile_product<M>(bv, h_vecs[j], tile.cols, y_p + token_p[n + j] * d_total + tile.col);
+            add_tile_product<M>(t, h_p + (n + j) * width + tile.sub * R, tile.cols,
+                                y_p + token_p[n + j] * d_total + tile.col);
         }
       }
       n += count;
