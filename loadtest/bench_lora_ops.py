@@ -96,7 +96,7 @@ def main() -> None:
     cases = [("decode 32 tok, all distinct", 32, 1, None), ("decode 64 tok, Zipf", 64, 1, zipf),
              ("decode 8 tok, all distinct", 8, 1, None), ("decode 2 tok, all distinct", 2, 1, None),
              ("prefill 32 x 128 tok", 4096, 128, None),
-             ("prefill 4 x 128 tok", 512, 128, None)]
+             ("prefill 4 x 128 tok", 512, 128, None), ("prefill 1 x 2048 tok", 2048, 2048, None)]
     for label, tokens, run_len, popularity in cases:
         runs = [(s, run_len, [(int(popularity.sample()) if popularity else (s // run_len) % args.slots,
                                1.0, 0, args.rank)]) for s in range(0, tokens, run_len)]

@@ -60,9 +60,24 @@ def test_coefficients_are_read_from_the_device_tensor():
 
 
 @needs_kernel
-def test_long_segments_take_the_torch_ops():
-    """Prefill levels run torch's segment GEMMs (bfloat16 slots, no cast), with the same result."""
-    check("zipf", 2, run_len=13)
+@pytest.mark.parametrize("pattern", ["all_distinct", "zipf", "with_base_tokens"])
+def test_prefill_segments_match_the_loop(pattern):
+    check(pattern, 2, run_len=13)  # groups of rows that share a slot and rank range, cut at odd places
+    check(pattern, 1, run_len=5, r_max=16, inert=True)
+
+
+@needs_kernel
+def test_segments_of_hundreds_of_rows_take_torchs_gemms():
+    """A long prompt alone runs torch's segment GEMMs (bfloat16 slots, no cast), with the same result."""
+    long = cpu_bgmv.TORCH_MIN_AVG_ROWS
+    x, a = torch.zeros(long, 8, dtype=torch.bfloat16), torch.zeros(2, 16, 8, dtype=torch.bfloat16)
+    [alone] = plan_for([(0, long, [(1, 1.0, 0, 16)])], torch.ones(2), 16).levels
+    [batch] = plan_for([(0, long - 1, [(1, 1.0, 0, 16)]), (long - 1, 1, [(0, 1.0, 0, 16)])], torch.ones(2),
+                       16).levels
+    assert not cpu_bgmv.runs_level(x, a, 16, alone) and cpu_bgmv.runs_level(x, a, 16, batch)
+    got, expected = run_case(cpu_bgmv.lora_shrink, cpu_bgmv.lora_expand, "zipf", long, 1, "segments",
+                             num_tokens=long, d_in=40, d_outs=D_OUTS, dtype=torch.bfloat16)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=3e-2)
 
 
 @needs_kernel

@@ -5,7 +5,10 @@ bfloat16 batched GEMMs at those shapes (1-2 rows per slot, rank 16) run slower
 than float32 ones, so the torch backend keeps the slots in float32 and reads
 twice the bytes. `cpu_bgmv.cpp` streams bfloat16 slots once with float32 sums,
 so with it the slots stay in the model's dtype (`LoraBackend.float32_slots_on_cpu`).
-Levels of long segments (prefill) run torch's segment GEMMs, at bfloat16's rate.
+Prefill levels of many segments take the kernel too (torch's ops cost ~100 us of
+launches per segment and projection); levels whose segments average
+TORCH_MIN_AVG_ROWS rows or more (a long prompt alone) run torch's segment GEMMs,
+which are faster per row.
 
 The kernel is built with the machine's compiler (and ninja) on first use, into
 torch's extension cache (`~/.cache/torch_extensions`, or $TORCH_EXTENSIONS_DIR),
@@ -36,6 +39,9 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # /proc/cpuinfo names of what the kernel uses
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 RANKS = tuple(2 ** i for i in range(1, 8))  # the r_max values the expand is compiled for (2..128)
+# From about this many rows per segment torch's GEMMs beat the kernel (loadtest/bench_lora_ops.py, prefill
+# 1 x 2048 vs 32 x 128 tokens, one thread, SmolLM2's projections: even at roughly 400-900 rows).
+TORCH_MIN_AVG_ROWS = 512
 
 
 @functools.cache
@@ -61,10 +67,11 @@ def load_kernel() -> bool:
 
 
 def runs_level(activations: torch.Tensor, slots: torch.Tensor, r_max: int, level: LoraPlanLevel) -> bool:
-    """The kernel takes this level: bfloat16 activations and slot tensors on the CPU, rows that are not long
-    segments, and a compiled r_max. The shrink and the expand decide alike (h is the kernel's own layout)."""
+    """The kernel takes this level: bfloat16 activations and slot tensors on the CPU, a compiled r_max, and
+    segments shorter than TORCH_MIN_AVG_ROWS on average. The shrink and the expand decide alike (h is the
+    kernel's own layout)."""
     return (activations.device.type == "cpu" and activations.dtype == slots.dtype == torch.bfloat16
-            and r_max in RANKS and not level.long_segments)
+            and r_max in RANKS and level.num_rows < TORCH_MIN_AVG_ROWS * len(level.segments))
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, level: LoraPlanLevel,
