@@ -7,8 +7,9 @@
 //   expand: y[token[n], c] += B[slot[n]][c, :] . h[n, i*R : (i+1)*R]  for c in sub-projection i's columns.
 // Products and sums in float32 (vdpbf16ps); h and y rounded to bfloat16 once. Rows read only their own
 // slot's tensors, so the work follows the live rows: a decode step streams each used slot's A and B once.
-// The expand splits the columns between threads and runs the rows in order inside a column tile, so rows
-// that share a token (a flat level) add one after another without races.
+// Consecutive rows of one slot (a prefill segment) share each load of A's and B's lines, up to kGroup at a
+// time. The expand splits the columns between threads and runs the rows in order inside a column tile, so
+// rows that share a token (a flat level) add one after another without races.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,7 +18,9 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
