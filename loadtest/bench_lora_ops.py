@@ -7,7 +7,10 @@ projection's shape (SmolLM2-135M's gate/up by default; `--subs` fuses
 sub-projections as LoraLinear does, e.g. `--subs 576 192 192` for q/k/v),
 with the base projection's matmul as the reference measured in the same run.
 Activations are in `--dtype`, the slot tensors in `--slot-dtype` (float32:
-what LoraLinear keeps on the CPU). Each call reads the next of `--layers`
+what LoraLinear keeps on the CPU with torch's ops). The "cpu-bgmv" column runs
+the backend of a bfloat16 CPU model (`loramux.kernels.cpu_bgmv`: its C++
+kernel for decode rows, torch's segments for prefill) with the slot tensors in
+`--dtype`, where that kernel builds (bfloat16, AVX512-BF16). Each call reads the next of `--layers`
 copies of the slot tensors and base weight, as a step's decoder layers do,
 so a step's memory traffic is timed, not a cache-resident one.
 """
@@ -21,7 +24,7 @@ import os
 import torch
 from bench_common import machine_description, timed
 
-from loramux.kernels import build_lora_plan, torch_ref
+from loramux.kernels import build_lora_plan, cpu_bgmv, torch_ref
 from loramux.kernels.plan import with_mode
 
 logger = logging.getLogger("bench_lora_ops")
@@ -81,28 +84,35 @@ def main() -> None:
     copies = [((torch.randn(args.slots, len(args.subs) * args.rank, args.d_in) * 0.02).to(slot_dtype),
                (torch.randn(args.slots, d_out, args.rank) * 0.02).to(slot_dtype),
                (torch.randn(d_out, args.d_in) * 0.02).to(dtype)) for _ in range(args.layers)]
+    # the same slots in the activations' dtype, for the kernel
+    kernel_copies = [(a.to(dtype), b.to(dtype), w) for a, b, w in copies] \
+        if dtype == torch.bfloat16 and cpu_bgmv.load_kernel() else None
     scales = torch.ones(args.slots)
     active = torch.ones(args.slots, dtype=torch.int32)
     modes = ("gather", "slots", "segments")
-    logger.info("%-30s %9s %9s %9s %9s %9s %9s %6s", "case", "base ms", *(m + " ms" for m in modes), "dense ms",
-                "plan", "plan/base")
+    logger.info("%-30s %9s %9s %9s %9s %9s %9s %6s %13s %6s", "case", "base ms", *(m + " ms" for m in modes),
+                "dense ms", "plan", "plan/base", "cpu-bgmv ms", "/base")
     zipf = torch.distributions.Categorical(probs=1 / torch.arange(1, args.slots + 1))
     cases = [("decode 32 tok, all distinct", 32, 1, None), ("decode 64 tok, Zipf", 64, 1, zipf),
              ("decode 8 tok, all distinct", 8, 1, None), ("decode 2 tok, all distinct", 2, 1, None),
              ("prefill 32 x 128 tok", 4096, 128, None),
-             ("prefill 4 x 128 tok", 512, 128, None)]
+             ("prefill 4 x 128 tok", 512, 128, None), ("prefill 1 x 2048 tok", 2048, 2048, None)]
     for label, tokens, run_len, popularity in cases:
         runs = [(s, run_len, [(int(popularity.sample()) if popularity else (s // run_len) % args.slots,
                                1.0, 0, args.rank)]) for s in range(0, tokens, run_len)]
         [level] = build_lora_plan(runs, scales, args.rank).levels
         x = torch.randn(tokens, args.d_in).to(dtype)
         y = torch.zeros(tokens, d_out, dtype=dtype)
-        layer = Cycle(copies)
+        layer, kernel_layer = Cycle(copies), Cycle(kernel_copies or copies)
         repeat = args.repeat if run_len == 1 else args.prefill_repeat
 
         def lora(lay):
             a, b, _ = layer()
             torch_ref.lora_expand(y, b, torch_ref.lora_shrink(x, a, active, lay, len(args.subs)), active, lay, starts)
+
+        def kernel():
+            a, b, _ = kernel_layer()
+            cpu_bgmv.lora_expand(y, b, cpu_bgmv.lora_shrink(x, a, active, level, len(args.subs)), active, level, starts)
 
         def best(fn):
             return min(timed(fn, "cpu", repeat, warmup=1) for _ in range(args.rounds))
@@ -113,9 +123,11 @@ def main() -> None:
             results[mode] = best(lambda: lora(lay))
         results["dense"] = float("nan") if len(args.subs) > 1 else best(lambda: dense_all_slots(x, *layer()[:2],
                                                                                                 level, y))
-        logger.info("%-30s %9.3f %9.3f %9.3f %9.3f %9.3f %9s %6.2f", label,
+        results["kernel"] = best(kernel) if kernel_copies else float("nan")
+        logger.info("%-30s %9.3f %9.3f %9.3f %9.3f %9.3f %9s %6.2f %13.3f %6.2f", label,
                     *(results[k] * 1e3 for k in ("base",) + modes + ("dense",)), level.mode,
-                    results[level.mode] / results["base"])
+                    results[level.mode] / results["base"], results["kernel"] * 1e3,
+                    results["kernel"] / results["base"])
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ class StoreConfig:
     max_cpu_loras: int = 128  # parsed adapters kept in (pinned) CPU memory
     max_lora_rank: int = 16  # as vLLM; slots are padded to it, so it sizes the slot memory
     max_adapter_bytes: int = 512 * 2**20  # adapter_model.safetensors size limit
-    lora_backend: str = "auto"  # triton on CUDA, torch elsewhere
+    lora_backend: str = "auto"  # triton on CUDA, torch elsewhere (with the C++ decode kernel for bf16 on the CPU)
     store_dir: str | None = None  # where uploads are written; None: uploads refused
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder
     adapter_dirs: list[str] = field(default_factory=list)  # every PEFT folder inside is registered

@@ -129,7 +129,7 @@ RANKS = [4, 8, 16, 64, 8, 4, 16, 64]  # a pool padded to rank 64, ranks 4..64
 
 def run_case(shrink, expand, pattern: str, run_len: int, depth: int, mode: str, num_tokens: int, d_in: int,
              d_outs: list[int], dtype=torch.float32, device="cpu", seed=0, inert=False, coeff_factor=1.0,
-             inactive=(), r_max=64, flat=False, slot_dtype=None):
+             inactive=(), r_max=64, flat=False, slot_dtype=None, ranks=RANKS):
     """Fused shrink + expand of every plan level against the float32 per-token loop.
 
     Sub-projections of uneven widths (d_outs), so column tiles meet their
@@ -138,16 +138,16 @@ def run_case(shrink, expand, pattern: str, run_len: int, depth: int, mode: str, 
     plan is built (the ops must read them there); inactive: slots marked as not
     targeting this linear in `slot_active`; flat: one plan level for every
     assignment; slot_dtype: the slot tensors' dtype when it differs from x's
-    and y's. Returns (got, expected), float32 on the CPU.
+    and y's; ranks: each slot's rank (<= r_max). Returns (got, expected), float32 on the CPU.
     """
-    a, b, scales, subs = fused_pool(RANKS, r_max, d_in, d_outs, seed)
-    runs = random_runs(pattern, num_tokens, len(RANKS), RANKS, depth, run_len, seed=POPULARITY.index(pattern))
+    a, b, scales, subs = fused_pool(ranks, r_max, d_in, d_outs, seed)
+    runs = random_runs(pattern, num_tokens, len(ranks), ranks, depth, run_len, seed=POPULARITY.index(pattern))
     x = torch.randn(num_tokens, d_in, generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
     base = torch.randn(num_tokens, sum(d_outs)).to(dtype)
     slot_dtype = slot_dtype or dtype
     to = dict(device=device, dtype=slot_dtype)
     y, a_dev, b_dev = base.to(device).clone(), a.to(**to).contiguous(), b.to(**to).contiguous()
-    active = torch.tensor([s not in inactive for s in range(len(RANKS))], dtype=torch.int32, device=device)
+    active = torch.tensor([s not in inactive for s in range(len(ranks))], dtype=torch.int32, device=device)
     for level in plan_for(runs, scales, r_max, device, flat=flat).levels:
         level = with_mode(level, mode)
         if inert:

@@ -28,8 +28,8 @@ class LoraLinear(nn.Module):
     Rows are ones where a composite does not target a sub-projection (its shared
     A and B are zero there anyway), and the last row stays ones: scale_idx -1
     (no scaling) reads it.
-    The slot tensors and pools share the weight's dtype, except on the CPU, where
-    they are float32 (`slot_dtype`).
+    The slot tensors and pools share the weight's dtype, except on the CPU with
+    the torch backend, where they are float32 (`slot_dtype`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -55,10 +55,12 @@ class LoraLinear(nn.Module):
 
     @property
     def slot_dtype(self) -> torch.dtype:
-        """float32 on the CPU: there torch's bfloat16 batched GEMMs at LoRA's decode shapes (a few rows, rank 16)
-        run slower than float32 ones (twice the slots' memory buys that speed). Prefill's long segment GEMMs
-        cast each segment's slot tensors to the activations' dtype instead (`torch_ref.lora_shrink`)."""
-        return torch.float32 if self.weight.device.type == "cpu" else self.weight.dtype
+        """float32 on the CPU unless the backend says otherwise: there torch's bfloat16 batched GEMMs at LoRA's
+        decode shapes (a few rows, rank 16) run slower than float32 ones (twice the slots' memory buys that
+        speed). Prefill's long segment GEMMs cast each segment's slot tensors to the activations' dtype instead
+        (`torch_ref.lora_shrink`). The C++ decode kernel (`kernels.cpu_bgmv`) reads bfloat16 slots at speed."""
+        on_cpu = self.weight.device.type == "cpu"
+        return torch.float32 if on_cpu and self.backend.float32_slots_on_cpu else self.weight.dtype
 
     def allocate_slots(self, num_slots: int, r_max: int) -> None:
         w = self.weight

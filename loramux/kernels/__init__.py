@@ -26,6 +26,8 @@ class LoraBackend:
         may be flat (one level for any mixture depth, see `build_lora_plan`).
     reads_mode_tensors: the ops read the plan's per-mode masks and packed layout
         (`build_lora_plan(mode_tensors=...)`), not only the per-row tensors.
+    float32_slots_on_cpu: the slot tensors of a CPU model are float32 whatever its
+        dtype (torch's decode GEMMs, see `LoraLinear.slot_dtype`); False: the model's dtype.
     """
 
     name: str
@@ -34,14 +36,22 @@ class LoraBackend:
     warm_up: Callable[..., None]
     takes_flat_plans: bool = False
     reads_mode_tensors: bool = False
+    float32_slots_on_cpu: bool = True
 
 
 TORCH_BACKEND = LoraBackend("torch", torch_ref.lora_shrink, torch_ref.lora_expand, torch_ref.warm_up,
                             takes_flat_plans=True, reads_mode_tensors=True)
 
 
-def select_lora_backend(requested: str, device: torch.device) -> LoraBackend:
-    """Pick the backend once: Triton on CUDA (when installed), torch otherwise."""
+def select_lora_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.float32) -> LoraBackend:
+    """Pick the backend once: Triton on CUDA (when installed); on the CPU, for a bfloat16 model, torch's ops
+    with the C++ decode kernel where it builds (`cpu_bgmv`); torch otherwise."""
+    if requested == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
+        from loramux.kernels import cpu_bgmv  # builds the kernel on a machine's first use
+
+        if cpu_bgmv.load_kernel():
+            return LoraBackend("torch+cpu-bgmv", cpu_bgmv.lora_shrink, cpu_bgmv.lora_expand, torch_ref.warm_up,
+                               takes_flat_plans=True, reads_mode_tensors=True, float32_slots_on_cpu=False)
     if requested == "torch" or (requested == "auto" and device.type != "cuda"):
         return TORCH_BACKEND
     try:

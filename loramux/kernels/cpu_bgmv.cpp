@@ -1,0 +1,269 @@
+// BGMV LoRA shrink and expand for bfloat16 on x86 CPUs with AVX512-BF16 (`loramux.kernels.cpu_bgmv`).
+//
+// Semantics (mode "gather" of loramux/kernels/torch_ref.py), for every plan row n, live when slot[n] >= 0
+// and slot_active[slot[n]] != 0:
+//   shrink: h[n, i*R + r] = coeff[n] * A[slot[n]][i*R + r, :] . x[token[n], :]  for r in [rank_lo[n], rank_hi[n])
+//           of every fused sub-projection i; 0 elsewhere and on rows that are not live.
+//   expand: y[token[n], c] += B[slot[n]][c, :] . h[n, i*R : (i+1)*R]  for c in sub-projection i's columns.
+// Products and sums in float32 (vdpbf16ps); h and y rounded to bfloat16 once. Rows read only their own
+// slot's tensors, so the work follows the live rows: a decode step streams each used slot's A and B once.
+// Consecutive rows of one slot (a prefill segment) share each load of A's and B's lines, up to kGroup at a
+// time. The expand splits the columns between threads and runs the rows in order inside a column tile, so
+// rows that share a token (a flat level) add one after another without races.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kTile = 16;  // output columns per expand tile: one float32 vector of sums
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+inline __mmask32 tail_mask(int64_t valid) {  // the first `valid` of 32 bfloat16 lanes (none when valid <= 0)
+  return valid >= 32 ? ~__mmask32(0) : valid <= 0 ? __mmask32(0) : (__mmask32(1) << valid) - 1;
+}
+
+inline bool live_row(int64_t slot, const int32_t* slot_active) { return slot >= 0 && slot_active[slot] != 0; }
+
+// One row of a slot's A dotted with x_row over d_in, in float32. A row at a time, so that the rows of a rank
+// range are read as one sequential stream (rows side by side were short streams the prefetcher barely
+// learned: half the bandwidth); x_row stays in L1. Four sums break the dependency chain of vdpbf16ps.
+inline float dot_row(const uint16_t* a, int64_t d_in, const uint16_t* x_row) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 128 <= d_in; k += 128) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm512_dpbf16_ps(acc[u], as_bh(_mm512_loadu_si512(a + k + 32 * u)),
+                                as_bh(_mm512_loadu_si512(x_row + k + 32 * u)));
+  }
+  for (; k < d_in; k += 32) {
+    const __mmask32 mask = tail_mask(d_in - k);
+    acc[0] = _mm512_dpbf16_ps(acc[0], as_bh(_mm512_maskz_loadu_epi16(mask, a + k)),
+                              as_bh(_mm512_maskz_loadu_epi16(mask, x_row + k)));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+// Rows of a prefill segment share their slot and rank range: up to kGroup of them are summed together, so
+// each line of A is loaded once for all of them (x's rows stay in L1).
+constexpr int kGroup = 4;
+
+template <int C>
+inline void dot_rows(const uint16_t* a_row, int64_t d_in, const uint16_t* const* x_rows, float* out) {
+  __m512 acc[C];
+#pragma GCC unroll 4
+  for (int j = 0; j < C; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < d_in; k += 32) {
+    const __mmask32 mask = tail_mask(d_in - k);
+    const __m512bh av = as_bh(_mm512_maskz_loadu_epi16(mask, a_row + k));
+#pragma GCC unroll 4
+    for (int j = 0; j < C; ++j)
+      acc[j] = _mm512_dpbf16_ps(acc[j], av, as_bh(_mm512_maskz_loadu_epi16(mask, x_rows[j] + k)));
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < C; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+inline void dot_group(const uint16_t* a_row, int64_t d_in, const uint16_t* const* x_rows, int count, float* out) {
+  switch (count) {
+    case 1: out[0] = dot_row(a_row, d_in, x_rows[0]); return;
+    case 2: return dot_rows<2>(a_row, d_in, x_rows, out);
+    case 3: return dot_rows<3>(a_row, d_in, x_rows, out);
+    default: return dot_rows<4>(a_row, d_in, x_rows, out);
+  }
+}
+
+// Rows n.. (at most kGroup, before end) that are live and share row n's slot and, with `same_ranks`, its
+// rank range: the rows of one prefill segment, or one decode row.
+inline int group_size(const int64_t* slot, const int64_t* lo, const int64_t* hi, const int32_t* slot_active,
+                      int64_t n, int64_t end, bool same_ranks) {
+  int count = 1;
+  while (count < kGroup && n + count < end && slot[n + count] == slot[n] &&
+         (!same_ranks || (lo[n + count] == lo[n] && hi[n + count] == hi[n])))
+    ++count;
+  return live_row(slot[n], slot_active) ? count : -count;  // negative: rows that contribute nothing
+}
+
+void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& slot_active, const at::Tensor& slot,
+                 const at::Tensor& token, const at::Tensor& coeff, const at::Tensor& rank_lo,
+                 const at::Tensor& rank_hi, int64_t num_subs, at::Tensor& h) {
+  const int64_t d_in = x.size(1), width = a.size(1), r_max = width / num_subs;
+  const auto* x_p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* a_p = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
+  auto* h_p = h.data_ptr<at::BFloat16>();
+  const int32_t* active = slot_active.data_ptr<int32_t>();
+  const int64_t *slot_p = slot.data_ptr<int64_t>(), *token_p = token.data_ptr<int64_t>();
+  const int64_t *lo_p = rank_lo.data_ptr<int64_t>(), *hi_p = rank_hi.data_ptr<int64_t>();
+  const float* coeff_p = coeff.data_ptr<float>();
+  h.zero_();
+  at::parallel_for(0, slot.size(0), kGroup, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end;) {
+      const int grouped = group_size(slot_p, lo_p, hi_p, active, n, end, true);
+      const int count = std::abs(grouped);
+      if (grouped > 0) {
+        const uint16_t* x_rows[kGroup];
+        for (int j = 0; j < count; ++j) x_rows[j] = x_p + token_p[n + j] * d_in;
+        const int64_t lo = std::max<int64_t>(lo_p[n], 0), hi = std::min(hi_p[n], r_max);
+        float sums[kGroup];
+        for (int64_t i = 0; i < num_subs; ++i) {
+          for (int64_t r = lo; r < hi; ++r) {  // a rank range's rows are one sequential stream of A
+            dot_group(a_p + (slot_p[n] * width + i * r_max + r) * d_in, d_in, x_rows, count, sums);
+            for (int j = 0; j < count; ++j)
+              h_p[(n + j) * width + i * r_max + r] = at::BFloat16(sums[j] * coeff_p[n + j]);
+          }
+        }
+      }
+      n += count;
+    }
+  });
+}
+
+// One tile of `cols` (<= 16) columns of B[slot] ([., R] row-major: the tile is 16*R contiguous bfloat16,
+// M = R/2 vectors of 32), transposed to t[p], lane c = the pair of ranks (2p, 2p+1) of column c, so each
+// row's product is M vdpbf16ps into one vector of 16 column sums, with h's pairs broadcast. The transpose
+// (log2(M) passes of deinterleaving, M permutes each) is paid once per tile for a group's rows.
+template <int M>
+inline void load_transposed_tile(const uint16_t* b_tile, int cols, __m512i* t) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const int64_t valid = static_cast<int64_t>(cols) * 2 * M;
+#pragma GCC unroll 64
+  for (int j = 0; j < M; ++j) t[j] = _mm512_maskz_loadu_epi16(tail_mask(valid - 32 * j), b_tile + 32 * j);
+  // dword f = column * M + pair; each pass moves f's lowest bit to the top, log2(M) passes give pair * 16 + column
+  __m512i next[M];
+#pragma GCC unroll 8
+  for (int pass = 1; pass < M; pass *= 2) {
+#pragma GCC unroll 32
+    for (int k = 0; k < M / 2; ++k) {
+      next[k] = _mm512_permutex2var_epi32(t[2 * k], even, t[2 * k + 1]);
+      next[M / 2 + k] = _mm512_permutex2var_epi32(t[2 * k], odd, t[2 * k + 1]);
+    }
+#pragma GCC unroll 64
+    for (int j = 0; j < M; ++j) t[j] = next[j];
+  }
+}
+
+// y_row[0:cols] (bfloat16) += the transposed tile times one row's h block (R bfloat16, read as M pairs).
+template <int M>
+inline void add_tile_product(const __m512i* t, const uint16_t* h_block, int cols, at::BFloat16* y_row) {
+  uint32_t pairs[M];
+  std::memcpy(pairs, h_block, sizeof(pairs));
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains of vdpbf16ps
+#pragma GCC unroll 64
+  for (int p = 0; p < M; ++p)
+    acc[p % 2] = _mm512_dpbf16_ps(acc[p % 2], as_bh(t[p]), as_bh(_mm512_set1_epi32(static_cast<int>(pairs[p]))));
+  const __mmask16 mask = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  const __m256i y_bf = _mm256_maskz_loadu_epi16(mask, y_row);
+  const __m512 y_f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(y_bf), 16));
+  const __m256i sum = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(y_f, _mm512_add_ps(acc[0], acc[1])));
+  _mm256_mask_storeu_epi16(y_row, mask, sum);
+}
+
+struct Tile {
+  int64_t col, sub;
+  int cols;
+};
+
+template <int M>
+void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const at::Tensor& slot_active,
+                 const at::Tensor& slot, const at::Tensor& token, const std::vector<Tile>& tiles) {
+  constexpr int64_t R = 2 * M;
+  const int64_t d_total = y.size(1), width = h.size(1), rows = slot.size(0);
+  const auto* b_p = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
+  const auto* h_p = reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>());
+  auto* y_p = y.data_ptr<at::BFloat16>();
+  const int32_t* active = slot_active.data_ptr<int32_t>();
+  const int64_t *slot_p = slot.data_ptr<int64_t>(), *token_p = token.data_ptr<int64_t>();
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    __m512i t[M];
+    // rows in order (a group's rows in order inside each tile): a token's rows add one after another
+    for (int64_t n = 0; n < rows;) {
+      const int grouped = group_size(slot_p, nullptr, nullptr, active, n, rows, false);
+      const int count = std::abs(grouped);
+      if (grouped > 0) {
+        const uint16_t* b_slot = b_p + slot_p[n] * d_total * R;
+        for (int64_t i = begin; i < end; ++i) {
+          const Tile& tile = tiles[i];
+          load_transposed_tile<M>(b_slot + tile.col * R, tile.cols, t);
+          for (int j = 0; j < count; ++j)
+            add_tile_product<M>(t, h_p + (n + j) * width + tile.sub * R, tile.cols,
+                                y_p + token_p[n + j] * d_total + tile.col);
+        }
+      }
+      n += count;
+    }
+  });
+}
+
+void check_rows(const at::Tensor& slot_active, const at::Tensor& slot, const at::Tensor& token) {
+  TORCH_CHECK(slot_active.scalar_type() == at::kInt && slot_active.is_contiguous(), "slot_active: int32");
+  TORCH_CHECK(slot.scalar_type() == at::kLong && token.scalar_type() == at::kLong && slot.is_contiguous() &&
+              token.is_contiguous() && slot.size(0) == token.size(0), "slot / token: [N] int64");
+}
+
+at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, const at::Tensor& slot_active,
+                       const at::Tensor& slot, const at::Tensor& token, const at::Tensor& coeff,
+                       const at::Tensor& rank_lo, const at::Tensor& rank_hi, int64_t num_subs) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && a.scalar_type() == at::kBFloat16, "x, A: bfloat16");
+  TORCH_CHECK(x.dim() == 2 && a.dim() == 3 && x.size(1) == a.size(2) && x.is_contiguous() && a.is_contiguous(),
+              "x [T, d_in], A [S, W, d_in], contiguous");
+  TORCH_CHECK(num_subs > 0 && a.size(1) % num_subs == 0, "A's width is num_subs * r_max");
+  TORCH_CHECK(coeff.scalar_type() == at::kFloat && rank_lo.scalar_type() == at::kLong &&
+              rank_hi.scalar_type() == at::kLong && coeff.is_contiguous() && rank_lo.is_contiguous() &&
+              rank_hi.is_contiguous(), "coeff: [N] float32, rank_lo / rank_hi: [N] int64");
+  check_rows(slot_active, slot, token);
+  at::Tensor h = at::empty({slot.size(0), a.size(1)}, x.options());
+  shrink_rows(x, a, slot_active, slot, token, coeff, rank_lo, rank_hi, num_subs, h);
+  return h;
+}
+
+void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const at::Tensor& slot_active,
+                 const at::Tensor& slot, const at::Tensor& token, at::IntArrayRef sub_starts) {
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
+              h.scalar_type() == at::kBFloat16, "y, B, h: bfloat16");
+  TORCH_CHECK(y.dim() == 2 && b.dim() == 3 && h.dim() == 2 && y.size(1) == b.size(1) && y.is_contiguous() &&
+              b.is_contiguous() && h.is_contiguous() && h.size(0) == slot.size(0),
+              "y [T, d_total], B [S, d_total, r_max], h [N, num_subs * r_max], contiguous");
+  const int64_t r_max = b.size(2), num_subs = static_cast<int64_t>(sub_starts.size());
+  TORCH_CHECK(h.size(1) == num_subs * r_max, "h's width is len(sub_starts) * r_max");
+  check_rows(slot_active, slot, token);
+  std::vector<Tile> tiles;
+  for (int64_t i = 0; i < num_subs; ++i) {
+    const int64_t end = i + 1 < num_subs ? sub_starts[i + 1] : y.size(1);
+    for (int64_t c = sub_starts[i]; c < end; c += kTile)
+      tiles.push_back({c, i, static_cast<int>(std::min<int64_t>(kTile, end - c))});
+  }
+  switch (r_max) {
+    case 2: return expand_rows<1>(y, b, h, slot_active, slot, token, tiles);
+    case 4: return expand_rows<2>(y, b, h, slot_active, slot, token, tiles);
+    case 8: return expand_rows<4>(y, b, h, slot_active, slot, token, tiles);
+    case 16: return expand_rows<8>(y, b, h, slot_active, slot, token, tiles);
+    case 32: return expand_rows<16>(y, b, h, slot_active, slot, token, tiles);
+    case 64: return expand_rows<32>(y, b, h, slot_active, slot, token, tiles);
+    case 128: return expand_rows<64>(y, b, h, slot_active, slot, token, tiles);
+    default: TORCH_CHECK(false, "r_max must be a power of two from 2 to 128, got ", r_max);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loramux_cpu_bgmv, m) {
+  m.def("shrink(Tensor x, Tensor a, Tensor slot_active, Tensor slot, Tensor token, Tensor coeff, "
+        "Tensor rank_lo, Tensor rank_hi, int num_subs) -> Tensor");
+  m.def("expand(Tensor(a!) y, Tensor b, Tensor h, Tensor slot_active, Tensor slot, Tensor token, "
+        "int[] sub_starts) -> ()");
+  m.impl("shrink", c10::DispatchKey::CPU, TORCH_FN(lora_shrink));
+  m.impl("expand", c10::DispatchKey::CPU, TORCH_FN(lora_expand));
+}

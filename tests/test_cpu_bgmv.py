@@ -1,0 +1,137 @@
+"""The C++ BGMV kernel for bfloat16 on the CPU against the per-token float32 loop (tests/lora_cases.py).
+
+Skipped where the CPU lacks AVX512-BF16 or the kernel cannot be built; the first run on a machine builds it
+(about 20 s), later runs load torch's cached build.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramux.kernels import cpu_bgmv, select_lora_backend
+from loramux.kernels.plan import with_mode
+from tests.lora_cases import POPULARITY, RANKS, fused_pool, plan_for, random_runs, run_case, sub_starts
+
+needs_kernel = pytest.mark.skipif(not cpu_bgmv.load_kernel(), reason="no AVX512-BF16 or the kernel did not build")
+
+D_OUTS = [40, 16, 24]  # uneven sub-projections: column tiles of 16 end inside a sub-projection
+
+
+def check(pattern, depth, r_max=64, run_len=1, d_in=40, **kwargs):
+    got, expected = run_case(cpu_bgmv.lora_shrink, cpu_bgmv.lora_expand, pattern, run_len, depth, "gather",
+                             num_tokens=37, d_in=d_in, d_outs=D_OUTS, dtype=torch.bfloat16, r_max=r_max,
+                             ranks=[min(r, r_max) for r in RANKS], **kwargs)
+    # x, the slots and y are bfloat16: h and y are each rounded once
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=3e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pattern", POPULARITY)
+@pytest.mark.parametrize("depth", [1, 3])
+def test_decode_rows_match_the_loop(pattern, depth):
+    check(pattern, depth)
+
+
+@needs_kernel
+@pytest.mark.parametrize("r_max", [8, 16, 32])
+def test_every_compiled_rank_padding(r_max):
+    check("zipf", 2, r_max=r_max)
+    check("all_distinct", 1, r_max=r_max, d_in=1000)  # d_in not a multiple of 32, long dot products
+
+
+@needs_kernel
+@pytest.mark.parametrize("pattern", ["all_distinct", "all_same", "with_base_tokens"])
+def test_a_flat_level_adds_the_rows_of_a_repeated_token(pattern):
+    check(pattern, 3, flat=True)
+    check(pattern, 3, r_max=16, flat=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pattern", ["all_distinct", "zipf"])
+def test_inert_rows_and_inactive_slots_contribute_nothing(pattern):
+    check(pattern, 2, inert=True, inactive=(1, 3, 6))
+    check(pattern, 2, r_max=16, inactive=(1, 3, 6))
+
+
+@needs_kernel
+def test_coefficients_are_read_from_the_device_tensor():
+    check("uniform", 2, coeff_factor=-1.5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pattern", ["all_distinct", "zipf", "with_base_tokens"])
+def test_prefill_segments_match_the_loop(pattern):
+    check(pattern, 2, run_len=13)  # groups of rows that share a slot and rank range, cut at odd places
+    check(pattern, 1, run_len=5, r_max=16, inert=True)
+
+
+@needs_kernel
+def test_segments_of_hundreds_of_rows_take_torchs_gemms():
+    """A long prompt alone runs torch's segment GEMMs (bfloat16 slots, no cast), with the same result."""
+    long = cpu_bgmv.TORCH_MIN_AVG_ROWS
+    x, a = torch.zeros(long, 8, dtype=torch.bfloat16), torch.zeros(2, 16, 8, dtype=torch.bfloat16)
+    [alone] = plan_for([(0, long, [(1, 1.0, 0, 16)])], torch.ones(2), 16).levels
+    [batch] = plan_for([(0, long - 1, [(1, 1.0, 0, 16)]), (long - 1, 1, [(0, 1.0, 0, 16)])], torch.ones(2),
+                       16).levels
+    assert not cpu_bgmv.runs_level(x, a, 16, alone) and cpu_bgmv.runs_level(x, a, 16, batch)
+    got, expected = run_case(cpu_bgmv.lora_shrink, cpu_bgmv.lora_expand, "zipf", long, 1, "segments",
+                             num_tokens=long, d_in=40, d_outs=D_OUTS, dtype=torch.bfloat16)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=3e-2)
+
+
+@needs_kernel
+def test_two_threads_give_the_one_thread_result():
+    a, b, scales, _ = fused_pool(RANKS, 64, 256, D_OUTS, seed=5)
+    runs = random_runs("uniform", 37, len(RANKS), RANKS, 3, 1, seed=1)
+    [level] = plan_for(runs, scales, 64, flat=True).levels
+    x, active = torch.randn(37, 256).bfloat16(), torch.ones(len(RANKS), dtype=torch.int32)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            y = torch.zeros(37, sum(D_OUTS), dtype=torch.bfloat16)
+            cpu_bgmv.lora_expand(y, b.bfloat16(), cpu_bgmv.lora_shrink(x, a.bfloat16(), active, level, 3), active,
+                                 level, sub_starts(D_OUTS))
+            results.append(y)
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0].abs().max() > 0
+    assert torch.equal(results[0], results[1])  # rows of a token add in plan order on either thread count
+
+
+@needs_kernel
+def test_a_bfloat16_cpu_model_gets_the_kernel_and_keeps_its_slots_in_bfloat16():
+    cpu = torch.device("cpu")
+    backend = select_lora_backend("auto", cpu, torch.bfloat16)
+    assert backend.name == "torch+cpu-bgmv" and not backend.float32_slots_on_cpu
+    assert select_lora_backend("auto", cpu, torch.float32).float32_slots_on_cpu
+    assert select_lora_backend("torch", cpu, torch.bfloat16).name == "torch"
+    # the kernel reads the level's per-row tensors only: any mode of a decode level gives one result
+    level = plan_for([(t, 1, [(t % 8, 1.0, 0, 16)]) for t in range(12)], torch.ones(8), 64).levels[0]
+    a, b, _, _ = fused_pool(RANKS, 64, 24, [24], seed=0)
+    x, active = torch.randn(12, 24).bfloat16(), torch.ones(8, dtype=torch.int32)
+    outputs = []
+    for mode in ("segments", "slots", "gather"):
+        y = torch.zeros(12, 24, dtype=torch.bfloat16)
+        same = with_mode(level, mode)
+        backend.expand(y, b.bfloat16(), backend.shrink(x, a.bfloat16(), active, same, 1), active, same, (0,))
+        outputs.append(y)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def test_a_failed_build_leaves_the_torch_ops_with_float32_slots(monkeypatch, tmp_path, caplog):
+    """No compiler, or one that refuses the flags: a warning, and the bfloat16 CPU model keeps today's path."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # not the machine's cache of good builds
+    monkeypatch.setattr(cpu_bgmv, "cpu_flags", lambda: frozenset(cpu_bgmv.REQUIRED_FLAGS))
+    monkeypatch.setattr(cpu_bgmv, "COMPILE_FLAGS", ["-mno-such-instruction-set"])
+    cpu_bgmv.load_kernel.cache_clear()
+    try:
+        assert not cpu_bgmv.load_kernel()
+        assert "could not be built" in caplog.text
+        assert select_lora_backend("auto", torch.device("cpu"), torch.bfloat16).float32_slots_on_cpu
+        monkeypatch.setattr(cpu_bgmv, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+        cpu_bgmv.load_kernel.cache_clear()
+        assert not cpu_bgmv.load_kernel()  # a CPU without AVX512-BF16 builds nothing
+    finally:
+        cpu_bgmv.load_kernel.cache_clear()
