@@ -9,12 +9,14 @@
 //           columns.
 // λ_A[n] = rank_scale[scale_idx[n]], λ_B[n] = out_scale[scale_idx[n]] (MoR experts); 1 where scale_idx[n] is -1
 // or the level has no scale_idx.
-// Products and sums in float32 (vdpbf16ps); h and y rounded to bfloat16 once. Rows read only their own
-// slot's tensors, so the work follows the live rows: a decode step streams each used slot's A and B once.
+// Products and sums in float32 (vdpbf16ps); h rounded to bfloat16 once, y once per token, slot run and
+// column tile. Rows read only their own slot's tensors, so the work follows the live rows: a decode step
+// streams each used slot's A and B once.
 // Consecutive rows of one slot and rank range (a prefill segment, a MoR composite's experts) are a span: the
 // shrink computes A . x once per distinct token of the span (MoR experts of one token differ only in λ_A),
-// up to kGroup tokens sharing each load of A's lines; the expand shares each B tile among up to kGroup rows. The expand splits the columns between threads and runs the rows in order inside a column tile, so
-// rows that share a token (a flat level) add one after another without races.
+// up to kGroup tokens sharing each load of A's lines. The expand transposes each B tile once per run of
+// rows of one slot and sums a token's rows of the run (a flat level's repeated tokens) before adding them
+// to y; threads split the column tiles, so no two write one element.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -79,8 +81,8 @@ inline float dot_row(const uint16_t* a, int64_t d_in, const uint16_t* x_row) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-// Rows of a prefill segment share their slot and rank range: up to kGroup of them are summed together, so
-// each line of A is loaded once for all of them (x's rows stay in L1).
+// Up to kGroup distinct tokens of a span are summed together, so each line of A is loaded once for all of
+// them (x's rows stay in L1).
 constexpr int kGroup = 4;
 
 template <int C>
@@ -106,13 +108,6 @@ inline void dot_group(const uint16_t* a_row, int64_t d_in, const uint16_t* const
     case 3: return dot_rows<3>(a_row, d_in, x_rows, out);
     default: return dot_rows<4>(a_row, d_in, x_rows, out);
   }
-}
-
-// Rows n.. (at most kGroup, before end) that are live and share row n's slot: they share each B tile.
-inline int group_size(const int64_t* slot, const int32_t* slot_active, int64_t n, int64_t end) {
-  int count = 1;
-  while (count < kGroup && n + count < end && slot[n + count] == slot[n]) ++count;
-  return live_row(slot[n], slot_active) ? count : -count;  // negative: rows that contribute nothing
 }
 
 // The end of row n's span: the rows from n (before end) that share its slot and rank range.
@@ -205,23 +200,71 @@ inline void load_transposed_tile(const uint16_t* b_tile, int cols, __m512i* t) {
   }
 }
 
-// y_row[0:cols] (bfloat16) += the transposed tile times one row's h block (R bfloat16, read as M pairs),
-// times the row's λ_B over the tile's columns where it has one (lambda: nullptr where not).
+// The transposed tile times one row's h block (R bfloat16, read as M pairs): the row's 16 column sums.
 template <int M>
-inline void add_tile_product(const __m512i* t, const uint16_t* h_block, int cols, const uint16_t* lambda,
-                             at::BFloat16* y_row) {
+inline __m512 tile_product(const __m512i* t, const uint16_t* h_block) {
   uint32_t pairs[M];
   std::memcpy(pairs, h_block, sizeof(pairs));
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains of vdpbf16ps
 #pragma GCC unroll 64
   for (int p = 0; p < M; ++p)
     acc[p % 2] = _mm512_dpbf16_ps(acc[p % 2], as_bh(t[p]), as_bh(_mm512_set1_epi32(static_cast<int>(pairs[p]))));
+  return _mm512_add_ps(acc[0], acc[1]);
+}
+
+// y_row[0:cols] (bfloat16) += delta, rounded once.
+inline void add_to_row(at::BFloat16* y_row, __m512 delta, int cols) {
   const __mmask16 mask = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  __m512 delta = _mm512_add_ps(acc[0], acc[1]);
-  if (lambda != nullptr) delta = _mm512_mul_ps(delta, load_as_float(lambda, mask));
   const __m512 y_f = load_as_float(reinterpret_cast<const uint16_t*>(y_row), mask);
-  const __m256i sum = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(y_f, delta));
-  _mm256_mask_storeu_epi16(y_row, mask, sum);
+  _mm256_mask_storeu_epi16(y_row, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(y_f, delta)));
+}
+
+// The expand's order of work: runs of consecutive live rows of one slot share each transposed B tile; inside
+// a run the rows are taken token by token (in order of first row, a token's rows in plan order), so a token's
+// rows (a MoR token's experts) are summed in float32 and added to y once.
+struct TokenRows {
+  int64_t token, begin, end;  // [begin, end) of ExpandOrder::rows
+};
+struct SlotRun {
+  int64_t slot, begin, end;  // [begin, end) of ExpandOrder::tokens
+};
+struct ExpandOrder {
+  std::vector<int64_t> rows;
+  std::vector<TokenRows> tokens;
+  std::vector<SlotRun> runs;
+};
+
+ExpandOrder expand_order(const int64_t* slot, const int64_t* token, const int32_t* slot_active, int64_t num_rows,
+                         int64_t num_tokens) {
+  ExpandOrder order;
+  order.rows.reserve(num_rows);
+  std::vector<int64_t> place(num_tokens, -1);  // a token's index in order.tokens within the current run
+  for (int64_t n = 0; n < num_rows;) {
+    int64_t stop = n + 1;
+    while (stop < num_rows && slot[stop] == slot[n]) ++stop;
+    if (live_row(slot[n], slot_active)) {
+      const int64_t first = static_cast<int64_t>(order.tokens.size());
+      for (int64_t m = n; m < stop; ++m) {  // count each token's rows in `end`
+        if (place[token[m]] < 0) {
+          place[token[m]] = static_cast<int64_t>(order.tokens.size());
+          order.tokens.push_back({token[m], 0, 0});
+        }
+        ++order.tokens[place[token[m]]].end;
+      }
+      int64_t offset = static_cast<int64_t>(order.rows.size());
+      for (int64_t k = first; k < static_cast<int64_t>(order.tokens.size()); ++k) {
+        const int64_t count = order.tokens[k].end;
+        order.tokens[k].begin = order.tokens[k].end = offset;
+        offset += count;
+      }
+      order.rows.resize(offset);
+      for (int64_t m = n; m < stop; ++m) order.rows[order.tokens[place[token[m]]].end++] = m;
+      for (int64_t k = first; k < static_cast<int64_t>(order.tokens.size()); ++k) place[order.tokens[k].token] = -1;
+      order.runs.push_back({slot[n], first, static_cast<int64_t>(order.tokens.size())});
+    }
+    n = stop;
+  }
+  return order;
 }
 
 struct Tile {
@@ -230,36 +273,35 @@ struct Tile {
 };
 
 template <int M>
-void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const at::Tensor& slot_active,
-                 const at::Tensor& slot, const at::Tensor& token, const uint16_t* out_scale,
-                 const int64_t* scale_idx, const std::vector<Tile>& tiles) {
+void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const ExpandOrder& order,
+                 const uint16_t* out_scale, const int64_t* scale_idx, const std::vector<Tile>& tiles) {
   constexpr int64_t R = 2 * M;
-  const int64_t d_total = y.size(1), width = h.size(1), rows = slot.size(0);
+  const int64_t d_total = y.size(1), width = h.size(1);
   const auto* b_p = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
   const auto* h_p = reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>());
   auto* y_p = y.data_ptr<at::BFloat16>();
-  const int32_t* active = slot_active.data_ptr<int32_t>();
-  const int64_t *slot_p = slot.data_ptr<int64_t>(), *token_p = token.data_ptr<int64_t>();
+  // threads split the column tiles; inside a tile every token's sum is added by one thread
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     __m512i t[M];
-    // rows in order (a group's rows in order inside each tile): a token's rows add one after another
-    for (int64_t n = 0; n < rows;) {
-      const int grouped = group_size(slot_p, active, n, rows);
-      const int count = std::abs(grouped);
-      if (grouped > 0) {
-        const uint16_t* b_slot = b_p + slot_p[n] * d_total * R;
-        for (int64_t i = begin; i < end; ++i) {
-          const Tile& tile = tiles[i];
-          load_transposed_tile<M>(b_slot + tile.col * R, tile.cols, t);
-          for (int j = 0; j < count; ++j) {
-            const uint16_t* lambda = scale_row(out_scale, scale_idx, d_total, n + j);
-            add_tile_product<M>(t, h_p + (n + j) * width + tile.sub * R, tile.cols,
-                                lambda == nullptr ? nullptr : lambda + tile.col,
-                                y_p + token_p[n + j] * d_total + tile.col);
+    for (const SlotRun& run : order.runs) {
+      const uint16_t* b_slot = b_p + run.slot * d_total * R;
+      for (int64_t i = begin; i < end; ++i) {
+        const Tile& tile = tiles[i];
+        const __mmask16 mask = tile.cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << tile.cols) - 1);
+        load_transposed_tile<M>(b_slot + tile.col * R, tile.cols, t);
+        for (int64_t k = run.begin; k < run.end; ++k) {
+          const TokenRows& rows = order.tokens[k];
+          __m512 delta = _mm512_setzero_ps();
+          for (int64_t j = rows.begin; j < rows.end; ++j) {
+            const int64_t n = order.rows[j];
+            const __m512 product = tile_product<M>(t, h_p + n * width + tile.sub * R);
+            const uint16_t* lambda = scale_row(out_scale, scale_idx, d_total, n);
+            delta = lambda == nullptr ? _mm512_add_ps(delta, product)
+                                      : _mm512_fmadd_ps(product, load_as_float(lambda + tile.col, mask), delta);
           }
+          add_to_row(y_p + rows.token * d_total + tile.col, delta, tile.cols);
         }
       }
-      n += count;
     }
   });
 }
@@ -316,6 +358,8 @@ void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const a
   check_rows(slot_active, slot, token);
   const uint16_t* pool = scale_pool(out_scale, scale_idx, slot, y.size(1));
   const int64_t* rows = scale_rows(scale_idx);
+  const ExpandOrder order = expand_order(slot.data_ptr<int64_t>(), token.data_ptr<int64_t>(),
+                                         slot_active.data_ptr<int32_t>(), slot.size(0), y.size(0));
   std::vector<Tile> tiles;
   for (int64_t i = 0; i < num_subs; ++i) {
     const int64_t end = i + 1 < num_subs ? sub_starts[i + 1] : y.size(1);
@@ -323,13 +367,13 @@ void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const a
       tiles.push_back({c, i, static_cast<int>(std::min<int64_t>(kTile, end - c))});
   }
   switch (r_max) {
-    case 2: return expand_rows<1>(y, b, h, slot_active, slot, token, pool, rows, tiles);
-    case 4: return expand_rows<2>(y, b, h, slot_active, slot, token, pool, rows, tiles);
-    case 8: return expand_rows<4>(y, b, h, slot_active, slot, token, pool, rows, tiles);
-    case 16: return expand_rows<8>(y, b, h, slot_active, slot, token, pool, rows, tiles);
-    case 32: return expand_rows<16>(y, b, h, slot_active, slot, token, pool, rows, tiles);
-    case 64: return expand_rows<32>(y, b, h, slot_active, slot, token, pool, rows, tiles);
-    case 128: return expand_rows<64>(y, b, h, slot_active, slot, token, pool, rows, tiles);
+    case 2: return expand_rows<1>(y, b, h, order, pool, rows, tiles);
+    case 4: return expand_rows<2>(y, b, h, order, pool, rows, tiles);
+    case 8: return expand_rows<4>(y, b, h, order, pool, rows, tiles);
+    case 16: return expand_rows<8>(y, b, h, order, pool, rows, tiles);
+    case 32: return expand_rows<16>(y, b, h, order, pool, rows, tiles);
+    case 64: return expand_rows<32>(y, b, h, order, pool, rows, tiles);
+    case 128: return expand_rows<64>(y, b, h, order, pool, rows, tiles);
     default: TORCH_CHECK(false, "r_max must be a power of two from 2 to 128, got ", r_max);
   }
 }
