@@ -27,9 +27,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -110,67 +110,105 @@ inline void dot_group(const uint16_t* a_row, int64_t d_in, const uint16_t* const
   }
 }
 
-// The end of row n's span: the rows from n (before end) that share its slot and rank range.
-inline int64_t span_end(const int64_t* slot, const int64_t* lo, const int64_t* hi, int64_t n, int64_t end) {
-  int64_t m = n + 1;
-  while (m < end && slot[m] == slot[n] && lo[m] == lo[n] && hi[m] == hi[n]) ++m;
-  return m;
+// The order of the ops' work: runs of consecutive live rows of one slot (for the shrink also of one rank
+// range), each run's rows taken token by token (in order of first row, a token's rows in plan order). The
+// shrink computes A . x once per token of a run (a MoR token's experts differ only in λ_A); the expand
+// transposes each B tile once per run and sums a token's rows in float32 before adding them to y.
+struct TokenRows {
+  int64_t token, begin, end;  // [begin, end) of RowOrder::rows
+};
+struct SlotRun {
+  int64_t slot, begin, end;  // [begin, end) of RowOrder::tokens
+};
+struct RowOrder {
+  std::vector<int64_t> rows;
+  std::vector<TokenRows> tokens;
+  std::vector<SlotRun> runs;
+};
+
+// lo / hi: the rows' rank ranges, or nullptr where runs need not share them.
+RowOrder row_order(const int64_t* slot, const int64_t* token, const int32_t* slot_active, const int64_t* lo,
+                   const int64_t* hi, int64_t num_rows, int64_t num_tokens) {
+  RowOrder order;
+  order.rows.reserve(num_rows);
+  std::vector<int64_t> place(num_tokens, -1);  // a token's index in order.tokens within the current run
+  for (int64_t n = 0; n < num_rows;) {
+    int64_t stop = n + 1;
+    while (stop < num_rows && slot[stop] == slot[n] && (lo == nullptr || (lo[stop] == lo[n] && hi[stop] == hi[n])))
+      ++stop;
+    if (live_row(slot[n], slot_active)) {
+      const int64_t first = static_cast<int64_t>(order.tokens.size());
+      for (int64_t m = n; m < stop; ++m) {  // count each token's rows in `end`
+        if (place[token[m]] < 0) {
+          place[token[m]] = static_cast<int64_t>(order.tokens.size());
+          order.tokens.push_back({token[m], 0, 0});
+        }
+        ++order.tokens[place[token[m]]].end;
+      }
+      int64_t offset = static_cast<int64_t>(order.rows.size());
+      for (int64_t k = first; k < static_cast<int64_t>(order.tokens.size()); ++k) {
+        const int64_t count = order.tokens[k].end;
+        order.tokens[k].begin = order.tokens[k].end = offset;
+        offset += count;
+      }
+      order.rows.resize(offset);
+      for (int64_t m = n; m < stop; ++m) order.rows[order.tokens[place[token[m]]].end++] = m;
+      for (int64_t k = first; k < static_cast<int64_t>(order.tokens.size()); ++k) place[order.tokens[k].token] = -1;
+      order.runs.push_back({slot[n], first, static_cast<int64_t>(order.tokens.size())});
+    }
+    n = stop;
+  }
+  return order;
 }
 
-void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& slot_active, const at::Tensor& slot,
-                 const at::Tensor& token, const at::Tensor& coeff, const at::Tensor& rank_lo,
-                 const at::Tensor& rank_hi, int64_t num_subs, const uint16_t* rank_scale, const int64_t* scale_idx,
-                 at::Tensor& h) {
+struct Tile {
+  int64_t col, sub;
+  int cols;
+};
+
+void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& coeff,
+                 const at::Tensor& rank_lo, const at::Tensor& rank_hi, const RowOrder& order, int64_t num_subs,
+                 const uint16_t* rank_scale, const int64_t* scale_idx, at::Tensor& h) {
   const int64_t d_in = x.size(1), width = a.size(1), r_max = width / num_subs;
   const auto* x_p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* a_p = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
   auto* h_p = h.data_ptr<at::BFloat16>();
-  const int32_t* active = slot_active.data_ptr<int32_t>();
-  const int64_t *slot_p = slot.data_ptr<int64_t>(), *token_p = token.data_ptr<int64_t>();
   const int64_t *lo_p = rank_lo.data_ptr<int64_t>(), *hi_p = rank_hi.data_ptr<int64_t>();
   const float* coeff_p = coeff.data_ptr<float>();
+  // units of work of about one size: up to kGroup tokens of one run (a MoR run's tokens spread over threads)
+  std::vector<std::pair<const SlotRun*, int64_t>> units;
+  for (const SlotRun& run : order.runs)
+    for (int64_t k = run.begin; k < run.end; k += kGroup) units.emplace_back(&run, k);
   h.zero_();
-  at::parallel_for(0, slot.size(0), kGroup, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> place(x.size(0), -1);  // a token's place among its span's distinct tokens
-    std::vector<int64_t> tokens;                // the span's distinct tokens, in order of first row
-    std::vector<float> sums;                    // [tokens, width]: A . x of each, before coeff and λ_A
-    for (int64_t n = begin; n < end;) {
-      const int64_t stop = span_end(slot_p, lo_p, hi_p, n, end);
-      if (live_row(slot_p[n], active)) {
-        tokens.clear();
-        for (int64_t m = n; m < stop; ++m) {
-          if (place[token_p[m]] < 0) {
-            place[token_p[m]] = static_cast<int64_t>(tokens.size());
-            tokens.push_back(token_p[m]);
-          }
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(kGroup * width);  // [kGroup, width]: A . x of each token, before coeff and λ_A
+    for (int64_t u = begin; u < end; ++u) {
+      const auto [run, first] = units[u];
+      const int count = static_cast<int>(std::min<int64_t>(kGroup, run->end - first));
+      const int64_t some_row = order.rows[order.tokens[first].begin];  // the run's rows share the rank range
+      const int64_t lo = std::max<int64_t>(lo_p[some_row], 0), hi = std::min(hi_p[some_row], r_max);
+      const uint16_t* x_rows[kGroup];
+      for (int j = 0; j < count; ++j) x_rows[j] = x_p + order.tokens[first + j].token * d_in;
+      float out[kGroup];
+      for (int64_t i = 0; i < num_subs; ++i) {
+        for (int64_t r = lo; r < hi; ++r) {  // a rank range's rows are one sequential stream of A
+          dot_group(a_p + (run->slot * width + i * r_max + r) * d_in, d_in, x_rows, count, out);
+          for (int j = 0; j < count; ++j) sums[j * width + i * r_max + r] = out[j];
         }
-        sums.resize(tokens.size() * width);
-        const int64_t lo = std::max<int64_t>(lo_p[n], 0), hi = std::min(hi_p[n], r_max);
-        for (size_t first = 0; first < tokens.size(); first += kGroup) {
-          const int count = static_cast<int>(std::min<size_t>(kGroup, tokens.size() - first));
-          const uint16_t* x_rows[kGroup];
-          for (int j = 0; j < count; ++j) x_rows[j] = x_p + tokens[first + j] * d_in;
-          float out[kGroup];
-          for (int64_t i = 0; i < num_subs; ++i) {
-            for (int64_t r = lo; r < hi; ++r) {  // a rank range's rows are one sequential stream of A
-              dot_group(a_p + (slot_p[n] * width + i * r_max + r) * d_in, d_in, x_rows, count, out);
-              for (int j = 0; j < count; ++j) sums[(first + j) * width + i * r_max + r] = out[j];
-            }
-          }
-        }
-        for (int64_t m = n; m < stop; ++m) {
-          const float* row_sums = sums.data() + place[token_p[m]] * width;
-          const uint16_t* lambda = scale_row(rank_scale, scale_idx, width, m);
+      }
+      for (int j = 0; j < count; ++j) {
+        const TokenRows& rows = order.tokens[first + j];
+        for (int64_t m = rows.begin; m < rows.end; ++m) {
+          const int64_t n = order.rows[m];
+          const uint16_t* lambda = scale_row(rank_scale, scale_idx, width, n);
           for (int64_t i = 0; i < num_subs; ++i) {
             for (int64_t k = i * r_max + lo; k < i * r_max + hi; ++k) {
-              const float value = row_sums[k] * coeff_p[m];
-              h_p[m * width + k] = at::BFloat16(lambda == nullptr ? value : value * as_float(lambda[k]));
+              const float value = sums[j * width + k] * coeff_p[n];
+              h_p[n * width + k] = at::BFloat16(lambda == nullptr ? value : value * as_float(lambda[k]));
             }
           }
         }
-        for (int64_t t : tokens) place[t] = -1;
       }
-      n = stop;
     }
   });
 }
@@ -219,61 +257,8 @@ inline void add_to_row(at::BFloat16* y_row, __m512 delta, int cols) {
   _mm256_mask_storeu_epi16(y_row, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(y_f, delta)));
 }
 
-// The expand's order of work: runs of consecutive live rows of one slot share each transposed B tile; inside
-// a run the rows are taken token by token (in order of first row, a token's rows in plan order), so a token's
-// rows (a MoR token's experts) are summed in float32 and added to y once.
-struct TokenRows {
-  int64_t token, begin, end;  // [begin, end) of ExpandOrder::rows
-};
-struct SlotRun {
-  int64_t slot, begin, end;  // [begin, end) of ExpandOrder::tokens
-};
-struct ExpandOrder {
-  std::vector<int64_t> rows;
-  std::vector<TokenRows> tokens;
-  std::vector<SlotRun> runs;
-};
-
-ExpandOrder expand_order(const int64_t* slot, const int64_t* token, const int32_t* slot_active, int64_t num_rows,
-                         int64_t num_tokens) {
-  ExpandOrder order;
-  order.rows.reserve(num_rows);
-  std::vector<int64_t> place(num_tokens, -1);  // a token's index in order.tokens within the current run
-  for (int64_t n = 0; n < num_rows;) {
-    int64_t stop = n + 1;
-    while (stop < num_rows && slot[stop] == slot[n]) ++stop;
-    if (live_row(slot[n], slot_active)) {
-      const int64_t first = static_cast<int64_t>(order.tokens.size());
-      for (int64_t m = n; m < stop; ++m) {  // count each token's rows in `end`
-        if (place[token[m]] < 0) {
-          place[token[m]] = static_cast<int64_t>(order.tokens.size());
-          order.tokens.push_back({token[m], 0, 0});
-        }
-        ++order.tokens[place[token[m]]].end;
-      }
-      int64_t offset = static_cast<int64_t>(order.rows.size());
-      for (int64_t k = first; k < static_cast<int64_t>(order.tokens.size()); ++k) {
-        const int64_t count = order.tokens[k].end;
-        order.tokens[k].begin = order.tokens[k].end = offset;
-        offset += count;
-      }
-      order.rows.resize(offset);
-      for (int64_t m = n; m < stop; ++m) order.rows[order.tokens[place[token[m]]].end++] = m;
-      for (int64_t k = first; k < static_cast<int64_t>(order.tokens.size()); ++k) place[order.tokens[k].token] = -1;
-      order.runs.push_back({slot[n], first, static_cast<int64_t>(order.tokens.size())});
-    }
-    n = stop;
-  }
-  return order;
-}
-
-struct Tile {
-  int64_t col, sub;
-  int cols;
-};
-
 template <int M>
-void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const ExpandOrder& order,
+void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const RowOrder& order,
                  const uint16_t* out_scale, const int64_t* scale_idx, const std::vector<Tile>& tiles) {
   constexpr int64_t R = 2 * M;
   const int64_t d_total = y.size(1), width = h.size(1);
@@ -341,7 +326,10 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, const at::Tenso
   check_rows(slot_active, slot, token);
   const uint16_t* pool = scale_pool(rank_scale, scale_idx, slot, a.size(1));
   at::Tensor h = at::empty({slot.size(0), a.size(1)}, x.options());
-  shrink_rows(x, a, slot_active, slot, token, coeff, rank_lo, rank_hi, num_subs, pool, scale_rows(scale_idx), h);
+  const RowOrder order = row_order(slot.data_ptr<int64_t>(), token.data_ptr<int64_t>(),
+                                   slot_active.data_ptr<int32_t>(), rank_lo.data_ptr<int64_t>(),
+                                   rank_hi.data_ptr<int64_t>(), slot.size(0), x.size(0));
+  shrink_rows(x, a, coeff, rank_lo, rank_hi, order, num_subs, pool, scale_rows(scale_idx), h);
   return h;
 }
 
@@ -358,8 +346,8 @@ void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const a
   check_rows(slot_active, slot, token);
   const uint16_t* pool = scale_pool(out_scale, scale_idx, slot, y.size(1));
   const int64_t* rows = scale_rows(scale_idx);
-  const ExpandOrder order = expand_order(slot.data_ptr<int64_t>(), token.data_ptr<int64_t>(),
-                                         slot_active.data_ptr<int32_t>(), slot.size(0), y.size(0));
+  const RowOrder order = row_order(slot.data_ptr<int64_t>(), token.data_ptr<int64_t>(),
+                                   slot_active.data_ptr<int32_t>(), nullptr, nullptr, slot.size(0), y.size(0));
   std::vector<Tile> tiles;
   for (int64_t i = 0; i < num_subs; ++i) {
     const int64_t end = i + 1 < num_subs ? sub_starts[i + 1] : y.size(1);
