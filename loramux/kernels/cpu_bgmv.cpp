@@ -12,11 +12,11 @@
 // Products and sums in float32 (vdpbf16ps); h rounded to bfloat16 once, y once per token, slot run and
 // column tile. Rows read only their own slot's tensors, so the work follows the live rows: a decode step
 // streams each used slot's A and B once.
-// Consecutive rows of one slot and rank range (a prefill segment, a MoR composite's experts) are a span: the
-// shrink computes A . x once per distinct token of the span (MoR experts of one token differ only in λ_A),
-// up to kGroup tokens sharing each load of A's lines. The expand transposes each B tile once per run of
-// rows of one slot and sums a token's rows of the run (a flat level's repeated tokens) before adding them
-// to y; threads split the column tiles, so no two write one element.
+// Consecutive live rows of one slot (for the shrink also of one rank range) are a run (`RowOrder`): a prefill
+// segment, a MoR composite's experts. The shrink computes A . x once per distinct token of a run, up to
+// kGroup tokens sharing each load of A's lines, and its threads split those groups of tokens. The expand
+// transposes each B tile once per run and sums a token's rows of the run (a flat level's repeated tokens) in
+// float32 before adding them to y; its threads split the column tiles, so no two write one element.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -81,7 +81,7 @@ inline float dot_row(const uint16_t* a, int64_t d_in, const uint16_t* x_row) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-// Up to kGroup distinct tokens of a span are summed together, so each line of A is loaded once for all of
+// Up to kGroup distinct tokens of a run are summed together, so each line of A is loaded once for all of
 // them (x's rows stay in L1).
 constexpr int kGroup = 4;
 
