@@ -93,7 +93,8 @@ def make_peft_adapter(model_dir: Path, out: Path, rank: int, alpha: float, targe
 def make_engine(model_dir: Path | None, num_blocks: int | None = 256, max_num_batched_tokens: int = 256,
                 max_loras: int = 16, max_loras_per_batch: int = 16, prefix_caching: bool = True,
                 adapters: dict[str, str] | None = None, max_num_seqs: int = 32,
-                attention_backend: str = "auto", dtype: str = "float32", max_mor_experts: int | None = None) -> Engine:
+                attention_backend: str = "auto", dtype: str = "float32", max_mor_experts: int | None = None,
+                lora_backend: str = "auto") -> Engine:
     """An engine on the CPU; float32 unless asked, since the exactness tests compare with float32 references
     (`--dtype auto` would pick bfloat16 on a CPU with native bfloat16)."""
     return Engine(EngineConfig(
@@ -103,7 +104,7 @@ def make_engine(model_dir: Path | None, num_blocks: int | None = 256, max_num_ba
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_loras_per_batch=max_loras_per_batch),
         store=StoreConfig(max_loras=max_loras, max_lora_rank=64, adapters=adapters or {},
-                          max_mor_experts=max_mor_experts),
+                          max_mor_experts=max_mor_experts, lora_backend=lora_backend),
     ))
 
 

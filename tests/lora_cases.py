@@ -159,3 +159,47 @@ def run_case(shrink, expand, pattern: str, run_len: int, depth: int, mode: str, 
                  for start, count, assignments in runs]
     rounded = [(sa.to(slot_dtype).float(), sb.to(slot_dtype).float()) for sa, sb in subs]
     return y.float().cpu(), base.float() + fused_reference(x.float(), rounded, scales, live_runs, d_outs)
+
+
+def mor_runs(num_tokens: int, run_len: int, ranks: list[int], shared_slot: int, num_rows: int, seed: int,
+             experts: int = 3):
+    """Plain runs (scale row -1) interleaved with MoR runs: `experts` rows of `shared_slot` per token, each with
+    its own scale row (the last expert unscaled, -1, so scaled and unscaled rows share the slot), and base-only
+    runs. Assignments are (slot, weight, rank_lo, rank_hi, scale_row); num_rows >= experts - 1."""
+    runs = random_runs("with_base_tokens", num_tokens, len(ranks), ranks, 2, run_len, seed)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, (start, count, assignments) in enumerate(runs):
+        if i % 2 == 0:
+            rows = torch.randperm(num_rows, generator=g)[:experts - 1].tolist() + [-1]
+            assignments = [(shared_slot, 0.3 + 0.2 * k, 0, ranks[shared_slot], row) for k, row in enumerate(rows)]
+        else:
+            assignments = [(slot, w, lo, hi, -1) for slot, w, lo, hi in assignments]
+        out.append((start, count, assignments))
+    return out
+
+
+def random_scale_pools(num_rows: int, width: int, d_total: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """λ_A [num_rows + 1, width] and λ_B [num_rows + 1, d_total] pools in [-0.5, 1.5), float32; the last row
+    is ones, as `LoraLinear`'s pools keep it for scale row -1."""
+    g = torch.Generator().manual_seed(seed)
+    rank_scale = torch.cat([torch.rand(num_rows, width, generator=g) * 2 - 0.5, torch.ones(1, width)])
+    out_scale = torch.cat([torch.rand(num_rows, d_total, generator=g) * 2 - 0.5, torch.ones(1, d_total)])
+    return rank_scale, out_scale
+
+
+def scaled_reference(x, subs, scales, runs, rank_scale, out_scale, d_outs: list[int], r_max: int):
+    """y[t] += sum_k w_k * scale * λ_B ⊙ (B[:, lo:hi] @ (λ_A[lo:hi] ⊙ (A[lo:hi] @ x[t]))), per sub-projection,
+    float32, for runs from `mor_runs`; scale row -1 = no scaling."""
+    y = torch.zeros(x.shape[0], sum(d_outs))
+    for start, count, assignments in runs:
+        for t in range(start, start + count):
+            offset = 0
+            for i, ((a, b), d_out) in enumerate(zip(subs, d_outs)):
+                for slot, w, lo, hi, row in assignments:
+                    lam_a = rank_scale[row, i * r_max + lo:i * r_max + hi] if row >= 0 else 1.0
+                    lam_b = out_scale[row, offset:offset + d_out] if row >= 0 else 1.0
+                    delta = lam_b * (b[slot, :, lo:hi] @ (lam_a * (a[slot, lo:hi] @ x[t])))
+                    y[t, offset:offset + d_out] += w * float(scales[slot]) * delta
+                offset += d_out
+    return y

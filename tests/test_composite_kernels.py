@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 
 from loramux.kernels import torch_ref  # noqa: E402
 from loramux.kernels.plan import with_mode  # noqa: E402
-from tests.lora_cases import POPULARITY, fused_pool, plan_for, random_runs, sub_starts, with_inert_rows  # noqa: E402
+from tests.lora_cases import (POPULARITY, fused_pool, mor_runs, plan_for, random_runs, random_scale_pools,  # noqa: E402
+                              scaled_reference, sub_starts, with_inert_rows)
 
 RANKS = [4, 8, 16, 8, 4, 16]
 R_MAX = 16
@@ -77,39 +78,6 @@ def test_coefficients_rewritten_per_layer(backend, pattern, run_len, mode, flat)
         torch.testing.assert_close(y.cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
-def mor_runs(num_tokens: int, run_len: int, shared_slot: int, num_rows: int, seed: int):
-    """Plain runs (scale row -1) interleaved with MoR runs: 3 experts of `shared_slot`, each with its own
-    scale row (one expert unscaled, -1, so scaled and unscaled rows share the slot), and base-only runs."""
-    runs = random_runs("with_base_tokens", num_tokens, len(RANKS), RANKS, 2, run_len, seed)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, (start, count, assignments) in enumerate(runs):
-        if i % 2 == 0:
-            rows = torch.randperm(num_rows, generator=g)[:2].tolist() + [-1]
-            assignments = [(shared_slot, 0.3 + 0.2 * k, 0, RANKS[shared_slot], row) for k, row in enumerate(rows)]
-        else:
-            assignments = [(slot, w, lo, hi, -1) for slot, w, lo, hi in assignments]
-        out.append((start, count, assignments))
-    return out
-
-
-def scaled_reference(x, subs, scales, runs, rank_scale, out_scale, d_outs):
-    """y[t] += sum_k w_k * scale * λ_B ⊙ (B[:, lo:hi] @ (λ_A[lo:hi] ⊙ (A[lo:hi] @ x[t]))), per sub-projection,
-    float32; scale row -1 = no scaling."""
-    y = torch.zeros(x.shape[0], sum(d_outs))
-    for start, count, assignments in runs:
-        for t in range(start, start + count):
-            offset = 0
-            for i, ((a, b), d_out) in enumerate(zip(subs, d_outs)):
-                for slot, w, lo, hi, row in assignments:
-                    lam_a = rank_scale[row, i * R_MAX + lo:i * R_MAX + hi] if row >= 0 else 1.0
-                    lam_b = out_scale[row, offset:offset + d_out] if row >= 0 else 1.0
-                    delta = lam_b * (b[slot, :, lo:hi] @ (lam_a * (a[slot, lo:hi] @ x[t])))
-                    y[t, offset:offset + d_out] += w * float(scales[slot]) * delta
-                offset += d_out
-    return y
-
-
 @pytest.mark.parametrize("backend, run_len, mode, flat", cases(),
                          ids=lambda c: c[0] if isinstance(c, tuple) else str(c))
 @pytest.mark.parametrize("inert", [False, True])
@@ -119,12 +87,9 @@ def test_mor_rows_scale_the_shared_slot_by_their_pool_rows(backend, run_len, mod
     _, shrink, expand = backend
     num_tokens, d_in, d_outs, num_rows = 19, 24, [32, 16], 5
     a, b, scales, subs = fused_pool(RANKS, R_MAX, d_in, d_outs, seed=3)
-    runs = mor_runs(num_tokens, run_len, shared_slot=2, num_rows=num_rows, seed=4)
-    g = torch.Generator().manual_seed(5)
-    rank_scale = torch.cat([torch.rand(num_rows, len(d_outs) * R_MAX, generator=g) * 2 - 0.5,
-                            torch.ones(1, len(d_outs) * R_MAX)])
-    out_scale = torch.cat([torch.rand(num_rows, sum(d_outs), generator=g) * 2 - 0.5, torch.ones(1, sum(d_outs))])
-    x = torch.randn(num_tokens, d_in, generator=g)
+    runs = mor_runs(num_tokens, run_len, RANKS, shared_slot=2, num_rows=num_rows, seed=4)
+    rank_scale, out_scale = random_scale_pools(num_rows, len(d_outs) * R_MAX, sum(d_outs), seed=5)
+    x = torch.randn(num_tokens, d_in, generator=torch.Generator().manual_seed(6))
     y = torch.zeros(num_tokens, sum(d_outs), device=DEVICE)
     active = torch.ones(len(RANKS), dtype=torch.int32, device=DEVICE)
     levels = plan_for(runs, scales, R_MAX, DEVICE, flat=flat).levels
@@ -135,7 +100,7 @@ def test_mor_rows_scale_the_shared_slot_by_their_pool_rows(backend, run_len, mod
             level = with_inert_rows(level, [0, 3, num_tokens - 1], R_MAX)
         h = shrink(x.to(DEVICE), a.to(DEVICE).contiguous(), active, level, len(d_outs), rank_scale.to(DEVICE))
         expand(y, b.to(DEVICE).contiguous(), h, active, level, sub_starts(d_outs), out_scale.to(DEVICE))
-    expected = scaled_reference(x, subs, scales, runs, rank_scale, out_scale, d_outs)
+    expected = scaled_reference(x, subs, scales, runs, rank_scale, out_scale, d_outs, R_MAX)
     torch.testing.assert_close(y.cpu(), expected, rtol=1e-4, atol=1e-4)
 
 

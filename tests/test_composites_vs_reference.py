@@ -20,6 +20,7 @@ from loramux.adapters_store import AdapterError
 from loramux.composites.synthetic import write_random_mole, write_random_mor, write_random_more
 from loramux.engine import SamplingParams
 from loramux.engine.engine import RequestError
+from loramux.kernels import cpu_bgmv
 from tests.conftest import hf_greedy, make_engine, make_peft_adapter
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -237,6 +238,25 @@ def test_mixed_batch_of_composites_plain_adapters_and_base(tiny_llama_dir, compo
     assert math.isclose(sum(reports["mole"]["gates"].values()), 1.0, rel_tol=1e-5)
     assert reports["mole-masked"]["gates"]["m1"] == 0.0
     assert reports["more-math"] == {"name": "more", "type": "more", "task": "math"}
+
+
+@pytest.mark.skipif(not cpu_bgmv.load_kernel(), reason="no AVX512-BF16 or the kernel did not build")
+def test_bf16_cpu_kernel_serves_mor_beside_plain_adapters_as_torchs_ops_do(tiny_llama_dir, composites):
+    """A bfloat16 CPU engine runs MoR's scaled rows in the C++ kernel (bfloat16 slots and pools) with the
+    tokens of the torch backend (float32 slots, torch's ops), MoR requests batched with plain adapters."""
+    root, _ = composites
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    mixes = [["mor"], ["m0"], ["mor"], [("m2", 0.5)], ["mor"], ["m1"], []]  # the last: r0's prompt, base only
+    outputs = {}
+    for backend in ("auto", "torch"):
+        engine = engine_with(tiny_llama_dir, root, dtype="bfloat16", lora_backend=backend)
+        assert engine.lora_backend.name == ("torch+cpu-bgmv" if backend == "auto" else "torch")
+        prompts = [" ".join(words[i:i + 2 + 3 * i]) for i in range(len(mixes) - 1)] + [" ".join(words[:2])]
+        requests = [(f"r{i}", engine.tokenizer.encode(text, add_special_tokens=False), mix)
+                    for i, (text, mix) in enumerate(zip(prompts, mixes))]
+        outputs[backend], _ = run_staggered(engine, requests)
+    assert outputs["auto"] == outputs["torch"]
+    assert outputs["auto"]["r0"] != outputs["auto"]["r6"], "MoR should change the output"
 
 
 def test_mole_gate_report_per_layer_matches_reference(tiny_llama_dir, composites, reference):

@@ -11,7 +11,8 @@ import torch
 
 from loramux.kernels import cpu_bgmv, select_lora_backend
 from loramux.kernels.plan import with_mode
-from tests.lora_cases import POPULARITY, RANKS, fused_pool, plan_for, random_runs, run_case, sub_starts
+from tests.lora_cases import (POPULARITY, RANKS, fused_pool, mor_runs, plan_for, random_runs, random_scale_pools,
+                              run_case, scaled_reference, sub_starts, with_inert_rows)
 
 needs_kernel = pytest.mark.skipif(not cpu_bgmv.load_kernel(), reason="no AVX512-BF16 or the kernel did not build")
 
@@ -64,6 +65,40 @@ def test_coefficients_are_read_from_the_device_tensor():
 def test_prefill_segments_match_the_loop(pattern):
     check(pattern, 2, run_len=13)  # groups of rows that share a slot and rank range, cut at odd places
     check(pattern, 1, run_len=5, r_max=16, inert=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("run_len", [1, 5])
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("r_max", [16, 64])
+def test_mor_rows_scale_the_shared_slot_by_their_pool_rows(run_len, flat, r_max):
+    """MoR experts as rows of one shared slot, each token's rows with their own λ_A / λ_B pool rows (one of
+    them -1), beside plain rows, inert rows and an inactive slot. Flat levels hold a MoR token's rows in one
+    level: the shrink computes their A . x once and the expand sums them before adding them to y."""
+    num_tokens, d_in, num_rows, experts, shared = 29, 72, 9, 8, 2
+    ranks = [min(r, r_max) for r in RANKS]
+    a, b, scales, subs = fused_pool(ranks, r_max, d_in, D_OUTS, seed=3)
+    runs = mor_runs(num_tokens, run_len, ranks, shared_slot=shared, num_rows=num_rows, seed=4, experts=experts)
+    rank_scale, out_scale = (pool.bfloat16() for pool in
+                             random_scale_pools(num_rows, len(D_OUTS) * r_max, sum(D_OUTS), seed=5))
+    x = torch.randn(num_tokens, d_in, generator=torch.Generator().manual_seed(6)).bfloat16()
+    base = torch.randn(num_tokens, sum(D_OUTS), generator=torch.Generator().manual_seed(7)).bfloat16()
+    inactive = 5
+    active = torch.tensor([s != inactive for s in range(len(ranks))], dtype=torch.int32)
+    a_bf, b_bf, y = a.bfloat16(), b.bfloat16(), base.clone()
+    levels = plan_for(runs, scales, r_max, flat=flat).levels
+    assert levels[0].scale_idx is not None and len(levels) == (1 if flat else experts)
+    for level in levels:
+        level = with_inert_rows(level, [0, 3, num_tokens - 1], r_max)
+        assert cpu_bgmv.runs_level(x, a_bf, r_max, level)
+        h = cpu_bgmv.lora_shrink(x, a_bf, active, level, len(D_OUTS), rank_scale)
+        cpu_bgmv.lora_expand(y, b_bf, h, active, level, sub_starts(D_OUTS), out_scale)
+    live_runs = [(start, count, [c for c in assignments if c[0] != inactive]) for start, count, assignments in runs]
+    rounded = [(sa.bfloat16().float(), sb.bfloat16().float()) for sa, sb in subs]
+    expected = base.float() + scaled_reference(x.float(), rounded, scales, live_runs, rank_scale.float(),
+                                               out_scale.float(), D_OUTS, r_max)
+    # h, and y once per level (flat) or per expert level, are rounded to bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=3e-2, atol=6e-2)
 
 
 @needs_kernel

@@ -2,14 +2,21 @@
 //
 // Semantics (mode "gather" of loramux/kernels/torch_ref.py), for every plan row n, live when slot[n] >= 0
 // and slot_active[slot[n]] != 0:
-//   shrink: h[n, i*R + r] = coeff[n] * A[slot[n]][i*R + r, :] . x[token[n], :]  for r in [rank_lo[n], rank_hi[n])
-//           of every fused sub-projection i; 0 elsewhere and on rows that are not live.
-//   expand: y[token[n], c] += B[slot[n]][c, :] . h[n, i*R : (i+1)*R]  for c in sub-projection i's columns.
-// Products and sums in float32 (vdpbf16ps); h and y rounded to bfloat16 once. Rows read only their own
-// slot's tensors, so the work follows the live rows: a decode step streams each used slot's A and B once.
-// Consecutive rows of one slot (a prefill segment) share each load of A's and B's lines, up to kGroup at a
-// time. The expand splits the columns between threads and runs the rows in order inside a column tile, so
-// rows that share a token (a flat level) add one after another without races.
+//   shrink: h[n, i*R + r] = coeff[n] * λ_A[n, i*R + r] * A[slot[n]][i*R + r, :] . x[token[n], :]
+//           for r in [rank_lo[n], rank_hi[n]) of every fused sub-projection i; 0 elsewhere and on rows that
+//           are not live.
+//   expand: y[token[n], c] += λ_B[n, c] * B[slot[n]][c, :] . h[n, i*R : (i+1)*R]  for c in sub-projection i's
+//           columns.
+// λ_A[n] = rank_scale[scale_idx[n]], λ_B[n] = out_scale[scale_idx[n]] (MoR experts); 1 where scale_idx[n] is -1
+// or the level has no scale_idx.
+// Products and sums in float32 (vdpbf16ps); h rounded to bfloat16 once, y once per token, slot run and
+// column tile. Rows read only their own slot's tensors, so the work follows the live rows: a decode step
+// streams each used slot's A and B once.
+// Consecutive live rows of one slot (for the shrink also of one rank range) are a run (`RowOrder`): a prefill
+// segment, a MoR composite's experts. The shrink computes A . x once per distinct token of a run, up to
+// kGroup tokens sharing each load of A's lines, and its threads split those groups of tokens. The expand
+// transposes each B tile once per run and sums a token's rows of the run (a flat level's repeated tokens) in
+// float32 before adding them to y; its threads split the column tiles, so no two write one element.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,8 +27,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -35,6 +43,23 @@ inline __mmask32 tail_mask(int64_t valid) {  // the first `valid` of 32 bfloat16
 }
 
 inline bool live_row(int64_t slot, const int32_t* slot_active) { return slot >= 0 && slot_active[slot] != 0; }
+
+// `valid` (<= 16) bfloat16 values widened to float32 lanes (0 past them).
+inline __m512 load_as_float(const uint16_t* p, __mmask16 valid) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
+}
+
+inline float as_float(uint16_t bf16) {
+  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// Row n's scaling vector in a pool [V + 1, width] (MoR), or nullptr where it has none (scale_idx -1, no pool).
+inline const uint16_t* scale_row(const uint16_t* pool, const int64_t* scale_idx, int64_t width, int64_t n) {
+  return pool == nullptr || scale_idx[n] < 0 ? nullptr : pool + scale_idx[n] * width;
+}
 
 // One row of a slot's A dotted with x_row over d_in, in float32. A row at a time, so that the rows of a rank
 // range are read as one sequential stream (rows side by side were short streams the prefetcher barely
@@ -56,8 +81,8 @@ inline float dot_row(const uint16_t* a, int64_t d_in, const uint16_t* x_row) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-// Rows of a prefill segment share their slot and rank range: up to kGroup of them are summed together, so
-// each line of A is loaded once for all of them (x's rows stay in L1).
+// Up to kGroup distinct tokens of a run are summed together, so each line of A is loaded once for all of
+// them (x's rows stay in L1).
 constexpr int kGroup = 4;
 
 template <int C>
@@ -85,47 +110,105 @@ inline void dot_group(const uint16_t* a_row, int64_t d_in, const uint16_t* const
   }
 }
 
-// Rows n.. (at most kGroup, before end) that are live and share row n's slot and, with `same_ranks`, its
-// rank range: the rows of one prefill segment, or one decode row.
-inline int group_size(const int64_t* slot, const int64_t* lo, const int64_t* hi, const int32_t* slot_active,
-                      int64_t n, int64_t end, bool same_ranks) {
-  int count = 1;
-  while (count < kGroup && n + count < end && slot[n + count] == slot[n] &&
-         (!same_ranks || (lo[n + count] == lo[n] && hi[n + count] == hi[n])))
-    ++count;
-  return live_row(slot[n], slot_active) ? count : -count;  // negative: rows that contribute nothing
+// The order of the ops' work: runs of consecutive live rows of one slot (for the shrink also of one rank
+// range), each run's rows taken token by token (in order of first row, a token's rows in plan order). The
+// shrink computes A . x once per token of a run (a MoR token's experts differ only in λ_A); the expand
+// transposes each B tile once per run and sums a token's rows in float32 before adding them to y.
+struct TokenRows {
+  int64_t token, begin, end;  // [begin, end) of RowOrder::rows
+};
+struct SlotRun {
+  int64_t slot, begin, end;  // [begin, end) of RowOrder::tokens
+};
+struct RowOrder {
+  std::vector<int64_t> rows;
+  std::vector<TokenRows> tokens;
+  std::vector<SlotRun> runs;
+};
+
+// lo / hi: the rows' rank ranges, or nullptr where runs need not share them.
+RowOrder row_order(const int64_t* slot, const int64_t* token, const int32_t* slot_active, const int64_t* lo,
+                   const int64_t* hi, int64_t num_rows, int64_t num_tokens) {
+  RowOrder order;
+  order.rows.reserve(num_rows);
+  std::vector<int64_t> place(num_tokens, -1);  // a token's index in order.tokens within the current run
+  for (int64_t n = 0; n < num_rows;) {
+    int64_t stop = n + 1;
+    while (stop < num_rows && slot[stop] == slot[n] && (lo == nullptr || (lo[stop] == lo[n] && hi[stop] == hi[n])))
+      ++stop;
+    if (live_row(slot[n], slot_active)) {
+      const int64_t first = static_cast<int64_t>(order.tokens.size());
+      for (int64_t m = n; m < stop; ++m) {  // count each token's rows in `end`
+        if (place[token[m]] < 0) {
+          place[token[m]] = static_cast<int64_t>(order.tokens.size());
+          order.tokens.push_back({token[m], 0, 0});
+        }
+        ++order.tokens[place[token[m]]].end;
+      }
+      int64_t offset = static_cast<int64_t>(order.rows.size());
+      for (int64_t k = first; k < static_cast<int64_t>(order.tokens.size()); ++k) {
+        const int64_t count = order.tokens[k].end;
+        order.tokens[k].begin = order.tokens[k].end = offset;
+        offset += count;
+      }
+      order.rows.resize(offset);
+      for (int64_t m = n; m < stop; ++m) order.rows[order.tokens[place[token[m]]].end++] = m;
+      for (int64_t k = first; k < static_cast<int64_t>(order.tokens.size()); ++k) place[order.tokens[k].token] = -1;
+      order.runs.push_back({slot[n], first, static_cast<int64_t>(order.tokens.size())});
+    }
+    n = stop;
+  }
+  return order;
 }
 
-void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& slot_active, const at::Tensor& slot,
-                 const at::Tensor& token, const at::Tensor& coeff, const at::Tensor& rank_lo,
-                 const at::Tensor& rank_hi, int64_t num_subs, at::Tensor& h) {
+struct Tile {
+  int64_t col, sub;
+  int cols;
+};
+
+void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& coeff,
+                 const at::Tensor& rank_lo, const at::Tensor& rank_hi, const RowOrder& order, int64_t num_subs,
+                 const uint16_t* rank_scale, const int64_t* scale_idx, at::Tensor& h) {
   const int64_t d_in = x.size(1), width = a.size(1), r_max = width / num_subs;
   const auto* x_p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* a_p = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
   auto* h_p = h.data_ptr<at::BFloat16>();
-  const int32_t* active = slot_active.data_ptr<int32_t>();
-  const int64_t *slot_p = slot.data_ptr<int64_t>(), *token_p = token.data_ptr<int64_t>();
   const int64_t *lo_p = rank_lo.data_ptr<int64_t>(), *hi_p = rank_hi.data_ptr<int64_t>();
   const float* coeff_p = coeff.data_ptr<float>();
+  // units of work of about one size: up to kGroup tokens of one run (a MoR run's tokens spread over threads)
+  std::vector<std::pair<const SlotRun*, int64_t>> units;
+  for (const SlotRun& run : order.runs)
+    for (int64_t k = run.begin; k < run.end; k += kGroup) units.emplace_back(&run, k);
   h.zero_();
-  at::parallel_for(0, slot.size(0), kGroup, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end;) {
-      const int grouped = group_size(slot_p, lo_p, hi_p, active, n, end, true);
-      const int count = std::abs(grouped);
-      if (grouped > 0) {
-        const uint16_t* x_rows[kGroup];
-        for (int j = 0; j < count; ++j) x_rows[j] = x_p + token_p[n + j] * d_in;
-        const int64_t lo = std::max<int64_t>(lo_p[n], 0), hi = std::min(hi_p[n], r_max);
-        float sums[kGroup];
-        for (int64_t i = 0; i < num_subs; ++i) {
-          for (int64_t r = lo; r < hi; ++r) {  // a rank range's rows are one sequential stream of A
-            dot_group(a_p + (slot_p[n] * width + i * r_max + r) * d_in, d_in, x_rows, count, sums);
-            for (int j = 0; j < count; ++j)
-              h_p[(n + j) * width + i * r_max + r] = at::BFloat16(sums[j] * coeff_p[n + j]);
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(kGroup * width);  // [kGroup, width]: A . x of each token, before coeff and λ_A
+    for (int64_t u = begin; u < end; ++u) {
+      const auto [run, first] = units[u];
+      const int count = static_cast<int>(std::min<int64_t>(kGroup, run->end - first));
+      const int64_t some_row = order.rows[order.tokens[first].begin];  // the run's rows share the rank range
+      const int64_t lo = std::max<int64_t>(lo_p[some_row], 0), hi = std::min(hi_p[some_row], r_max);
+      const uint16_t* x_rows[kGroup];
+      for (int j = 0; j < count; ++j) x_rows[j] = x_p + order.tokens[first + j].token * d_in;
+      float out[kGroup];
+      for (int64_t i = 0; i < num_subs; ++i) {
+        for (int64_t r = lo; r < hi; ++r) {  // a rank range's rows are one sequential stream of A
+          dot_group(a_p + (run->slot * width + i * r_max + r) * d_in, d_in, x_rows, count, out);
+          for (int j = 0; j < count; ++j) sums[j * width + i * r_max + r] = out[j];
+        }
+      }
+      for (int j = 0; j < count; ++j) {
+        const TokenRows& rows = order.tokens[first + j];
+        for (int64_t m = rows.begin; m < rows.end; ++m) {
+          const int64_t n = order.rows[m];
+          const uint16_t* lambda = scale_row(rank_scale, scale_idx, width, n);
+          for (int64_t i = 0; i < num_subs; ++i) {
+            for (int64_t k = i * r_max + lo; k < i * r_max + hi; ++k) {
+              const float value = sums[j * width + k] * coeff_p[n];
+              h_p[n * width + k] = at::BFloat16(lambda == nullptr ? value : value * as_float(lambda[k]));
+            }
           }
         }
       }
-      n += count;
     }
   });
 }
@@ -155,54 +238,55 @@ inline void load_transposed_tile(const uint16_t* b_tile, int cols, __m512i* t) {
   }
 }
 
-// y_row[0:cols] (bfloat16) += the transposed tile times one row's h block (R bfloat16, read as M pairs).
+// The transposed tile times one row's h block (R bfloat16, read as M pairs): the row's 16 column sums.
 template <int M>
-inline void add_tile_product(const __m512i* t, const uint16_t* h_block, int cols, at::BFloat16* y_row) {
+inline __m512 tile_product(const __m512i* t, const uint16_t* h_block) {
   uint32_t pairs[M];
   std::memcpy(pairs, h_block, sizeof(pairs));
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains of vdpbf16ps
 #pragma GCC unroll 64
   for (int p = 0; p < M; ++p)
     acc[p % 2] = _mm512_dpbf16_ps(acc[p % 2], as_bh(t[p]), as_bh(_mm512_set1_epi32(static_cast<int>(pairs[p]))));
-  const __mmask16 mask = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  const __m256i y_bf = _mm256_maskz_loadu_epi16(mask, y_row);
-  const __m512 y_f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(y_bf), 16));
-  const __m256i sum = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(y_f, _mm512_add_ps(acc[0], acc[1])));
-  _mm256_mask_storeu_epi16(y_row, mask, sum);
+  return _mm512_add_ps(acc[0], acc[1]);
 }
 
-struct Tile {
-  int64_t col, sub;
-  int cols;
-};
+// y_row[0:cols] (bfloat16) += delta, rounded once.
+inline void add_to_row(at::BFloat16* y_row, __m512 delta, int cols) {
+  const __mmask16 mask = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  const __m512 y_f = load_as_float(reinterpret_cast<const uint16_t*>(y_row), mask);
+  _mm256_mask_storeu_epi16(y_row, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(y_f, delta)));
+}
 
 template <int M>
-void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const at::Tensor& slot_active,
-                 const at::Tensor& slot, const at::Tensor& token, const std::vector<Tile>& tiles) {
+void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const RowOrder& order,
+                 const uint16_t* out_scale, const int64_t* scale_idx, const std::vector<Tile>& tiles) {
   constexpr int64_t R = 2 * M;
-  const int64_t d_total = y.size(1), width = h.size(1), rows = slot.size(0);
+  const int64_t d_total = y.size(1), width = h.size(1);
   const auto* b_p = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
   const auto* h_p = reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>());
   auto* y_p = y.data_ptr<at::BFloat16>();
-  const int32_t* active = slot_active.data_ptr<int32_t>();
-  const int64_t *slot_p = slot.data_ptr<int64_t>(), *token_p = token.data_ptr<int64_t>();
+  // threads split the column tiles; inside a tile every token's sum is added by one thread
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     __m512i t[M];
-    // rows in order (a group's rows in order inside each tile): a token's rows add one after another
-    for (int64_t n = 0; n < rows;) {
-      const int grouped = group_size(slot_p, nullptr, nullptr, active, n, rows, false);
-      const int count = std::abs(grouped);
-      if (grouped > 0) {
-        const uint16_t* b_slot = b_p + slot_p[n] * d_total * R;
-        for (int64_t i = begin; i < end; ++i) {
-          const Tile& tile = tiles[i];
-          load_transposed_tile<M>(b_slot + tile.col * R, tile.cols, t);
-          for (int j = 0; j < count; ++j)
-            add_tile_product<M>(t, h_p + (n + j) * width + tile.sub * R, tile.cols,
-                                y_p + token_p[n + j] * d_total + tile.col);
+    for (const SlotRun& run : order.runs) {
+      const uint16_t* b_slot = b_p + run.slot * d_total * R;
+      for (int64_t i = begin; i < end; ++i) {
+        const Tile& tile = tiles[i];
+        const __mmask16 mask = tile.cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << tile.cols) - 1);
+        load_transposed_tile<M>(b_slot + tile.col * R, tile.cols, t);
+        for (int64_t k = run.begin; k < run.end; ++k) {
+          const TokenRows& rows = order.tokens[k];
+          __m512 delta = _mm512_setzero_ps();
+          for (int64_t j = rows.begin; j < rows.end; ++j) {
+            const int64_t n = order.rows[j];
+            const __m512 product = tile_product<M>(t, h_p + n * width + tile.sub * R);
+            const uint16_t* lambda = scale_row(out_scale, scale_idx, d_total, n);
+            delta = lambda == nullptr ? _mm512_add_ps(delta, product)
+                                      : _mm512_fmadd_ps(product, load_as_float(lambda + tile.col, mask), delta);
+          }
+          add_to_row(y_p + rows.token * d_total + tile.col, delta, tile.cols);
         }
       }
-      n += count;
     }
   });
 }
@@ -213,9 +297,25 @@ void check_rows(const at::Tensor& slot_active, const at::Tensor& slot, const at:
               token.is_contiguous() && slot.size(0) == token.size(0), "slot / token: [N] int64");
 }
 
+// The pool's data where the level scales its rows (a pool and scale_idx given), else nullptr.
+const uint16_t* scale_pool(const std::optional<at::Tensor>& pool, const std::optional<at::Tensor>& scale_idx,
+                           const at::Tensor& slot, int64_t width) {
+  if (!pool.has_value() || !scale_idx.has_value()) return nullptr;
+  TORCH_CHECK(pool->scalar_type() == at::kBFloat16 && pool->dim() == 2 && pool->size(1) == width &&
+              pool->is_contiguous(), "scaling-vector pool: [V + 1, ", width, "] bfloat16, contiguous");
+  TORCH_CHECK(scale_idx->scalar_type() == at::kLong && scale_idx->is_contiguous() &&
+              scale_idx->size(0) == slot.size(0), "scale_idx: [N] int64");
+  return reinterpret_cast<const uint16_t*>(pool->data_ptr<at::BFloat16>());
+}
+
+const int64_t* scale_rows(const std::optional<at::Tensor>& scale_idx) {
+  return scale_idx.has_value() ? scale_idx->data_ptr<int64_t>() : nullptr;
+}
+
 at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, const at::Tensor& slot_active,
                        const at::Tensor& slot, const at::Tensor& token, const at::Tensor& coeff,
-                       const at::Tensor& rank_lo, const at::Tensor& rank_hi, int64_t num_subs) {
+                       const at::Tensor& rank_lo, const at::Tensor& rank_hi, int64_t num_subs,
+                       const std::optional<at::Tensor>& rank_scale, const std::optional<at::Tensor>& scale_idx) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && a.scalar_type() == at::kBFloat16, "x, A: bfloat16");
   TORCH_CHECK(x.dim() == 2 && a.dim() == 3 && x.size(1) == a.size(2) && x.is_contiguous() && a.is_contiguous(),
               "x [T, d_in], A [S, W, d_in], contiguous");
@@ -224,13 +324,18 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, const at::Tenso
               rank_hi.scalar_type() == at::kLong && coeff.is_contiguous() && rank_lo.is_contiguous() &&
               rank_hi.is_contiguous(), "coeff: [N] float32, rank_lo / rank_hi: [N] int64");
   check_rows(slot_active, slot, token);
+  const uint16_t* pool = scale_pool(rank_scale, scale_idx, slot, a.size(1));
   at::Tensor h = at::empty({slot.size(0), a.size(1)}, x.options());
-  shrink_rows(x, a, slot_active, slot, token, coeff, rank_lo, rank_hi, num_subs, h);
+  const RowOrder order = row_order(slot.data_ptr<int64_t>(), token.data_ptr<int64_t>(),
+                                   slot_active.data_ptr<int32_t>(), rank_lo.data_ptr<int64_t>(),
+                                   rank_hi.data_ptr<int64_t>(), slot.size(0), x.size(0));
+  shrink_rows(x, a, coeff, rank_lo, rank_hi, order, num_subs, pool, scale_rows(scale_idx), h);
   return h;
 }
 
 void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const at::Tensor& slot_active,
-                 const at::Tensor& slot, const at::Tensor& token, at::IntArrayRef sub_starts) {
+                 const at::Tensor& slot, const at::Tensor& token, at::IntArrayRef sub_starts,
+                 const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& scale_idx) {
   TORCH_CHECK(y.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
               h.scalar_type() == at::kBFloat16, "y, B, h: bfloat16");
   TORCH_CHECK(y.dim() == 2 && b.dim() == 3 && h.dim() == 2 && y.size(1) == b.size(1) && y.is_contiguous() &&
@@ -239,6 +344,10 @@ void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const a
   const int64_t r_max = b.size(2), num_subs = static_cast<int64_t>(sub_starts.size());
   TORCH_CHECK(h.size(1) == num_subs * r_max, "h's width is len(sub_starts) * r_max");
   check_rows(slot_active, slot, token);
+  const uint16_t* pool = scale_pool(out_scale, scale_idx, slot, y.size(1));
+  const int64_t* rows = scale_rows(scale_idx);
+  const RowOrder order = row_order(slot.data_ptr<int64_t>(), token.data_ptr<int64_t>(),
+                                   slot_active.data_ptr<int32_t>(), nullptr, nullptr, slot.size(0), y.size(0));
   std::vector<Tile> tiles;
   for (int64_t i = 0; i < num_subs; ++i) {
     const int64_t end = i + 1 < num_subs ? sub_starts[i + 1] : y.size(1);
@@ -246,13 +355,13 @@ void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const a
       tiles.push_back({c, i, static_cast<int>(std::min<int64_t>(kTile, end - c))});
   }
   switch (r_max) {
-    case 2: return expand_rows<1>(y, b, h, slot_active, slot, token, tiles);
-    case 4: return expand_rows<2>(y, b, h, slot_active, slot, token, tiles);
-    case 8: return expand_rows<4>(y, b, h, slot_active, slot, token, tiles);
-    case 16: return expand_rows<8>(y, b, h, slot_active, slot, token, tiles);
-    case 32: return expand_rows<16>(y, b, h, slot_active, slot, token, tiles);
-    case 64: return expand_rows<32>(y, b, h, slot_active, slot, token, tiles);
-    case 128: return expand_rows<64>(y, b, h, slot_active, slot, token, tiles);
+    case 2: return expand_rows<1>(y, b, h, order, pool, rows, tiles);
+    case 4: return expand_rows<2>(y, b, h, order, pool, rows, tiles);
+    case 8: return expand_rows<4>(y, b, h, order, pool, rows, tiles);
+    case 16: return expand_rows<8>(y, b, h, order, pool, rows, tiles);
+    case 32: return expand_rows<16>(y, b, h, order, pool, rows, tiles);
+    case 64: return expand_rows<32>(y, b, h, order, pool, rows, tiles);
+    case 128: return expand_rows<64>(y, b, h, order, pool, rows, tiles);
     default: TORCH_CHECK(false, "r_max must be a power of two from 2 to 128, got ", r_max);
   }
 }
@@ -261,9 +370,9 @@ void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const a
 
 TORCH_LIBRARY(loramux_cpu_bgmv, m) {
   m.def("shrink(Tensor x, Tensor a, Tensor slot_active, Tensor slot, Tensor token, Tensor coeff, "
-        "Tensor rank_lo, Tensor rank_hi, int num_subs) -> Tensor");
+        "Tensor rank_lo, Tensor rank_hi, int num_subs, Tensor? rank_scale, Tensor? scale_idx) -> Tensor");
   m.def("expand(Tensor(a!) y, Tensor b, Tensor h, Tensor slot_active, Tensor slot, Tensor token, "
-        "int[] sub_starts) -> ()");
+        "int[] sub_starts, Tensor? out_scale, Tensor? scale_idx) -> ()");
   m.impl("shrink", c10::DispatchKey::CPU, TORCH_FN(lora_shrink));
   m.impl("expand", c10::DispatchKey::CPU, TORCH_FN(lora_expand));
 }

@@ -67,12 +67,16 @@ def load_kernel() -> bool:
 
 
 def runs_level(activations: torch.Tensor, slots: torch.Tensor, r_max: int, level: LoraPlanLevel) -> bool:
-    """The kernel takes this level: bfloat16 activations and slot tensors on the CPU, a compiled r_max,
-    segments shorter than TORCH_MIN_AVG_ROWS on average, and no scaled rows (MoR experts: torch's ops apply
-    their scaling vectors). The shrink and the expand decide alike (h is the kernel's own layout)."""
+    """The kernel takes this level: bfloat16 activations and slot tensors on the CPU, a compiled r_max, and
+    segments shorter than TORCH_MIN_AVG_ROWS on average. The shrink and the expand decide alike (h is the
+    kernel's own layout)."""
     return (activations.device.type == "cpu" and activations.dtype == slots.dtype == torch.bfloat16
-            and r_max in RANKS and level.num_rows < TORCH_MIN_AVG_ROWS * len(level.segments)
-            and level.scale_idx is None)
+            and r_max in RANKS and level.num_rows < TORCH_MIN_AVG_ROWS * len(level.segments))
+
+
+def _scaling(pool: torch.Tensor | None, level: LoraPlanLevel) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (pool, scale_idx) the kernel reads for a level with scaled rows (MoR experts), else (None, None)."""
+    return (pool, level.scale_idx) if pool is not None and level.scale_idx is not None else (None, None)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, level: LoraPlanLevel,
@@ -81,7 +85,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor
     if not runs_level(x, lora_a, lora_a.shape[1] // num_subs, level):
         return torch_ref.lora_shrink(x, lora_a, slot_active, level, num_subs, rank_scale)
     return torch.ops.loramux_cpu_bgmv.shrink(x.contiguous(), lora_a, slot_active, level.slot_idx, level.token_idx,
-                                             level.coeff, level.rank_lo, level.rank_hi, num_subs)
+                                             level.coeff, level.rank_lo, level.rank_hi, num_subs,
+                                             *_scaling(rank_scale, level))
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_active: torch.Tensor,
@@ -91,4 +96,5 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
     if not runs_level(y, lora_b, lora_b.shape[2], level):
         torch_ref.lora_expand(y, lora_b, h, slot_active, level, sub_starts, out_scale)
         return
-    torch.ops.loramux_cpu_bgmv.expand(y, lora_b, h, slot_active, level.slot_idx, level.token_idx, list(sub_starts))
+    torch.ops.loramux_cpu_bgmv.expand(y, lora_b, h, slot_active, level.slot_idx, level.token_idx, list(sub_starts),
+                                      *_scaling(out_scale, level))
