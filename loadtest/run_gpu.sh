@@ -5,10 +5,11 @@
 # TOKENIZER_DIR: any HF tokenizer folder (loadtest/prepare_gpu_carry.sh exports the bundled one to
 # .gpu/tokenizer); the GPU tests and the random-init models borrow it. Everything printed goes to ONE
 # file, OUT_DIR/gpu_results.txt (versions, test results, every table); the JSON of each benchmark lies
-# beside it for plots. Steps, each with a time limit so the whole stays under 8 minutes on an H100:
+# beside it for plots. Steps, each with a time limit so the whole stays under 10 minutes (one device call):
 #   1. every `-m gpu` test                      2. bench_kernels.py, 7B projection shapes
 #   3. bench_engine.py, configs 1b and 7b       4. bench_paging.py, 1,000 adapters
 #   5. the server on the random 1B model with 32 adapters, driven by `python -m loadtest`
+#   6. bench_composites.py on the random 1B model: MoLE, MoR, MoRE batched with plain adapters
 # Server packages the GPU machine lacks are installed from .whl/*.whl when that folder exists
 # (loadtest/prepare_gpu_carry.sh downloads them). LORAMUX_GPU_SMOKE=1 runs the same steps on the CPU
 # with tiny shapes in seconds (tests/test_gpu_harness.py does, in the default suite).
@@ -32,16 +33,18 @@ status=0
 if [ "${LORAMUX_GPU_SMOKE:-0}" = 1 ]; then
   device=cpu; engine_configs="tiny"; engine_args="--requests 2 4 --prompt-len 8 --new-tokens 3 --rounds 1"
   paging_args="--config tiny --adapters 12 --ranks 8 16 --gpu-slots 3 --requests 12 --prompt-len 8 --new-tokens 2"
-  kernel_args="--config smollm2 --batches 1 4 --slots 4 --repeat 1"; server_config=tiny; adapters=4
+  kernel_args="--config tiny --batches 1 4 --slots 4 --repeat 1"; server_config=tiny; adapters=4
   load_args="--concurrency 2 --requests 4 --warmup 1 --prompt-len 4 --output-len 4"
-  limit_tests=0 limit_kernels=60 limit_engine=120 limit_paging=120 limit_server=120
+  composites_args="--prompt-tokens 4 --new-tokens 3 --rounds 1"
+  limit_tests=0 limit_kernels=60 limit_engine=120 limit_paging=120 limit_server=120 limit_composites=120
 else
   device=cuda; engine_configs="1b 7b"
   engine_args="--requests 32 128 --prompt-len 128 --new-tokens 128 --peft-requests 32 --baseline-new-tokens 16 --rounds 1"
   paging_args="--config 250m --adapters 1000 --ranks 8 16 32 64 --gpu-slots 64 --requests 256 --prompt-len 64 --new-tokens 32 --adapter-files 2"
   kernel_args="--config 7b"; server_config=1b; adapters=32
   load_args="--concurrency 8 32 --requests 64 --warmup 4 --prompt-len 64 --output-len 64"
-  limit_tests=100 limit_kernels=45 limit_engine=70 limit_paging=75 limit_server=55
+  composites_args="--prompt-tokens 16 --new-tokens 16 --rounds 2"
+  limit_tests=100 limit_kernels=45 limit_engine=70 limit_paging=75 limit_server=55 limit_composites=90
 fi
 
 step() {  # step NAME SECONDS COMMAND...: runs it under a time limit, records a failure, never stops the run
@@ -73,6 +76,8 @@ step "bench_paging" "$limit_paging" $py loadtest/bench_paging.py --device $devic
   --json "$out/bench_paging.json"
 step "server + python -m loadtest" "$limit_server" $py loadtest/serve_random.py --model "$work/model-$server_config" \
   --adapters $adapters --device $device --out "$out" -- $load_args
+step "bench_composites" "$limit_composites" $py loadtest/bench_composites.py --model "$work/model-$server_config" \
+  $composites_args --note "run_gpu.sh" --json "$out/bench_composites.json"
 
 rm -rf "$work"
 echo; echo "=== done: status $status; results in $out/gpu_results.txt"

@@ -72,7 +72,9 @@ def test_run_gpu_sh_smoke_mode_runs_every_step_into_one_file(tmp_path, smollm_to
                          env=env, capture_output=True, text=True, timeout=900)
     text = (tmp_path / "gpu_results.txt").read_text()
     assert run.returncode == 0, text[-3000:]
-    for step in ("bench_kernels", "bench_engine --config tiny", "bench_paging", "server + python -m loadtest"):
+    for step in ("bench_kernels", "bench_engine --config tiny", "bench_paging", "server + python -m loadtest",
+                 "bench_composites"):
         assert re.search(rf"^=== {re.escape(step)}[^\n]*: exit 0 after", text, re.MULTILINE), step
     assert "every request completed: True" in text
-    assert {"bench_engine_tiny.json", "bench_paging.json", "bench_kernels.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"bench_engine_tiny.json", "bench_paging.json", "bench_kernels.json", "bench_composites.json"} <= {
+        p.name for p in tmp_path.iterdir()}
