@@ -6,6 +6,8 @@ Skipped where the CPU lacks AVX512-BF16 or the kernel cannot be built; the first
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -35,7 +37,7 @@ def test_decode_rows_match_the_loop(pattern, depth):
 
 
 @needs_kernel
-@pytest.mark.parametrize("r_max", [8, 16, 32])
+@pytest.mark.parametrize("r_max", [2, 4, 8, 16, 32, 128])
 def test_every_compiled_rank_padding(r_max):
     check("zipf", 2, r_max=r_max)
     check("all_distinct", 1, r_max=r_max, d_in=1000)  # d_in not a multiple of 32, long dot products
@@ -142,6 +144,8 @@ def test_a_bfloat16_cpu_model_gets_the_kernel_and_keeps_its_slots_in_bfloat16():
     assert backend.name == "torch+cpu-bgmv" and not backend.float32_slots_on_cpu
     assert select_lora_backend("auto", cpu, torch.float32).float32_slots_on_cpu
     assert select_lora_backend("torch", cpu, torch.bfloat16).name == "torch"
+    # a slot rank the expand is not compiled for would send every level to torch's bfloat16 GEMMs: no kernel
+    assert select_lora_backend("auto", cpu, torch.bfloat16, r_max=24).float32_slots_on_cpu
     # the kernel reads the level's per-row tensors only: any mode of a decode level gives one result
     level = plan_for([(t, 1, [(t % 8, 1.0, 0, 16)]) for t in range(12)], torch.ones(8), 64).levels[0]
     a, b, _, _ = fused_pool(RANKS, 64, 24, [24], seed=0)
@@ -158,6 +162,7 @@ def test_a_bfloat16_cpu_model_gets_the_kernel_and_keeps_its_slots_in_bfloat16():
 def test_a_failed_build_leaves_the_torch_ops_with_float32_slots(monkeypatch, tmp_path, caplog):
     """No compiler, or one that refuses the flags: a warning, and the bfloat16 CPU model keeps today's path."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # not the machine's cache of good builds
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # load_kernel may add the venv's bin folder for ninja
     monkeypatch.setattr(cpu_bgmv, "cpu_flags", lambda: frozenset(cpu_bgmv.REQUIRED_FLAGS))
     monkeypatch.setattr(cpu_bgmv, "COMPILE_FLAGS", ["-mno-such-instruction-set"])
     cpu_bgmv.load_kernel.cache_clear()
@@ -170,3 +175,17 @@ def test_a_failed_build_leaves_the_torch_ops_with_float32_slots(monkeypatch, tmp
         assert not cpu_bgmv.load_kernel()  # a CPU without AVX512-BF16 builds nothing
     finally:
         cpu_bgmv.load_kernel.cache_clear()
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    """torch waits on a build's lock file without a time limit: one left by a killed build would hang every start."""
+    stale, fresh = tmp_path / "stale" / "lock", tmp_path / "fresh" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = stale.stat().st_mtime - cpu_bgmv.STALE_LOCK_SECONDS - 1
+    os.utime(stale, (old, old))
+    cpu_bgmv._remove_stale_lock(stale)
+    cpu_bgmv._remove_stale_lock(fresh)
+    cpu_bgmv._remove_stale_lock(tmp_path / "never-built" / "lock")
+    assert not stale.exists() and fresh.exists()

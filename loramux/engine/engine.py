@@ -114,7 +114,8 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.checkpoint_folder = checkpoint.folder
         hf_config = checkpoint.config
-        self.lora_backend = select_lora_backend(config.store.lora_backend, self.device, self.dtype)
+        self.lora_backend = select_lora_backend(config.store.lora_backend, self.device, self.dtype,
+                                                config.store.max_lora_rank)
         model_max = config.model.max_model_len or hf_config.max_position_embeddings
         shape = ModelShape.from_hf_config(hf_config)
         self.attention = select_attention_backend(config.model.attention_backend, shape.num_kv_heads, shape.head_dim,

@@ -10,6 +10,8 @@ import torch
 from loramux.kernels import torch_ref
 from loramux.kernels.plan import LoraPlan, LoraPlanLevel, build_lora_plan
 
+CPU_KERNEL_RANKS = tuple(2 ** i for i in range(1, 8))  # the slot ranks (r_max) cpu_bgmv's expand is compiled for
+
 
 @dataclass(frozen=True)
 class LoraBackend:
@@ -43,10 +45,12 @@ TORCH_BACKEND = LoraBackend("torch", torch_ref.lora_shrink, torch_ref.lora_expan
                             takes_flat_plans=True, reads_mode_tensors=True)
 
 
-def select_lora_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.float32) -> LoraBackend:
-    """Pick the backend once: Triton on CUDA (when installed); on the CPU, for a bfloat16 model, torch's ops
-    with the C++ decode kernel where it builds (`cpu_bgmv`); torch otherwise."""
-    if requested == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
+def select_lora_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                        r_max: int = 16) -> LoraBackend:
+    """Pick the backend once: Triton on CUDA (when installed); on the CPU, for a bfloat16 model whose slot rank
+    r_max the kernel is compiled for, torch's ops with the C++ decode kernel where it builds (`cpu_bgmv`);
+    torch otherwise."""
+    if requested == "auto" and device.type == "cpu" and dtype == torch.bfloat16 and r_max in CPU_KERNEL_RANKS:
         from loramux.kernels import cpu_bgmv  # builds the kernel on a machine's first use
 
         if cpu_bgmv.load_kernel():

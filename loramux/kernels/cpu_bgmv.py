@@ -25,12 +25,13 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from loramux.engine.cpu_features import cpu_flags
-from loramux.kernels import torch_ref
+from loramux.kernels import CPU_KERNEL_RANKS, torch_ref
 from loramux.kernels.plan import LoraPlanLevel
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_suffix(".cpp")
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # /proc/cpuinfo names of what the kernel uses
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-RANKS = tuple(2 ** i for i in range(1, 8))  # the r_max values the expand is compiled for (2..128)
 # From about this many rows per segment torch's GEMMs beat the kernel (loadtest/bench_lora_ops.py, prefill
 # 1 x 2048 vs 32 x 128 tokens, one thread, SmolLM2's projections: even at roughly 400-900 rows).
 TORCH_MIN_AVG_ROWS = 512
@@ -54,16 +54,35 @@ def load_kernel() -> bool:
         return False
     from torch.utils import cpp_extension
 
-    if shutil.which("ninja") is None:  # pip's ninja sits beside the interpreter of a venv that is not activated
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:12]
+    venv_ninja = Path(sys.executable).parent / "ninja"
+    if shutil.which("ninja") is None and venv_ninja.is_file():  # pip's ninja, in a venv that is not activated
+        os.environ["PATH"] = os.pathsep.join([str(venv_ninja.parent), os.environ.get("PATH", "")])
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS + [torch.__version__]).encode()
+                            ).hexdigest()[:12]
+    name = f"loramux_cpu_bgmv_{digest}"
+    _remove_stale_lock(Path(cpp_extension.get_default_build_root()) / name / "lock")
+    logger.info("LoRA CPU kernel: loading %s (a machine's first use builds it, about 20 s)", name)
     try:
-        cpp_extension.load(name=f"loramux_cpu_bgmv_{digest}", sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
-                           extra_ldflags=["-fopenmp"], is_python_module=False)
-    except (OSError, RuntimeError, ImportError) as exc:  # no compiler or ninja, a failed build
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS, extra_ldflags=["-fopenmp"],
+                           is_python_module=False)
+    except Exception as exc:  # an optional speed-up: no compiler or ninja, a failed build, a broken toolchain
         logger.warning("LoRA CPU kernel could not be built (%s); using torch's ops with float32 slots", exc)
         return False
     return True
+
+
+STALE_LOCK_SECONDS = 600  # a build takes about 20 s; a lock this old was left by a build that was killed
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """torch's build waits without a time limit on the lock file of a build in progress; a build killed
+    mid-way leaves it behind, and every later start would hang."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            logger.warning("LoRA CPU kernel: removing %s, left by a build that did not finish", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def runs_level(activations: torch.Tensor, slots: torch.Tensor, r_max: int, level: LoraPlanLevel) -> bool:
@@ -71,7 +90,7 @@ def runs_level(activations: torch.Tensor, slots: torch.Tensor, r_max: int, level
     segments shorter than TORCH_MIN_AVG_ROWS on average. The shrink and the expand decide alike (h is the
     kernel's own layout)."""
     return (activations.device.type == "cpu" and activations.dtype == slots.dtype == torch.bfloat16
-            and r_max in RANKS and level.num_rows < TORCH_MIN_AVG_ROWS * len(level.segments))
+            and r_max in CPU_KERNEL_RANKS and level.num_rows < TORCH_MIN_AVG_ROWS * len(level.segments))
 
 
 def _scaling(pool: torch.Tensor | None, level: LoraPlanLevel) -> tuple[torch.Tensor | None, torch.Tensor | None]:
