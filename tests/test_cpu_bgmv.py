@@ -189,3 +189,23 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path)
     cpu_bgmv._remove_stale_lock(fresh)
     cpu_bgmv._remove_stale_lock(tmp_path / "never-built" / "lock")
     assert not stale.exists() and fresh.exists()
+
+
+@needs_kernel
+def test_rows_that_index_outside_the_slots_or_tokens_are_refused_not_read():
+    """The kernel reads A, B, x and y at the plan's indices: an index out of range is an error, not a stray read."""
+    a, b, _, _ = fused_pool(RANKS, 64, 24, [24], seed=0)
+    a, b, x = a.bfloat16(), b.bfloat16(), torch.randn(4, 24).bfloat16()
+    active = torch.ones(len(RANKS), dtype=torch.int32)
+    level = plan_for([(t, 1, [(t, 1.0, 0, 4)]) for t in range(4)], torch.ones(len(RANKS)), 64).levels[0]
+    ops = torch.ops.loramux_cpu_bgmv
+    args = (level.coeff, level.rank_lo, level.rank_hi, 1, None, None)
+    ops.shrink(x, a, active, level.slot_idx, level.token_idx, *args)  # in range: runs
+    with pytest.raises(RuntimeError, match="token 4 of 4"):
+        ops.shrink(x, a, active, level.slot_idx, level.token_idx + 1, *args)
+    with pytest.raises(RuntimeError, match=f"slot {len(RANKS)} of {len(RANKS)}"):
+        ops.shrink(x, a, active, level.slot_idx + len(RANKS) - 3, level.token_idx, *args)
+    h = torch.zeros(4, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="token 4 of 4"):
+        ops.expand(torch.zeros(4, 24, dtype=torch.bfloat16), b, h, active, level.slot_idx, level.token_idx + 1, [0],
+                   None, None)

@@ -291,10 +291,19 @@ void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const 
   });
 }
 
-void check_rows(const at::Tensor& slot_active, const at::Tensor& slot, const at::Tensor& token) {
-  TORCH_CHECK(slot_active.scalar_type() == at::kInt && slot_active.is_contiguous(), "slot_active: int32");
+// The plan's rows index the slot tensors and x / y: a bad index would read or write out of bounds, so check
+// each live row (O(N), nothing next to reading A and B).
+void check_rows(const at::Tensor& slot_active, const at::Tensor& slot, const at::Tensor& token, int64_t num_slots,
+                int64_t num_tokens) {
+  TORCH_CHECK(slot_active.scalar_type() == at::kInt && slot_active.is_contiguous() &&
+              slot_active.size(0) == num_slots, "slot_active: [S] int32");
   TORCH_CHECK(slot.scalar_type() == at::kLong && token.scalar_type() == at::kLong && slot.is_contiguous() &&
               token.is_contiguous() && slot.size(0) == token.size(0), "slot / token: [N] int64");
+  const int64_t* s = slot.data_ptr<int64_t>();
+  const int64_t* t = token.data_ptr<int64_t>();
+  for (int64_t n = 0; n < slot.size(0); ++n)
+    TORCH_CHECK(s[n] < 0 || (s[n] < num_slots && t[n] >= 0 && t[n] < num_tokens), "row ", n, ": slot ", s[n],
+                " of ", num_slots, ", token ", t[n], " of ", num_tokens);
 }
 
 // The pool's data where the level scales its rows (a pool and scale_idx given), else nullptr.
@@ -305,6 +314,9 @@ const uint16_t* scale_pool(const std::optional<at::Tensor>& pool, const std::opt
               pool->is_contiguous(), "scaling-vector pool: [V + 1, ", width, "] bfloat16, contiguous");
   TORCH_CHECK(scale_idx->scalar_type() == at::kLong && scale_idx->is_contiguous() &&
               scale_idx->size(0) == slot.size(0), "scale_idx: [N] int64");
+  const int64_t* rows = scale_idx->data_ptr<int64_t>();
+  for (int64_t n = 0; n < slot.size(0); ++n)
+    TORCH_CHECK(rows[n] >= -1 && rows[n] < pool->size(0), "row ", n, ": scale row ", rows[n], " of ", pool->size(0));
   return reinterpret_cast<const uint16_t*>(pool->data_ptr<at::BFloat16>());
 }
 
@@ -322,8 +334,9 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, const at::Tenso
   TORCH_CHECK(num_subs > 0 && a.size(1) % num_subs == 0, "A's width is num_subs * r_max");
   TORCH_CHECK(coeff.scalar_type() == at::kFloat && rank_lo.scalar_type() == at::kLong &&
               rank_hi.scalar_type() == at::kLong && coeff.is_contiguous() && rank_lo.is_contiguous() &&
-              rank_hi.is_contiguous(), "coeff: [N] float32, rank_lo / rank_hi: [N] int64");
-  check_rows(slot_active, slot, token);
+              rank_hi.is_contiguous() && coeff.size(0) == slot.size(0) && rank_lo.size(0) == slot.size(0) &&
+              rank_hi.size(0) == slot.size(0), "coeff: [N] float32, rank_lo / rank_hi: [N] int64");
+  check_rows(slot_active, slot, token, a.size(0), x.size(0));
   const uint16_t* pool = scale_pool(rank_scale, scale_idx, slot, a.size(1));
   at::Tensor h = at::empty({slot.size(0), a.size(1)}, x.options());
   const RowOrder order = row_order(slot.data_ptr<int64_t>(), token.data_ptr<int64_t>(),
@@ -343,7 +356,10 @@ void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const a
               "y [T, d_total], B [S, d_total, r_max], h [N, num_subs * r_max], contiguous");
   const int64_t r_max = b.size(2), num_subs = static_cast<int64_t>(sub_starts.size());
   TORCH_CHECK(h.size(1) == num_subs * r_max, "h's width is len(sub_starts) * r_max");
-  check_rows(slot_active, slot, token);
+  for (int64_t i = 0; i < num_subs; ++i)
+    TORCH_CHECK(sub_starts[i] >= (i ? sub_starts[i - 1] : 0) && sub_starts[i] <= y.size(1),
+                "sub_starts must rise within y's columns");
+  check_rows(slot_active, slot, token, b.size(0), y.size(0));
   const uint16_t* pool = scale_pool(out_scale, scale_idx, slot, y.size(1));
   const int64_t* rows = scale_rows(scale_idx);
   const RowOrder order = row_order(slot.data_ptr<int64_t>(), token.data_ptr<int64_t>(),
