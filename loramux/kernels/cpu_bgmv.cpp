@@ -250,9 +250,13 @@ inline __m512 tile_product(const __m512i* t, const uint16_t* h_block) {
   return _mm512_add_ps(acc[0], acc[1]);
 }
 
+inline __mmask16 column_mask(int cols) {  // the first `cols` (<= 16) float32 lanes of a tile
+  return cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+}
+
 // y_row[0:cols] (bfloat16) += delta, rounded once.
 inline void add_to_row(at::BFloat16* y_row, __m512 delta, int cols) {
-  const __mmask16 mask = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  const __mmask16 mask = column_mask(cols);
   const __m512 y_f = load_as_float(reinterpret_cast<const uint16_t*>(y_row), mask);
   _mm256_mask_storeu_epi16(y_row, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(y_f, delta)));
 }
@@ -272,7 +276,7 @@ void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const 
       const uint16_t* b_slot = b_p + run.slot * d_total * R;
       for (int64_t i = begin; i < end; ++i) {
         const Tile& tile = tiles[i];
-        const __mmask16 mask = tile.cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << tile.cols) - 1);
+        const __mmask16 mask = column_mask(tile.cols);
         load_transposed_tile<M>(b_slot + tile.col * R, tile.cols, t);
         for (int64_t k = run.begin; k < run.end; ++k) {
           const TokenRows& rows = order.tokens[k];
