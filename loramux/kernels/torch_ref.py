@@ -147,7 +147,7 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
                 for cols, ranks in blocks:
                     torch.mm(h_seg[:, ranks][:, lo:hi], b[cols].T, out=delta[:, cols])
                 if out_scale is not None and seg.scale_row >= 0:
-                    delta = delta * out_scale[seg.scale_row]
+                    delta.mul_(out_scale[seg.scale_row])  # in place, as the gathered modes below
                 y[seg.token:seg.token + count] += delta.to(y.dtype)
         return
     # The gathered modes add the whole delta row of every sub-projection in one index_add_: small
