@@ -24,7 +24,7 @@ import os
 import torch
 from bench_common import machine_description, timed
 
-from loramux.kernels import build_lora_plan, cpu_bgmv, torch_ref
+from loramux.kernels import build_lora_plan, cpu_bgmv, cpu_extension, torch_ref
 from loramux.kernels.plan import with_mode
 
 logger = logging.getLogger("bench_lora_ops")
@@ -86,7 +86,7 @@ def main() -> None:
                (torch.randn(d_out, args.d_in) * 0.02).to(dtype)) for _ in range(args.layers)]
     # the same slots in the activations' dtype, for the kernel
     kernel_copies = [(a.to(dtype), b.to(dtype), w) for a, b, w in copies] \
-        if dtype == torch.bfloat16 and cpu_bgmv.load_kernel() else None
+        if dtype == torch.bfloat16 and cpu_extension.load() else None
     scales = torch.ones(args.slots)
     active = torch.ones(args.slots, dtype=torch.int32)
     modes = ("gather", "slots", "segments")

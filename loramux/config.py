@@ -18,7 +18,7 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "torch")
+ATTENTION_BACKENDS = ("auto", "triton", "cpu", "sdpa", "torch")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ModelConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     served_model_name: str | None = None
     enforce_eager: bool = False  # no CUDA graphs for decode
-    attention_backend: str = "auto"  # triton on CUDA, sdpa elsewhere
+    attention_backend: str = "auto"  # triton on CUDA; on the CPU cpu for bfloat16 where it builds, else sdpa
     cache_dir: str | None = None  # where converted GGUF checkpoints go; None: ~/.cache/loramux/models
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from loramux.adapters_store import AdapterError
 from loramux.composites.synthetic import write_random_mole, write_random_mor, write_random_more
 from loramux.engine import SamplingParams
 from loramux.engine.engine import RequestError
-from loramux.kernels import cpu_bgmv
+from loramux.kernels import cpu_extension
 from tests.conftest import hf_greedy, make_engine, make_peft_adapter
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -240,7 +240,7 @@ def test_mixed_batch_of_composites_plain_adapters_and_base(tiny_llama_dir, compo
     assert reports["more-math"] == {"name": "more", "type": "more", "task": "math"}
 
 
-@pytest.mark.skipif(not cpu_bgmv.load_kernel(), reason="no AVX512-BF16 or the kernel did not build")
+@pytest.mark.skipif(not cpu_extension.load(), reason="no AVX512-BF16 or the kernel did not build")
 def test_bf16_cpu_kernel_serves_mor_beside_plain_adapters_as_torchs_ops_do(tiny_llama_dir, composites):
     """A bfloat16 CPU engine runs MoR's scaled rows in the C++ kernel (bfloat16 slots and pools) with the
     tokens of the torch backend (float32 slots, torch's ops), MoR requests batched with plain adapters."""

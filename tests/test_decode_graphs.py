@@ -101,8 +101,7 @@ def decode_inputs(engine, mixes):
     engine.step()
     plan = engine.scheduler.schedule()
     assert not plan.prefill
-    return prepare_step_inputs(plan, engine.config.cache.block_size, None, engine.slots, engine.device, False,
-                               engine.composites)
+    return prepare_step_inputs(plan, engine.attention, engine.slots, engine.device, engine.composites)
 
 
 def test_gate_buffers_are_sized_by_the_graph_batch_and_padding_is_inert(tiny_llama_dir, adapters, mole_dir):
@@ -154,7 +153,7 @@ def test_padding_rows_are_inert(tiny_llama_dir, adapters):
     engine.step()  # prefills every prompt: the next step decodes all five
     plan = engine.scheduler.schedule()
     assert not plan.prefill
-    inputs = prepare_step_inputs(plan, engine.config.cache.block_size, None, engine.slots, engine.device, False)
+    inputs = prepare_step_inputs(plan, engine.attention, engine.slots, engine.device)
     n, depth = len(plan.decode), len(inputs.ctx.lora_plan.levels)
     assert n == 5 and depth == 2
     batch = runner.graph_batch(n)

@@ -1,13 +1,14 @@
-"""The CPU attention backend (`sdpa`: block gathers, query heads folded per KV head) against the float32 reference."""
+"""The CPU attention backends against the float32 reference: `sdpa` (block gathers, query heads folded per KV
+head) and `cpu` (prefill as sdpa, decode by the C++ kernel reading the paged cache in place)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loramux.engine.attention import SdpaAttention, grouped_decode_attention
+from loramux.engine.attention import CpuKernelAttention, SdpaAttention, grouped_decode_attention
 from loramux.engine.step_inputs import attention_metadata
-from loramux.kernels import attention_ref
+from loramux.kernels import attention_ref, cpu_extension
 
 BLOCK_SIZE = 4
 NUM_KV_HEADS, GROUP, HEAD_DIM = 2, 3, 8
@@ -27,16 +28,22 @@ def step_case(chunks: list[tuple[int, int]], num_decode: int, dtype: torch.dtype
     return q, k, v, k_cache, v_cache, tables
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+needs_kernel = pytest.mark.skipif(not cpu_extension.load(), reason="no AVX512-BF16 or the kernels did not build")
+
+
+@pytest.mark.parametrize("backend_type, dtype, tol", [
+    (SdpaAttention, torch.float32, 1e-5), (SdpaAttention, torch.bfloat16, 3e-2),
+    pytest.param(CpuKernelAttention, torch.bfloat16, 3e-2, marks=needs_kernel),  # the kernel is bfloat16 only
+])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("chunks, num_decode", [
     ([(0, 1), (6, 1), (11, 1), (3, 1)], 4),  # decode only: contexts of 1, a partial and whole blocks
     ([(9, 1), (2, 1), (0, 5), (4, 3)], 2),  # decode beside a fresh prefill and a chunk with cached context
 ])
-def test_sdpa_backend_matches_reference(dtype, tol, window, chunks, num_decode):
+def test_cpu_backends_match_reference(backend_type, dtype, tol, window, chunks, num_decode):
     q, k, v, k_cache, v_cache, tables = step_case(chunks, num_decode, dtype)
-    meta, _ = attention_metadata(tables, chunks, num_decode, BLOCK_SIZE, window, torch.device("cpu"), True)
-    backend = SdpaAttention(NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, window, torch.device("cpu"))
+    backend = backend_type(NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, window, torch.device("cpu"))
+    meta, _ = attention_metadata(tables, chunks, num_decode, backend, torch.device("cpu"))
     got = backend(q, k, v, k_cache, v_cache, meta)  # writes this step's K/V into the caches, then attends
     expected = attention_ref.paged_attention_varlen(
         q.float(), k_cache.float(), v_cache.float(), meta.block_tables, meta.query_start, meta.context_lens,

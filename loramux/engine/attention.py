@@ -10,10 +10,13 @@ start. Backends:
   decode-only step reads nothing but device tensors, so a CUDA graph captured
   for a batch size serves every context length.
 - `torch`: the reference kernels (same signatures, a loop over sequences).
-- `sdpa` (the CPU fast path): gathers each step's context and runs batched
+- `sdpa` (the CPU path): gathers each step's context and runs batched
   SDPA per prefill span; its gather indices (`SdpaPlan`) are built once per
   step. Decode gathers whole cache blocks and folds each KV head's query
   heads into its query rows (see `grouped_decode_attention`).
+- `cpu` (the CPU default for bfloat16 on AVX512-BF16): prefill as `sdpa`;
+  decode reads the paged cache in place with a C++ kernel
+  (`loramux/kernels/cpu_attention.cpp`), with no gather or copy of the context.
 """
 
 from __future__ import annotations
@@ -105,14 +108,15 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) ->
 
 def build_sdpa_plan(tables: torch.Tensor, positions: torch.Tensor, num_decode: int,
                     prefill_chunks: list[tuple[int, int]], block_size: int, sliding_window: int | None,
-                    device: torch.device) -> SdpaPlan:
+                    device: torch.device, gather_decode: bool = True) -> SdpaPlan:
     """Gather indices and masks of one step for the sdpa backend (host tensors in, device tensors out).
 
     tables: [N, max_blocks] int64 block tables, decode sequences first; positions: [T];
-    prefill_chunks: (first position, new tokens) of each prefill sequence, in batch order.
+    prefill_chunks: (first position, new tokens) of each prefill sequence, in batch order;
+    gather_decode: also the decode rows' blocks and bias (False where a kernel reads the cache in place).
     """
     decode_blocks = decode_bias = None
-    if num_decode:
+    if num_decode and gather_decode:
         num_blocks = int(positions[:num_decode].max()) // block_size + 1
         decode_blocks = tables[:num_decode, :num_blocks].to(device)
         key_pos = torch.arange(num_blocks * block_size)[None, :]
@@ -148,7 +152,6 @@ class AttentionBackend:
     """
 
     name = ""
-    uses_sdpa_plan = False
     graph_capturable = False
 
     def __init__(self, num_kv_heads: int, head_dim: int, block_size: int, sliding_window: int | None,
@@ -158,6 +161,11 @@ class AttentionBackend:
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
         self.device = device
+
+    def build_plan(self, tables: torch.Tensor, positions: torch.Tensor, num_decode: int,
+                   prefill_chunks: list[tuple[int, int]]) -> SdpaPlan | None:
+        """The step's gather plan, for backends that gather (arguments as `build_sdpa_plan`); None otherwise."""
+        return None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -220,7 +228,7 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
 
 
 class SdpaAttention(AttentionBackend):
-    """The CPU fast path: grouped attention over gathered K/V (decode) and SDPA per prefill span.
+    """The CPU path: grouped attention over gathered K/V (decode) and SDPA per prefill span.
 
     Decode folds the query heads that share a KV head into that head's query
     rows ([B, Hkv, group, D] against [B, Hkv, L, D], one bias row per
@@ -229,22 +237,31 @@ class SdpaAttention(AttentionBackend):
     """
 
     name = "sdpa"
-    uses_sdpa_plan = True
+    gathers_decode = True
+
+    def build_plan(self, tables, positions, num_decode, prefill_chunks) -> SdpaPlan:
+        return build_sdpa_plan(tables, positions, num_decode, prefill_chunks, self.block_size, self.sliding_window,
+                               self.device, self.gathers_decode)
+
+    def attend_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        """The decode rows' attention: q [num_decode, Hq, D] -> [num_decode, Hq, D]."""
+        plan, nd, num_kv_heads = meta.sdpa, q.shape[0], k_cache.shape[1]
+        keys = gather_blocks(k_cache, plan.decode_blocks, self.block_size)
+        values = gather_blocks(v_cache, plan.decode_blocks, self.block_size)
+        grouped = q.view(nd, num_kv_heads, -1, q.shape[2])
+        return grouped_decode_attention(grouped, keys, values, plan.decode_bias, self.scale).reshape(q.shape)
 
     def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        plan = meta.sdpa
+        plan, nd = meta.sdpa, meta.num_decode
         gqa = q.shape[1] != k.shape[1]
-        if meta.num_decode:
-            nd, num_kv_heads = meta.num_decode, k.shape[1]
-            keys = gather_blocks(k_cache, plan.decode_blocks, self.block_size)
-            values = gather_blocks(v_cache, plan.decode_blocks, self.block_size)
-            grouped = q[:nd].view(nd, num_kv_heads, -1, q.shape[2])
-            decoded = grouped_decode_attention(grouped, keys, values, plan.decode_bias, self.scale)
+        if nd:
+            decoded = self.attend_decode(q[:nd], k_cache, v_cache, meta)
             if not plan.prefills:
-                return decoded.reshape(q.shape)
+                return decoded
         out = torch.empty_like(q)
-        if meta.num_decode:
-            out[:nd] = decoded.reshape(nd, *q.shape[1:])
+        if nd:
+            out[:nd] = decoded
         for span in plan.prefills:
             rows = slice(span.start, span.start + span.length * span.num_seqs)
 
@@ -263,13 +280,45 @@ class SdpaAttention(AttentionBackend):
         return out
 
 
+class CpuKernelAttention(SdpaAttention):
+    """The CPU default for bfloat16 on AVX512-BF16: prefill as `sdpa`; decode reads K/V where they lie in the
+    paged cache (`cpu_attention.cpp`), where gathering them first moved the whole context twice a step."""
+
+    name = "cpu"
+    gathers_decode = False
+
+    def attend_decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        nd = q.shape[0]
+        return torch.ops.loramux_cpu_attention.decode(
+            q.contiguous(), k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], self.block_size,
+            self.scale, self.sliding_window or 0)
+
+
+def cpu_kernel_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """The C++ decode kernel can serve: a bfloat16 model on a CPU whose kernels build (AVX512-BF16)."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    from loramux.kernels import cpu_extension  # builds the kernels on a machine's first use
+
+    return cpu_extension.load()
+
+
 def select_attention_backend(requested: str, num_kv_heads: int, head_dim: int, block_size: int,
-                             sliding_window: int | None, device: torch.device) -> AttentionBackend:
-    """Pick the backend once: Triton on CUDA (when installed), sdpa otherwise."""
+                             sliding_window: int | None, device: torch.device,
+                             dtype: torch.dtype = torch.float32) -> AttentionBackend:
+    """Pick the backend once: Triton on CUDA (when installed); on the CPU the C++ decode kernel for bfloat16
+    where it builds, sdpa otherwise."""
     args = (num_kv_heads, head_dim, block_size, sliding_window, device)
     if requested == "torch":
         return PagedKernelAttention(attention_ref, *args)
-    if requested == "sdpa" or (requested == "auto" and device.type != "cuda"):
+    if requested == "cpu":
+        if not cpu_kernel_serves(device, dtype):
+            raise ValueError("--attention-backend cpu needs a bfloat16 model on a CPU with AVX512-BF16 and a C++ "
+                             "compiler (see the log); use sdpa")
+        return CpuKernelAttention(*args)
+    if requested == "auto" and device.type != "cuda":
+        return CpuKernelAttention(*args) if cpu_kernel_serves(device, dtype) else SdpaAttention(*args)
+    if requested == "sdpa":
         return SdpaAttention(*args)
     try:
         from loramux.kernels import triton_attention

@@ -119,7 +119,8 @@ class Engine:
         model_max = config.model.max_model_len or hf_config.max_position_embeddings
         shape = ModelShape.from_hf_config(hf_config)
         self.attention = select_attention_backend(config.model.attention_backend, shape.num_kv_heads, shape.head_dim,
-                                                  config.cache.block_size, shape.sliding_window, self.device)
+                                                  config.cache.block_size, shape.sliding_window, self.device,
+                                                  self.dtype)
         self.model = CausalLM(hf_config, checkpoint.weights, self.lora_backend, model_max, self.dtype, self.device,
                               self.attention)
         self.shape = self.model.shape
@@ -386,9 +387,8 @@ class Engine:
         try:
             # Decode graphs hold one plan level per mixture depth; eager steps take a flat plan where they can.
             flat = self.lora_backend.takes_flat_plans and self.decode_graphs is None
-            inputs = prepare_step_inputs(plan, self.config.cache.block_size, self.shape.sliding_window,
-                                         self.slots, self.device, self.attention.uses_sdpa_plan, self.composites,
-                                         flat, self.lora_backend.reads_mode_tensors)
+            inputs = prepare_step_inputs(plan, self.attention, self.slots, self.device, self.composites, flat,
+                                         self.lora_backend.reads_mode_tensors)
             self.store.wait_for_page_ins()
             if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
                 logits = self.decode_graphs.run(inputs)

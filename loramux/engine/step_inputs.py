@@ -14,7 +14,7 @@ import torch
 from loramux.adapters_store.slot_pool import LoraSlotPool
 from loramux.composites.gates import build_composite_gates
 from loramux.composites.registry import CompositeRegistry
-from loramux.engine.attention import AttentionMetadata, build_sdpa_plan
+from loramux.engine.attention import AttentionBackend, AttentionMetadata
 from loramux.kernels.attention_ref import context_slots
 from loramux.engine.model import StepContext
 from loramux.engine.scheduler import SchedulePlan
@@ -33,14 +33,14 @@ class StepInputs:
 
 
 def attention_metadata(block_tables: list[list[int]], chunks: list[tuple[int, int]], num_decode: int,
-                       block_size: int, sliding_window: int | None, device: torch.device,
-                       uses_sdpa_plan: bool) -> tuple[AttentionMetadata, torch.Tensor]:
-    """The attention metadata of a step and the positions [T] of its tokens (both on `device`).
+                       attention: AttentionBackend, device: torch.device) -> tuple[AttentionMetadata, torch.Tensor]:
+    """The attention metadata of a step for `attention` (with its gather plan, if it has one) and the
+    positions [T] of its tokens (both on `device`).
 
     block_tables: each scheduled sequence's blocks, decode sequences first;
-    chunks: (tokens already in the cache, new tokens) of each; uses_sdpa_plan:
-    also build the sdpa backend's gather indices.
+    chunks: (tokens already in the cache, new tokens) of each.
     """
+    block_size = attention.block_size
     cached = torch.tensor([c for c, _ in chunks])
     query_lens = torch.tensor([n for _, n in chunks])
     pos = torch.tensor([p for c, n in chunks for p in range(c, c + n)], dtype=torch.int64)
@@ -49,9 +49,7 @@ def attention_metadata(block_tables: list[list[int]], chunks: list[tuple[int, in
     row_table = torch.repeat_interleave(tables, query_lens, dim=0)
     slot_mapping = context_slots(row_table, pos[:, None], block_size)[:, 0]
     query_start = torch.cat([torch.zeros(1, dtype=torch.int64), query_lens.cumsum(0)])
-    sdpa = None
-    if uses_sdpa_plan:
-        sdpa = build_sdpa_plan(tables, pos, num_decode, chunks[num_decode:], block_size, sliding_window, device)
+    sdpa = attention.build_plan(tables, pos, num_decode, chunks[num_decode:])
     meta = AttentionMetadata(
         slot_mapping=slot_mapping.to(device), block_tables=tables.to(device, torch.int32),
         context_lens=(cached + query_lens).to(device, torch.int32), query_start=query_start.to(device, torch.int32),
@@ -59,11 +57,10 @@ def attention_metadata(block_tables: list[list[int]], chunks: list[tuple[int, in
     return meta, pos.to(device)
 
 
-def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int | None, slots: LoraSlotPool,
-                        device: torch.device, uses_sdpa_plan: bool,
-                        composites: CompositeRegistry | None = None, flat_lora_plan: bool = False,
-                        lora_mode_tensors: bool = True) -> StepInputs:
-    """The tensors of one step; `uses_sdpa_plan`: also build the sdpa backend's gather indices;
+def prepare_step_inputs(plan: SchedulePlan, attention: AttentionBackend, slots: LoraSlotPool,
+                        device: torch.device, composites: CompositeRegistry | None = None,
+                        flat_lora_plan: bool = False, lora_mode_tensors: bool = True) -> StepInputs:
+    """The tensors of one step for the `attention` backend;
     `composites`: the registry whose gates the step's gated composite requests use;
     `flat_lora_plan`: one LoRA plan level for any mixture depth (a backend that sums repeated rows);
     `lora_mode_tensors`: the LoRA backend reads the plan's per-mode tensors (see `build_lora_plan`)."""
@@ -87,7 +84,7 @@ def prepare_step_inputs(plan: SchedulePlan, block_size: int, sliding_window: int
     attention, pos = attention_metadata(
         [item.seq.block_table for item in plan.scheduled],
         [(item.seq.num_computed_tokens, item.num_new_tokens) for item in plan.scheduled], len(plan.decode),
-        block_size, sliding_window, device, uses_sdpa_plan)
+        attention, device)
     lora_plan = build_lora_plan(runs, slots.scales, slots.max_rank, device, slots.targets, flat=flat_lora_plan,
                                 mode_tensors=lora_mode_tensors)
     gates = None

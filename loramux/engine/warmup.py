@@ -37,8 +37,7 @@ def scratch_step(chunks: list[tuple[int, int]], num_decode: int, depth: int, scr
     nothing else; LoRA rows use slots 0..depth-1 with weight 0.
     """
     tables = [[scratch_block] * -(-(c + n) // block_size) for c, n in chunks]
-    meta, positions = attention_metadata(tables, chunks, num_decode, block_size, attention.sliding_window, device,
-                                         attention.uses_sdpa_plan)
+    meta, positions = attention_metadata(tables, chunks, num_decode, attention, device)
     starts = meta.query_start.tolist()
     runs = [(start, n, [(k, 0.0, 0, r_max) for k in range(depth)]) for start, (_, n) in zip(starts, chunks)]
     plan = build_lora_plan(runs, slot_scales, r_max, device)

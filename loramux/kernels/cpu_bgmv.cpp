@@ -25,6 +25,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_simd.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -34,27 +36,11 @@
 
 namespace {
 
+using namespace loramux_simd;
+
 constexpr int kTile = 16;  // output columns per expand tile: one float32 vector of sums
 
-inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
-
-inline __mmask32 tail_mask(int64_t valid) {  // the first `valid` of 32 bfloat16 lanes (none when valid <= 0)
-  return valid >= 32 ? ~__mmask32(0) : valid <= 0 ? __mmask32(0) : (__mmask32(1) << valid) - 1;
-}
-
 inline bool live_row(int64_t slot, const int32_t* slot_active) { return slot >= 0 && slot_active[slot] != 0; }
-
-// `valid` (<= 16) bfloat16 values widened to float32 lanes (0 past them).
-inline __m512 load_as_float(const uint16_t* p, __mmask16 valid) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
-}
-
-inline float as_float(uint16_t bf16) {
-  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
 
 // Row n's scaling vector in a pool [V + 1, width] (MoR), or nullptr where it has none (scale_idx -1, no pool).
 inline const uint16_t* scale_row(const uint16_t* pool, const int64_t* scale_idx, int64_t width, int64_t n) {
@@ -250,15 +236,11 @@ inline __m512 tile_product(const __m512i* t, const uint16_t* h_block) {
   return _mm512_add_ps(acc[0], acc[1]);
 }
 
-inline __mmask16 column_mask(int cols) {  // the first `cols` (<= 16) float32 lanes of a tile
-  return cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-}
-
 // y_row[0:cols] (bfloat16) += delta, rounded once.
 inline void add_to_row(at::BFloat16* y_row, __m512 delta, int cols) {
-  const __mmask16 mask = column_mask(cols);
+  const __mmask16 mask = lane_mask(cols);
   const __m512 y_f = load_as_float(reinterpret_cast<const uint16_t*>(y_row), mask);
-  _mm256_mask_storeu_epi16(y_row, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(y_f, delta)));
+  store_as_bf16(y_row, _mm512_add_ps(y_f, delta), mask);
 }
 
 template <int M>
@@ -276,7 +258,7 @@ void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const 
       const uint16_t* b_slot = b_p + run.slot * d_total * R;
       for (int64_t i = begin; i < end; ++i) {
         const Tile& tile = tiles[i];
-        const __mmask16 mask = column_mask(tile.cols);
+        const __mmask16 mask = lane_mask(tile.cols);
         load_transposed_tile<M>(b_slot + tile.col * R, tile.cols, t);
         for (int64_t k = run.begin; k < run.end; ++k) {
           const TokenRows& rows = order.tokens[k];

@@ -10,79 +10,19 @@ launches per segment and projection); levels whose segments average
 TORCH_MIN_AVG_ROWS rows or more (a long prompt alone) run torch's segment GEMMs,
 which are faster per row.
 
-The kernel is built with the machine's compiler (and ninja) on first use, into
-torch's extension cache (`~/.cache/torch_extensions`, or $TORCH_EXTENSIONS_DIR),
-under a name holding the source's hash: later processes load the built library,
-and checkouts with different sources do not rebuild over each other. Only CPUs with AVX512-BF16 get it: elsewhere
-`--dtype auto` serves float32, where the torch ops are the fast ones.
+The kernel is built on first use (`cpu_extension`); where it cannot be, the torch ops serve with float32 slots.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import os
-import shutil
-import sys
-import time
-from pathlib import Path
-
 import torch
 
-from loramux.engine.cpu_features import cpu_flags
 from loramux.kernels import CPU_KERNEL_RANKS, torch_ref
 from loramux.kernels.plan import LoraPlanLevel
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_suffix(".cpp")
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # /proc/cpuinfo names of what the kernel uses
-COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 # From about this many rows per segment torch's GEMMs beat the kernel (loadtest/bench_lora_ops.py, prefill
 # 1 x 2048 vs 32 x 128 tokens, one thread, SmolLM2's projections: even at roughly 400-900 rows).
 TORCH_MIN_AVG_ROWS = 512
-
-
-@functools.cache
-def load_kernel() -> bool:
-    """Build (once per machine) and load the kernel's ops; False, with the reason logged, where the CPU lacks
-    AVX512-BF16 or the build fails (no compiler): the torch ops serve then."""
-    missing = [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
-    if missing:
-        logger.info("LoRA CPU kernel: the CPU lacks %s; using torch's ops", ", ".join(missing))
-        return False
-    from torch.utils import cpp_extension
-
-    venv_ninja = Path(sys.executable).parent / "ninja"
-    if shutil.which("ninja") is None and venv_ninja.is_file():  # pip's ninja, in a venv that is not activated
-        os.environ["PATH"] = os.pathsep.join([str(venv_ninja.parent), os.environ.get("PATH", "")])
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS + [torch.__version__]).encode()
-                            ).hexdigest()[:12]
-    name = f"loramux_cpu_bgmv_{digest}"
-    _remove_stale_lock(Path(cpp_extension.get_default_build_root()) / name / "lock")
-    logger.info("LoRA CPU kernel: loading %s (a machine's first use builds it, about 20 s)", name)
-    try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS, extra_ldflags=["-fopenmp"],
-                           is_python_module=False)
-    except Exception as exc:  # an optional speed-up: no compiler or ninja, a failed build, a broken toolchain
-        logger.warning("LoRA CPU kernel could not be built (%s); using torch's ops with float32 slots", exc)
-        return False
-    return True
-
-
-STALE_LOCK_SECONDS = 600  # a build takes about 20 s; a lock this old was left by a build that was killed
-
-
-def _remove_stale_lock(lock: Path) -> None:
-    """torch's build waits without a time limit on the lock file of a build in progress; a build killed
-    mid-way leaves it behind, and every later start would hang."""
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-            logger.warning("LoRA CPU kernel: removing %s, left by a build that did not finish", lock)
-            lock.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def runs_level(activations: torch.Tensor, slots: torch.Tensor, r_max: int, level: LoraPlanLevel) -> bool:

@@ -1,0 +1,39 @@
+// AVX512 helpers shared by the CPU kernels (cpu_bgmv.cpp, cpu_attention.cpp): bfloat16 held as uint16_t,
+// widened to float32 lanes for sums and rounded back once.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace loramux_simd {
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+inline __mmask32 tail_mask(int64_t valid) {  // the first `valid` of 32 bfloat16 lanes (none when valid <= 0)
+  return valid >= 32 ? ~__mmask32(0) : valid <= 0 ? __mmask32(0) : (__mmask32(1) << valid) - 1;
+}
+
+inline __mmask16 lane_mask(int64_t valid) {  // the first `valid` of 16 float32 lanes (none when valid <= 0)
+  return valid >= 16 ? __mmask16(0xFFFF) : valid <= 0 ? __mmask16(0) : __mmask16((1u << valid) - 1);
+}
+
+// `valid` (<= 16) bfloat16 values widened to float32 lanes (0 past them).
+inline __m512 load_as_float(const uint16_t* p, __mmask16 valid) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
+}
+
+// The first `valid` (<= 16) lanes of v rounded to bfloat16 (nearest, ties to even, as torch rounds) and stored.
+inline void store_as_bf16(void* p, __m512 v, __mmask16 valid) {
+  _mm256_mask_storeu_epi16(p, valid, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+inline float as_float(uint16_t bf16) {
+  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+}  // namespace loramux_simd
