@@ -1,7 +1,7 @@
 """The C++ BGMV kernel for bfloat16 on the CPU against the per-token float32 loop (tests/lora_cases.py).
 
 Skipped where the CPU lacks AVX512-BF16 or the kernel cannot be built; the first run on a machine builds it
-(about 30 s), later runs load torch's cached build.
+(about 20 s), later runs load torch's cached build.
 """
 
 from __future__ import annotations

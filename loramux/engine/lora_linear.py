@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loramux.engine import dense_gemm
 from loramux.kernels import LoraBackend, LoraPlan
 
 
 class LoraLinear(nn.Module):
     """y = x @ W.T (+ b) + the LoRA deltas the plan assigns to each token.
+
+    W may be prepacked for oneDNN (`dense_gemm.prepack`: bfloat16 on the CPU); it keeps its shape and dtype.
 
     `sub_names` / `sub_sizes` describe the projections fused into W along its
     output dimension (q, k, v or gate, up; one name for o_proj and down_proj).
@@ -113,7 +116,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: LoraPlan) -> torch.Tensor:
         """x: [T, d_in] -> y: [T, d_out_total]."""
-        y = nn.functional.linear(x, self.weight, self.bias)
+        y = dense_gemm.linear(x, self.weight, self.bias)
         if plan.targets is not None and plan.targets.isdisjoint(self.sub_names):
             return y  # no adapter of the step targets this projection: launch nothing
         for level in plan.levels:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from loramux.engine import dense_gemm
 from loramux.engine.attention import AttentionBackend, AttentionMetadata
 from loramux.engine.lora_linear import LoraLinear
 from loramux.kernels import LoraBackend, LoraPlan
@@ -237,6 +238,11 @@ class CausalLM(nn.Module):
             weights.pop("lm_head.weight", None)
         lm_head = take_optional("lm_head.weight")
         self.lm_head = self.embed_tokens if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
+        if dense_gemm.packs_weights(device, dtype):
+            # a tied LM head gets a packed copy: the embedding lookup needs the plain table
+            self.lm_head = nn.Parameter(dense_gemm.prepack(self.lm_head), requires_grad=False)
+            for _, module in self.lora_linears():
+                module.weight = nn.Parameter(dense_gemm.prepack(module.weight), requires_grad=False)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def lora_linears(self) -> list[tuple[int, LoraLinear]]:
@@ -258,7 +264,7 @@ class CausalLM(nn.Module):
                 ctx.composite.apply(i, x)
             x = layer(x, rope, kv_cache, ctx)
         x = self.norm(x[logit_rows])
-        return nn.functional.linear(x, self.lm_head).float()
+        return dense_gemm.linear(x, self.lm_head).float()
 
     @torch.inference_mode()
     def final_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ SOURCES = (HERE / "cpu_bgmv.cpp", HERE / "cpu_attention.cpp")
 HEADERS = (HERE / "cpu_simd.h",)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # /proc/cpuinfo names of what the kernels use
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-STALE_LOCK_SECONDS = 600  # a build takes about 30 s; a lock this old was left by a build that was killed
+STALE_LOCK_SECONDS = 600  # a build takes about 20 s; a lock this old was left by a build that was killed
 
 
 @functools.cache
@@ -52,7 +52,7 @@ def load() -> bool:
                             + " ".join(COMPILE_FLAGS + [torch.__version__]).encode()).hexdigest()[:12]
     name = f"loramux_cpu_kernels_{digest}"
     _remove_stale_lock(Path(cpp_extension.get_default_build_root()) / name / "lock")
-    logger.info("CPU kernels: loading %s (a machine's first use builds it, about 30 s)", name)
+    logger.info("CPU kernels: loading %s (a machine's first use builds it, about 20 s)", name)
     try:
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=COMPILE_FLAGS,
                            extra_include_paths=[str(HERE)], extra_ldflags=["-fopenmp"], is_python_module=False)
