@@ -30,14 +30,18 @@ using namespace loramux_simd;
 // costs more than the work it would take.
 constexpr int64_t kElementsPerTask = 1 << 15;
 
-int64_t rows_per_task(int64_t row_elements) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, row_elements)); }
+int64_t rows_per_task(int64_t row_elements) {
+  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, row_elements));
+}
 
 // v rounded to bfloat16 and widened back: torch rounds every op's result before the next op reads it.
 inline __m512 round_to_bf16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
-inline const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+inline const uint16_t* bf16_data(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
 inline uint16_t* bf16_data(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
