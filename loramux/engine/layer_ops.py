@@ -3,7 +3,7 @@
 At decode these run on small tensors ([32, 576] for SmolLM2 at batch 32),
 where each torch op costs mostly its dispatch (about 5 us on the CPU): the
 torch RMSNorm is 7 ops. For bfloat16 on a CPU with AVX512-BF16 each is one
-call of `cpu_layers.cpp` instead, with the same roundings. CUDA (where CUDA
+call of `cpu_layers.cpp` instead, rounding where torch rounds. CUDA (where CUDA
 graphs remove the dispatch) and float32 keep torch's ops.
 """
 
@@ -54,8 +54,8 @@ TORCH_LAYER_OPS = LayerOps("torch", torch_rms_norm, torch_rotate, torch_silu_mul
 
 
 def cpu_kernel_layer_ops() -> LayerOps:
-    """The ops of `cpu_layers.cpp` (built by `cpu_extension.load()`): each overload looked up once, as a call
-    through `torch.ops` costs a few tenths of a microsecond per attribute on every call otherwise."""
+    """The ops of `cpu_layers.cpp` (built by `cpu_extension.load()`), each overload looked up once: through
+    `torch.ops.<namespace>.<op>` every call would pay the lookups again (about 0.5 us of a 2.5 us call)."""
     ops = torch.ops.loramux_cpu_layers
     rotate = ops.rotate.default
     return LayerOps("cpu", ops.rms_norm.default, lambda x, rope: rotate(x, *rope), ops.silu_mul.default)
