@@ -1,5 +1,5 @@
-// AVX512 helpers shared by the CPU kernels (cpu_bgmv.cpp, cpu_attention.cpp, cpu_layers.cpp): bfloat16 held as uint16_t,
-// widened to float32 lanes for sums and rounded back once.
+// AVX512 helpers shared by the CPU kernels (cpu_bgmv.cpp, cpu_attention.cpp, cpu_layers.cpp): bfloat16 held as
+// uint16_t, widened to float32 lanes for sums and rounded back once.
 #pragma once
 
 #include <immintrin.h>
