@@ -7,12 +7,13 @@ import os
 import torch
 
 from loramux.engine.attention import select_attention_backend
+from loramux.engine.layer_ops import select_layer_ops
 from loramux.kernels import cpu_extension, select_lora_backend
 
 
 def test_a_failed_build_leaves_the_torch_ops_with_float32_slots(monkeypatch, tmp_path, caplog):
     """No compiler, or one that refuses the flags: a warning, and the bfloat16 CPU model keeps torch's ops:
-float32 slots for LoRA, sdpa attention."""
+float32 slots for LoRA, sdpa attention, torch's layer ops."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # not the machine's cache of good builds
     monkeypatch.setenv("PATH", os.environ["PATH"])  # load may add the venv's bin folder for ninja
     monkeypatch.setattr(cpu_extension, "cpu_flags", lambda: frozenset(cpu_extension.REQUIRED_FLAGS))
@@ -23,6 +24,7 @@ float32 slots for LoRA, sdpa attention."""
         assert "could not be built" in caplog.text
         assert select_lora_backend("auto", torch.device("cpu"), torch.bfloat16).float32_slots_on_cpu
         assert select_attention_backend("auto", 3, 64, 16, None, torch.device("cpu"), torch.bfloat16).name == "sdpa"
+        assert select_layer_ops(torch.device("cpu"), torch.bfloat16).name == "torch"
         monkeypatch.setattr(cpu_extension, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
         cpu_extension.load.cache_clear()
         assert not cpu_extension.load()  # a CPU without AVX512-BF16 builds nothing

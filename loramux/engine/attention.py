@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loramux.kernels import attention_ref
+from loramux.kernels import attention_ref, cpu_extension
 from loramux.kernels.attention_ref import context_slots, window_mask
 
 logger = logging.getLogger(__name__)
@@ -294,15 +294,6 @@ class CpuKernelAttention(SdpaAttention):
             self.scale, self.sliding_window or 0)
 
 
-def cpu_kernel_serves(device: torch.device, dtype: torch.dtype) -> bool:
-    """The C++ decode kernel can serve: a bfloat16 model on a CPU whose kernels build (AVX512-BF16)."""
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return False
-    from loramux.kernels import cpu_extension  # builds the kernels on a machine's first use
-
-    return cpu_extension.load()
-
-
 def select_attention_backend(requested: str, num_kv_heads: int, head_dim: int, block_size: int,
                              sliding_window: int | None, device: torch.device,
                              dtype: torch.dtype = torch.float32) -> AttentionBackend:
@@ -312,12 +303,12 @@ def select_attention_backend(requested: str, num_kv_heads: int, head_dim: int, b
     if requested == "torch":
         return PagedKernelAttention(attention_ref, *args)
     if requested == "cpu":
-        if not cpu_kernel_serves(device, dtype):
+        if not cpu_extension.serves(device, dtype):
             raise ValueError("--attention-backend cpu needs a bfloat16 model on a CPU with AVX512-BF16 and a C++ "
                              "compiler (see the log); use sdpa")
         return CpuKernelAttention(*args)
     if requested == "auto" and device.type != "cuda":
-        return CpuKernelAttention(*args) if cpu_kernel_serves(device, dtype) else SdpaAttention(*args)
+        return CpuKernelAttention(*args) if cpu_extension.serves(device, dtype) else SdpaAttention(*args)
     if requested == "sdpa":
         return SdpaAttention(*args)
     try:

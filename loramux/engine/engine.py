@@ -24,6 +24,7 @@ from loramux.engine.cpu_features import NATIVE_BF16_FLAGS, cpu_flags, native_bf1
 from loramux.engine.detokenizer import IncrementalDetokenizer
 from loramux.engine.loader import load_checkpoint
 from loramux.engine.attention import select_attention_backend
+from loramux.engine.layer_ops import select_layer_ops
 from loramux.engine.cuda_graphs import MAX_GRAPH_LORA_DEPTH, DecodeGraphRunner
 from loramux.engine.model import CausalLM, ModelShape
 from loramux.engine.sampler import sample
@@ -121,8 +122,9 @@ class Engine:
         self.attention = select_attention_backend(config.model.attention_backend, shape.num_kv_heads, shape.head_dim,
                                                   config.cache.block_size, shape.sliding_window, self.device,
                                                   self.dtype)
+        self.layer_ops = select_layer_ops(self.device, self.dtype)
         self.model = CausalLM(hf_config, checkpoint.weights, self.lora_backend, model_max, self.dtype, self.device,
-                              self.attention)
+                              self.attention, self.layer_ops)
         self.shape = self.model.shape
         self.slots = LoraSlotPool(self.model.lora_linears(), config.store.max_loras, config.store.max_lora_rank,
                                   self.device)
@@ -171,8 +173,8 @@ class Engine:
                     str(self.dtype).removeprefix("torch."), self.num_blocks, config.cache.block_size,
                     config.store.max_loras, config.store.max_lora_rank, len(self.store.records),
                     self.lora_backend.name)
-        logger.info("attention backend: %s; decode CUDA graphs: %s", self.attention.name,
-                    "on" if self.decode_graphs is not None else "off")
+        logger.info("attention backend: %s; layer ops: %s; decode CUDA graphs: %s", self.attention.name,
+                    self.layer_ops.name, "on" if self.decode_graphs is not None else "off")
 
     # ------------------------------------------------------------------ set-up
     def _allocate_kv_cache(self) -> int:

@@ -16,6 +16,7 @@ from transformers import PretrainedConfig
 
 from loramux.engine import dense_gemm
 from loramux.engine.attention import AttentionBackend, AttentionMetadata
+from loramux.engine.layer_ops import LayerOps, Rope
 from loramux.engine.lora_linear import LoraLinear
 from loramux.kernels import LoraBackend, LoraPlan
 
@@ -106,55 +107,50 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> Rope:
         """positions: [T] -> (cos, sin), each [T, 1, D]: every decoder layer rotates with the same pair."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x: [T, H, D] rotated by its positions' (cos, sin) from `RotaryEmbedding` -> [T, H, D]."""
-    cos, sin = rope
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, ops: LayerOps):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
+        self.rms_norm = ops.rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        """x: [T, d] -> [T, d]."""
+        return self.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: ModelShape, qkv: LoraLinear, o_proj: LoraLinear, attend: AttentionBackend):
+    def __init__(self, shape: ModelShape, qkv: LoraLinear, o_proj: LoraLinear, attend: AttentionBackend,
+                 ops: LayerOps):
         super().__init__()
         self.shape = shape
         self.qkv_proj = qkv
         self.o_proj = o_proj
         self.attend = attend
+        self.rotate = ops.rotate
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                ctx: StepContext) -> torch.Tensor:
         s = self.shape
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = self.qkv_proj(x, ctx.lora_plan).split([q_size, kv_size, kv_size], dim=-1)
-        q = rotate(q.view(-1, s.num_heads, s.head_dim), rope)
-        k = rotate(k.view(-1, s.num_kv_heads, s.head_dim), rope)
+        q = self.rotate(q.view(-1, s.num_heads, s.head_dim), rope)
+        k = self.rotate(k.view(-1, s.num_kv_heads, s.head_dim), rope)
         out = self.attend(q, k, v.view(-1, s.num_kv_heads, s.head_dim), *kv_cache, ctx.attention)
         return self.o_proj(out.reshape(-1, q_size), ctx.lora_plan)
 
-    def forward_dense(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward_dense(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """Causal attention over one whole sequence, no KV cache and no LoRA; x: [T, d] -> [T, d]."""
         s = self.shape
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = self.qkv_proj(x, NO_LORA).split([q_size, kv_size, kv_size], dim=-1)
-        q = rotate(q.view(-1, s.num_heads, s.head_dim), rope)
-        k = rotate(k.view(-1, s.num_kv_heads, s.head_dim), rope)
+        q = self.rotate(q.view(-1, s.num_heads, s.head_dim), rope)
+        k = self.rotate(k.view(-1, s.num_kv_heads, s.head_dim), rope)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         out = nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True)
@@ -162,14 +158,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, gate_up: LoraLinear, down: LoraLinear):
+    def __init__(self, gate_up: LoraLinear, down: LoraLinear, ops: LayerOps):
         super().__init__()
         self.gate_up_proj = gate_up
         self.down_proj = down
+        self.silu_mul = ops.silu_mul
 
     def forward(self, x: torch.Tensor, plan: LoraPlan) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, plan).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up, plan)
+        return self.down_proj(self.silu_mul(self.gate_up_proj(x, plan)), plan)
 
 
 class DecoderLayer(nn.Module):
@@ -184,7 +180,7 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, ctx)
         return x + self.mlp(self.post_attention_layernorm(x), ctx.lora_plan)
 
-    def forward_dense(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward_dense(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """The base layer alone over one whole sequence (no KV cache, no LoRA)."""
         x = x + self.self_attn.forward_dense(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x), NO_LORA)
@@ -198,7 +194,8 @@ class CausalLM(nn.Module):
     """
 
     def __init__(self, config: PretrainedConfig, weights: dict[str, torch.Tensor], backend: LoraBackend,
-                 max_positions: int, dtype: torch.dtype, device: torch.device, attention_backend: AttentionBackend):
+                 max_positions: int, dtype: torch.dtype, device: torch.device, attention_backend: AttentionBackend,
+                 layer_ops: LayerOps):
         super().__init__()
         self.shape = s = ModelShape.from_hf_config(config)
 
@@ -228,12 +225,12 @@ class CausalLM(nn.Module):
                 ("gate_proj", "up_proj"), (s.intermediate_size, s.intermediate_size), backend)
             down = LoraLinear(take(p + "mlp.down_proj.weight"), None, ("down_proj",), (s.hidden_size,), backend)
             layers.append(DecoderLayer(
-                Attention(s, qkv, o_proj, attention_backend), MLP(gate_up, down),
-                RMSNorm(take(p + "input_layernorm.weight"), config.rms_norm_eps),
-                RMSNorm(take(p + "post_attention_layernorm.weight"), config.rms_norm_eps)))
+                Attention(s, qkv, o_proj, attention_backend, layer_ops), MLP(gate_up, down, layer_ops),
+                RMSNorm(take(p + "input_layernorm.weight"), config.rms_norm_eps, layer_ops),
+                RMSNorm(take(p + "post_attention_layernorm.weight"), config.rms_norm_eps, layer_ops)))
         self.layers = nn.ModuleList(layers)
         self.embed_tokens = nn.Parameter(take("model.embed_tokens.weight"), requires_grad=False)
-        self.norm = RMSNorm(take("model.norm.weight"), config.rms_norm_eps)
+        self.norm = RMSNorm(take("model.norm.weight"), config.rms_norm_eps, layer_ops)
         if getattr(config, "tie_word_embeddings", False):
             weights.pop("lm_head.weight", None)
         lm_head = take_optional("lm_head.weight")

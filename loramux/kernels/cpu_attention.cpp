@@ -30,19 +30,6 @@ namespace {
 
 using namespace loramux_simd;
 
-// exp(x) of 16 lanes, x <= 0 (scores minus their maximum): 2^n * e^r with |r| <= ln 2 / 2 and a degree-6
-// Taylor polynomial for e^r (relative error below 2e-7).
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // below this e^x is 0 in float32 anyway
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts keeps r exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
 // One sequence's context in the paged cache: keys [lo, hi), key i in row
 // table[i / block_size] * block_size + i % block_size of the caches. Each row holds every KV head ([Hkv, D]),
 // and a block's rows are contiguous: the passes below walk the context block by block and read whole rows.

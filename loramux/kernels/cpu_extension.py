@@ -2,6 +2,7 @@
 
 `cpu_bgmv.cpp` holds the LoRA shrink and expand (`loramux.kernels.cpu_bgmv`),
 `cpu_attention.cpp` the paged decode attention (`loramux.engine.attention`),
+`cpu_layers.cpp` a decoder layer's element-wise ops (`loramux.engine.layer_ops`),
 `cpu_simd.h` what they share. They are built with the machine's compiler (and
 ninja) on first use, into torch's extension cache (`~/.cache/torch_extensions`,
 or $TORCH_EXTENSIONS_DIR), under a name holding a hash of the sources, flags
@@ -28,7 +29,7 @@ from loramux.engine.cpu_features import cpu_flags
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_bgmv.cpp", HERE / "cpu_attention.cpp")
+SOURCES = (HERE / "cpu_bgmv.cpp", HERE / "cpu_attention.cpp", HERE / "cpu_layers.cpp")
 HEADERS = (HERE / "cpu_simd.h",)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # /proc/cpuinfo names of what the kernels use
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
@@ -60,6 +61,11 @@ def load() -> bool:
         logger.warning("CPU kernels could not be built (%s); using torch's ops", exc)
         return False
     return True
+
+
+def serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """The kernels serve this model: bfloat16 on a CPU where they build (loads them on first use)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and load()
 
 
 def _remove_stale_lock(lock: Path) -> None:

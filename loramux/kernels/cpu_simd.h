@@ -1,5 +1,5 @@
-// AVX512 helpers shared by the CPU kernels (cpu_bgmv.cpp, cpu_attention.cpp): bfloat16 held as uint16_t,
-// widened to float32 lanes for sums and rounded back once.
+// AVX512 helpers shared by the CPU kernels (cpu_bgmv.cpp, cpu_attention.cpp, cpu_layers.cpp): bfloat16 held as
+// uint16_t, widened to float32 lanes for sums and rounded back once.
 #pragma once
 
 #include <immintrin.h>
@@ -27,6 +27,19 @@ inline __m512 load_as_float(const uint16_t* p, __mmask16 valid) {
 // The first `valid` (<= 16) lanes of v rounded to bfloat16 (nearest, ties to even, as torch rounds) and stored.
 inline void store_as_bf16(void* p, __m512 v, __mmask16 valid) {
   _mm256_mask_storeu_epi16(p, valid, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// exp(x) of 16 lanes, x <= 0 (scores minus their maximum, -|x| for silu): 2^n * e^r with |r| <= ln 2 / 2 and a
+// degree-6 Taylor polynomial for e^r (relative error below 2e-7).
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // below this e^x is 0 in float32 anyway
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts keeps r exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
 }
 
 inline float as_float(uint16_t bf16) {
