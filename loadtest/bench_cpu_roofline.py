@@ -8,8 +8,8 @@ One run on the CPU, the bundled SmolLM2-135M, 32 concurrent requests of
   mixed   32 distinct random rank-16 adapters on all seven projections, one per request
 Per run: the prefill step (all 32 prompts, 4,096 tokens, in one step), the
 median decode step (32 rows), and tokens/s over the whole generation.
-GEMM: the faster of `F.linear` and oneDNN on a prepacked weight at exactly
-the model's projection shapes for that step (M = 4,096 or 32 rows; the LM
+GEMM: `F.linear` (in bfloat16 also oneDNN on a prepacked weight, the faster
+of the two, as the model runs it) at exactly the model's projection shapes for that step (M = 4,096 or 32 rows; the LM
 head at the 32 scored rows), weights in the same dtype, each shape's one
 weight timed alone in the same run (so it stays in the CPU's caches, while
 the model streams all of its weights from memory every step).
@@ -38,7 +38,7 @@ from bench_common import machine_description, timed
 
 from loramux.adapters_store.synthetic import write_random_adapter
 from loramux.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
-from loramux.engine import Engine, SamplingParams
+from loramux.engine import Engine, SamplingParams, dense_gemm
 from loramux.engine.model import ModelShape
 
 logger = logging.getLogger("bench_cpu_roofline")
@@ -66,19 +66,15 @@ def attention_flops(shape: ModelShape, batch: int, new_tokens: int, context: int
 
 def gemm_seconds(gemms: list[tuple[int, int, int, int]], dtype: torch.dtype, repeat: int) -> float:
     """Time of the step's GEMMs run alone: each distinct shape timed with one weight, times its count. Per shape
-    the faster of torch's two CPU GEMMs: `F.linear` (oneDNN reorders the weight every call in bfloat16; MKL in
-    float32) and oneDNN on a weight reordered once (what loramux runs in bfloat16, `engine/dense_gemm.py`)."""
+    the GEMM loramux runs: `F.linear` in float32 (MKL); in bfloat16 the faster of `F.linear` (oneDNN reordering
+    the weight every call) and oneDNN on a weight reordered once (`engine/dense_gemm.py`, what loramux runs)."""
     total = 0.0
     for count, m, k, n in gemms:
         x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
         seconds = timed(lambda: F.linear(x, w), "cpu", repeat, warmup=1)
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 32)
-        except RuntimeError:  # no oneDNN linear for this dtype here
-            packed = None
-        if packed is not None:
-            seconds = min(seconds, timed(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-                                         "cpu", repeat, warmup=1))
+        if dense_gemm.packs_weights(torch.device("cpu"), dtype):
+            packed = dense_gemm.prepack(w)
+            seconds = min(seconds, timed(lambda: dense_gemm.linear(x, packed), "cpu", repeat, warmup=1))
         total += count * seconds
     return total
 

@@ -20,8 +20,8 @@ def decode_case(num_heads, num_kv_heads, head_dim, block_size, lengths, seed=0):
     blocks = [-(-n // block_size) for n in lengths]
     total = sum(blocks) + 5
     order = torch.randperm(total, generator=gen).tolist()
-    width = max(blocks) + 2  # unused trailing entries, as the engine's tables have
-    tables = torch.tensor([[order.pop() for _ in range(n)] + [0] * (width - n) for n in blocks], dtype=torch.int32)
+    width = max(blocks) + 2  # unused trailing entries (-1: a read of one would fault, not pass unseen)
+    tables = torch.tensor([[order.pop() for _ in range(n)] + [-1] * (width - n) for n in blocks], dtype=torch.int32)
     k_cache, v_cache = (torch.randn(total * block_size, num_kv_heads, head_dim, generator=gen).bfloat16()
                         for _ in range(2))
     q = torch.randn(len(lengths), num_heads, head_dim, generator=gen).bfloat16()
@@ -67,6 +67,16 @@ def test_one_and_two_threads_give_the_same_bits():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_a_nan_key_makes_its_sequence_nan_and_no_other():
+    """As the reference: NaN propagates through the softmax of the sequence whose context holds it."""
+    q, k_cache, v_cache, tables, lens = decode_case(9, 3, 64, 16, [20, 7])
+    k_cache[int(tables[0, 1]) * 16 + 2, 1] = float("nan")  # sequence 0's key 18, KV head 1
+    got = decode(q, k_cache, v_cache, tables, lens, 16)
+    assert got[0, 3:6].isnan().all() and not got[0, :3].isnan().any() and not got[0, 6:].isnan().any()
+    assert not got[1].isnan().any()
 
 
 @needs_kernel

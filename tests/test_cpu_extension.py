@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import tomllib
+from pathlib import Path
 
 import torch
 
@@ -44,3 +47,22 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path)
     cpu_extension._remove_stale_lock(fresh)
     cpu_extension._remove_stale_lock(tmp_path / "never-built" / "lock")
     assert not stale.exists() and fresh.exists()
+
+
+def test_an_installed_package_ships_the_kernel_sources():
+    """The kernels are built from source where they run: a wheel without the .cpp / .h files could not."""
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["loramux.kernels"]
+    for source in cpu_extension.SOURCES + cpu_extension.HEADERS:
+        assert any(fnmatch.fnmatch(source.name, pattern) for pattern in patterns), source.name
+
+
+def test_missing_sources_leave_the_torch_ops(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_extension, "cpu_flags", lambda: frozenset(cpu_extension.REQUIRED_FLAGS))
+    monkeypatch.setattr(cpu_extension, "SOURCES", (cpu_extension.HERE / "no_such_kernel.cpp",))
+    cpu_extension.load.cache_clear()
+    try:
+        assert not cpu_extension.load()
+        assert "could not be built" in caplog.text and "no_such_kernel.cpp" in caplog.text
+    finally:
+        cpu_extension.load.cache_clear()

@@ -1,4 +1,4 @@
-"""The C++ element-wise ops of a decoder layer (`cpu_layers.cpp`, `layer_ops.CPU_KERNEL_LAYER_OPS`) for bfloat16.
+"""The C++ element-wise ops of a decoder layer (`cpu_layers.cpp`, `layer_ops.cpu_kernel_layer_ops`) for bfloat16.
 
 Each op is checked against a float32 reference written here (one rounding at the end, so the tolerance is
 the bfloat16 roundings torch makes on the way), and bit for bit against torch's bfloat16 ops that the

@@ -73,7 +73,8 @@ class AttentionMetadata:
     block_tables: [N, max_blocks] int32; context_lens: [N] int32, context after
     this step (cached + new); query_start: [N + 1] int32, sequence n's rows are
     query_start[n]:query_start[n+1]; max_query_len sizes the prefill grid.
-    sdpa: the sdpa backend's gather plan (None for the other backends).
+    sdpa: the gather plan of the sdpa and cpu backends (`build_plan`; cpu's holds prefill spans only), None
+    for the paged-kernel backends.
     """
 
     slot_mapping: torch.Tensor
@@ -286,6 +287,11 @@ class CpuKernelAttention(SdpaAttention):
 
     name = "cpu"
     gathers_decode = False
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        if not cpu_extension.load():
+            raise RuntimeError("the C++ CPU kernels are not available here (see the log); use the sdpa backend")
 
     def attend_decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         nd = q.shape[0]

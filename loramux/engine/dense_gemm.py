@@ -13,6 +13,7 @@ differ from MKL's in the last bits, and the float32 path is the exact one.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -24,18 +25,27 @@ ROWS_HINT = 32  # the blocked layout is chosen for this many rows; measured as g
 
 
 def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `prepack` applies: bfloat16 on a CPU where oneDNN runs bfloat16."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether `prepack` applies: bfloat16 on a CPU where this torch's oneDNN packs and runs bfloat16."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and _onednn_packs_bf16()
+
+
+@functools.cache
+def _onednn_packs_bf16() -> bool:
+    """Probed once on a small weight: a torch built without oneDNN (or its linear ops) keeps F.linear, logged."""
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        weight = prepack(torch.zeros(16, 16, dtype=torch.bfloat16))
+        linear(torch.zeros(1, 16, dtype=torch.bfloat16), weight)
+        return True
+    except (AttributeError, RuntimeError) as exc:
+        logger.warning("dense GEMMs: oneDNN cannot prepack bfloat16 weights here (%s); using F.linear", exc)
+        return False
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
-    """weight [d_out, d_in] -> the same weight in oneDNN's layout (an opaque mkldnn tensor of the same shape),
-    or the weight itself where this torch cannot reorder it (logged)."""
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
-    except (AttributeError, RuntimeError) as exc:  # a torch built without oneDNN's linear ops
-        logger.warning("dense GEMMs: cannot prepack weights for oneDNN (%s); using F.linear", exc)
-        return weight
+    """weight [d_out, d_in] -> the same weight in oneDNN's layout (an opaque mkldnn tensor of the same shape)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,10 +50,10 @@ def select_lora_backend(requested: str, device: torch.device, dtype: torch.dtype
     """Pick the backend once: Triton on CUDA (when installed); on the CPU, for a bfloat16 model whose slot rank
     r_max the kernel is compiled for, torch's ops with the C++ decode kernel where it builds (`cpu_bgmv`);
     torch otherwise."""
-    if requested == "auto" and device.type == "cpu" and dtype == torch.bfloat16 and r_max in CPU_KERNEL_RANKS:
-        from loramux.kernels import cpu_bgmv, cpu_extension  # builds the kernels on a machine's first use
+    if requested == "auto" and r_max in CPU_KERNEL_RANKS:
+        from loramux.kernels import cpu_bgmv, cpu_extension
 
-        if cpu_extension.load():
+        if cpu_extension.serves(device, dtype):  # builds the kernels on a machine's first use
             return LoraBackend("torch+cpu-bgmv", cpu_bgmv.lora_shrink, cpu_bgmv.lora_expand, torch_ref.warm_up,
                                takes_flat_plans=True, reads_mode_tensors=True, float32_slots_on_cpu=False)
     if requested == "torch" or (requested == "auto" and device.type != "cuda"):

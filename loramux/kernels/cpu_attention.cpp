@@ -152,7 +152,7 @@ float softmax_numerators(float* scores, int64_t len) {
 // Shapes of one call: Hq query heads, head size d, rows of Hkv * d values; query head j reads the values
 // kv_offset[j] = (j / G) * d onwards of a row (G = Hq / Hkv).
 struct Heads {
-  int64_t num_heads, d, row;
+  int64_t num_heads, d, row_values;
   std::vector<int64_t> kv_offset;
 };
 
@@ -162,12 +162,12 @@ void attend_sequence(const uint16_t* q, const uint16_t* k_cache, const uint16_t*
                      const Heads& heads, float scale, float* scores, uint16_t* weights, float* sums, uint16_t* out) {
   const int64_t len = ctx.hi - ctx.lo, d = heads.d;
   const int64_t* kv_offset = heads.kv_offset.data();
-  ctx.for_each_run(k_cache, heads.row, [&](int64_t first, int64_t count, int64_t row) {
-    const uint16_t* k = k_cache + row * heads.row;
+  ctx.for_each_run(k_cache, heads.row_values, [&](int64_t first, int64_t count, int64_t row) {
+    const uint16_t* k = k_cache + row * heads.row_values;
     for (int64_t i = 0; i < count; i += 4) {  // 4 rows at a time, all heads: the rows are read in order
       const __mmask8 valid = static_cast<__mmask8>(lane_mask(count - i) & 0xF);
       const uint16_t* rows[4];
-      for (int u = 0; u < 4; ++u) rows[u] = k + std::min(i + u, count - 1) * heads.row;
+      for (int u = 0; u < 4; ++u) rows[u] = k + std::min(i + u, count - 1) * heads.row_values;
       for (int64_t j = 0; j < heads.num_heads; ++j) {  // query head j reads KV head j / G
         const uint16_t* keys[4] = {rows[0] + kv_offset[j], rows[1] + kv_offset[j], rows[2] + kv_offset[j],
                                    rows[3] + kv_offset[j]};
@@ -184,10 +184,10 @@ void attend_sequence(const uint16_t* q, const uint16_t* k_cache, const uint16_t*
       store_as_bf16(weights + j * len + i, _mm512_maskz_loadu_ps(lane_mask(len - i), row_scores + i), lane_mask(len - i));
   }
   std::fill(sums, sums + heads.num_heads * d, 0.0f);
-  ctx.for_each_run(v_cache, heads.row, [&](int64_t first, int64_t count, int64_t row) {
-    const uint16_t* v = v_cache + row * heads.row;  // the run's rows, one block's worth at most: in L1
+  ctx.for_each_run(v_cache, heads.row_values, [&](int64_t first, int64_t count, int64_t row) {
+    const uint16_t* v = v_cache + row * heads.row_values;  // the run's rows, one block's worth at most: in L1
     for (int64_t j = 0; j < heads.num_heads; ++j)
-      weigh_columns(weights + j * len + first - ctx.lo, v + kv_offset[j], heads.row, count, d, sums + j * d);
+      weigh_columns(weights + j * len + first - ctx.lo, v + kv_offset[j], heads.row_values, count, d, sums + j * d);
   });
   for (int64_t j = 0; j < heads.num_heads; ++j)
     for (int64_t c = 0; c < d; c += 16) {

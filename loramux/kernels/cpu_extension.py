@@ -49,15 +49,15 @@ def load() -> bool:
     venv_ninja = Path(sys.executable).parent / "ninja"
     if shutil.which("ninja") is None and venv_ninja.is_file():  # pip's ninja, in a venv that is not activated
         os.environ["PATH"] = os.pathsep.join([str(venv_ninja.parent), os.environ.get("PATH", "")])
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)
-                            + " ".join(COMPILE_FLAGS + [torch.__version__]).encode()).hexdigest()[:12]
-    name = f"loramux_cpu_kernels_{digest}"
-    _remove_stale_lock(Path(cpp_extension.get_default_build_root()) / name / "lock")
-    logger.info("CPU kernels: loading %s (a machine's first use builds it, about 20 s)", name)
     try:
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+                                + " ".join(COMPILE_FLAGS + [torch.__version__]).encode()).hexdigest()[:12]
+        name = f"loramux_cpu_kernels_{digest}"
+        _remove_stale_lock(Path(cpp_extension.get_default_build_root()) / name / "lock")
+        logger.info("CPU kernels: loading %s (a machine's first use builds it, about 20 s)", name)
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=COMPILE_FLAGS,
                            extra_include_paths=[str(HERE)], extra_ldflags=["-fopenmp"], is_python_module=False)
-    except Exception as exc:  # an optional speed-up: no compiler or ninja, a failed build, a broken toolchain
+    except Exception as exc:  # an optional speed-up: no sources, compiler or ninja, a failed build
         logger.warning("CPU kernels could not be built (%s); using torch's ops", exc)
         return False
     return True

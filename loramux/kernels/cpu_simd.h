@@ -32,7 +32,8 @@ inline void store_as_bf16(void* p, __m512 v, __mmask16 valid) {
 // exp(x) of 16 lanes, x <= 0 (scores minus their maximum, -|x| for silu): 2^n * e^r with |r| <= ln 2 / 2 and a
 // degree-6 Taylor polynomial for e^r (relative error below 2e-7).
 inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // below this e^x is 0 in float32 anyway
+  // e^x underflows to 0 below about -104; max returns its second operand, so NaN stays NaN
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts keeps r exact
