@@ -67,7 +67,8 @@ inline __m128 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
   __m512 e = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
   e = _mm512_add_ps(e, _mm512_shuffle_ps(e, e, _MM_SHUFFLE(1, 0, 3, 2)));
   e = _mm512_add_ps(e, _mm512_shuffle_ps(e, e, _MM_SHUFFLE(2, 3, 0, 1)));  // every lane of a 128-bit lane: its sum
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), e));
+  const __m512i firsts = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);  // lane 0 of each
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, e));
 }
 
 // q . k[u] over d lanes for 4 key rows, in float32: each load of q serves the four.
@@ -181,7 +182,8 @@ void attend_sequence(const uint16_t* q, const uint16_t* k_cache, const uint16_t*
     float* row_scores = scores + j * len;
     totals[j] = softmax_numerators(row_scores, len);
     for (int64_t i = 0; i < len; i += 16)  // bfloat16 weights, as torch's attention rounds them for V
-      store_as_bf16(weights + j * len + i, _mm512_maskz_loadu_ps(lane_mask(len - i), row_scores + i), lane_mask(len - i));
+      store_as_bf16(weights + j * len + i, _mm512_maskz_loadu_ps(lane_mask(len - i), row_scores + i),
+                    lane_mask(len - i));
   }
   std::fill(sums, sums + heads.num_heads * d, 0.0f);
   ctx.for_each_run(v_cache, heads.row_values, [&](int64_t first, int64_t count, int64_t row) {
