@@ -36,7 +36,7 @@ int64_t rows_per_task(int64_t row_elements) {
 
 // v rounded to bfloat16 and widened back: torch rounds every op's result before the next op reads it.
 inline __m512 round_to_bf16(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+  return widen((__m256i)_mm512_cvtneps_pbh(v));
 }
 
 inline const uint16_t* bf16_data(const at::Tensor& t) {

@@ -19,10 +19,11 @@ inline __mmask16 lane_mask(int64_t valid) {  // the first `valid` of 16 float32 
   return valid >= 16 ? __mmask16(0xFFFF) : valid <= 0 ? __mmask16(0) : __mmask16((1u << valid) - 1);
 }
 
+// 16 bfloat16 values widened to float32 lanes (exact: a bfloat16 is a float32's upper half).
+inline __m512 widen(__m256i bf16) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16)); }
+
 // `valid` (<= 16) bfloat16 values widened to float32 lanes (0 past them).
-inline __m512 load_as_float(const uint16_t* p, __mmask16 valid) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
-}
+inline __m512 load_as_float(const uint16_t* p, __mmask16 valid) { return widen(_mm256_maskz_loadu_epi16(valid, p)); }
 
 // The first `valid` (<= 16) lanes of v rounded to bfloat16 (nearest, ties to even, as torch rounds) and stored.
 inline void store_as_bf16(void* p, __m512 v, __mmask16 valid) {
