@@ -61,14 +61,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=400, help="timed calls per op at decode rows (/8 at prefill)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("loramux", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not cpu_extension.load():
         raise SystemExit("the C++ CPU kernels do not build here (no AVX512-BF16 or no compiler): nothing to compare")
-    print(f"machine: {machine_description('cpu')}; load average {os.getloadavg()[0]:.2f}")
-    print(f"settings: bfloat16, batch {args.batch}, prompts of {args.prompt_len} tokens, {args.new_tokens} new "
-          f"tokens, {args.rounds} rounds")
+    logger.info("machine: %s; load average %.2f", machine_description("cpu"), os.getloadavg()[0])
+    logger.info("settings: bfloat16, batch %d, prompts of %d tokens, %d new tokens, %d rounds", args.batch,
+                args.prompt_len, args.new_tokens, args.rounds)
 
     engines = {}
     with mock.patch.object(engine_module, "select_layer_ops", lambda device, dtype: TORCH_LAYER_OPS):
@@ -80,8 +82,8 @@ def main() -> None:
     ops = [TORCH_LAYER_OPS, cpu_kernel_layer_ops()]
     for rows, repeat in ((args.batch, args.repeat), (args.batch * args.prompt_len, max(1, args.repeat // 8))):
         for name, times in time_ops(shape, rows, ops, repeat).items():
-            print(f"op {name:9s} {rows:5d} rows: torch {times['torch'] * 1e6:8.1f} us  cpu {times['cpu'] * 1e6:8.1f} us"
-                  f"  torch/cpu {times['torch'] / times['cpu']:.2f}")
+            logger.info("op %-9s %5d rows: torch %8.1f us  cpu %8.1f us  torch/cpu %.2f", name, rows,
+                        times["torch"] * 1e6, times["cpu"] * 1e6, times["torch"] / times["cpu"])
 
     prompts = torch.randint(100, shape.vocab_size - 100, (args.batch, args.prompt_len),
                             generator=torch.Generator().manual_seed(0)).tolist()
@@ -93,9 +95,9 @@ def main() -> None:
             logger.info("round %d %s: prefill %.1f ms, decode %.2f ms", r, name, prefill * 1e3, decode * 1e3)
     for i, step in enumerate(("prefill", "decode")):
         torch_s, cpu_s = best["torch"][i], best["cpu"][i]
-        print(f"engine {step:7s} step: torch ops {torch_s * 1e3:7.2f} ms  cpu ops {cpu_s * 1e3:7.2f} ms"
-              f"  torch/cpu {torch_s / cpu_s:.3f}")
-    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+        logger.info("engine %-7s step: torch ops %7.2f ms  cpu ops %7.2f ms  torch/cpu %.3f", step, torch_s * 1e3,
+                    cpu_s * 1e3, torch_s / cpu_s)
+    logger.info("load average at the end %.2f", os.getloadavg()[0])
 
 
 if __name__ == "__main__":
