@@ -19,12 +19,11 @@ import argparse
 import asyncio
 import json
 import random
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from bench_common import machine_description
+from bench_common import machine_description, scratch_dir
 from prometheus_client.parser import text_string_to_metric_families
 
 from loramux.adapters_store.synthetic import write_random_adapter
@@ -99,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"machine: {machine_description('cpu')}")
-    folder = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    folder = scratch_dir("bench-cluster-")
     probe = Engine(engine_config(args, {}))
     shapes, layers = probe.shape.lora_target_shapes(), probe.shape.num_layers
     del probe

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import platform
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,6 +20,14 @@ def machine_description(device: str) -> str:
     if device == "cuda":
         text += f", {torch.cuda.get_device_name()}"
     return text
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the script exits, error or not (the random adapters of one run
+    take hundreds of MB, and left behind they fill /tmp run after run)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def timed(fn: Callable[[], object], device: str, repeat: int, warmup: int = 3) -> float:

@@ -27,14 +27,13 @@ import json
 import logging
 import os
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import machine_description, timed
+from bench_common import machine_description, scratch_dir, timed
 
 from loramux.adapters_store.synthetic import write_random_adapter
 from loramux.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, StoreConfig
@@ -134,7 +133,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
 
-    tmp = Path(tempfile.mkdtemp(prefix="loramux-roofline-"))
+    tmp = scratch_dir("loramux-roofline-")
     engines = {}
     for name in DTYPES:
         if not engines:

@@ -24,13 +24,12 @@ import gc
 import json
 import logging
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import torch
-from bench_common import machine_description
+from bench_common import machine_description, scratch_dir
 from bench_kernels import copy_bandwidth
 from bench_paging import page_in_seconds
 from random_model import RANDOM_CONFIGS, write_random_model
@@ -123,7 +122,7 @@ def main() -> None:
     for noisy in ("loramux", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    tmp = Path(tempfile.mkdtemp(prefix="loramux-bench-"))
+    tmp = scratch_dir("loramux-bench-")
     model_path = args.model
     if args.config:
         if args.tokenizer is None:

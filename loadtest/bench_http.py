@@ -36,7 +36,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from loadtest.bench_common import machine_description
+from loadtest.bench_common import machine_description, scratch_dir
 from loadtest.client import send
 from loadtest.server_metrics import scrape
 from loadtest.server_process import ServerProcess
@@ -215,7 +214,7 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     n = args.requests
-    tmp = Path(tempfile.mkdtemp(prefix="loramux-bench-http-"))
+    tmp = scratch_dir("loramux-bench-http-")
     shape = ModelShape.from_hf_config(load_checkpoint(None).config)
     names = [f"http{i:02d}" for i in range(n)]
     for i, name in enumerate(names):

@@ -23,13 +23,12 @@ import argparse
 import json
 import logging
 import random
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import torch
-from bench_common import machine_description
+from bench_common import machine_description, scratch_dir
 from random_model import RANDOM_CONFIGS, write_random_model
 
 from loramux.adapters_store.lifecycle import Tier
@@ -122,7 +121,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("loramux").setLevel(logging.WARNING)
 
-    tmp = Path(tempfile.mkdtemp(prefix="loramux-paging-"))
+    tmp = scratch_dir("loramux-paging-")
     if args.config:
         if args.tokenizer is None:
             parser.error("--config needs --tokenizer DIR")

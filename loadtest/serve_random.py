@@ -15,11 +15,11 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from transformers import AutoConfig
 
+from loadtest.bench_common import scratch_dir
 from loadtest.server_process import ServerProcess
 from loramux.adapters_store.synthetic import write_random_adapter
 from loramux.engine.model import ModelShape
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("loadtest_args", nargs=argparse.REMAINDER, help="after --: arguments of python -m loadtest")
     args = parser.parse_args()
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(args.model))
-    folder = Path(tempfile.mkdtemp(prefix="loramux-serve-adapters-"))
+    folder = scratch_dir("loramux-serve-adapters-")
     for i in range(args.adapters):
         write_random_adapter(folder / f"expert-{i:02d}", shape.lora_target_shapes(), shape.num_layers, args.rank,
                              seed=i)

@@ -18,10 +18,9 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
-from loadtest.bench_common import machine_description
+from loadtest.bench_common import machine_description, scratch_dir
 
 from loadtest.__main__ import main as run_load
 from loramux.adapters_store.synthetic import write_random_adapter
@@ -48,7 +47,7 @@ def main() -> None:
 
     checkpoint = load_checkpoint(None)
     shape = ModelShape.from_hf_config(checkpoint.config)
-    tmp = Path(tempfile.mkdtemp(prefix="loramux-sbs-"))
+    tmp = scratch_dir("loramux-sbs-")
     for i in range(args.adapters):
         write_random_adapter(tmp / "adapters" / f"sbs{i:02d}", shape.lora_target_shapes(), shape.num_layers, 16, i)
     load = ["--concurrency", str(args.users), "--requests", str(args.requests), "--popularity", "zipf",

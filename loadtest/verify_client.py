@@ -16,10 +16,10 @@ import argparse
 import json
 import logging
 import statistics
-import tempfile
 from pathlib import Path
 
 from loadtest.__main__ import main as run_load
+from loadtest.bench_common import scratch_dir
 
 logger = logging.getLogger("verify_client")
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = Path(tempfile.mkdtemp(prefix="loramux-verify-"))
+    out = scratch_dir("loramux-verify-")
     summaries: dict[str, list[dict]] = {"httpx": [], "openai": []}
     for round_ in range(args.rounds):
         for client in ("httpx", "openai") if round_ % 2 == 0 else ("openai", "httpx"):
