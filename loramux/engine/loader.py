@@ -55,8 +55,13 @@ def default_cache_dir() -> Path:
 
 
 def _gguf_cache_folder(path: Path, cache_dir: Path) -> Path:
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    """The conversion's folder, keyed by the file's bytes (about 0.15 s for SmolLM2's 98 MB).
+
+    Keyed by path and mtime instead, every fresh virtualenv or clone holding
+    the same package made another 0.6 GB conversion.
+    """
+    with path.open("rb") as file:
+        key = hashlib.file_digest(file, "blake2b").hexdigest()[:16]
     return cache_dir / f"{path.stem}-{key}"
 
 
