@@ -19,9 +19,9 @@ needs_kernel = pytest.mark.skipif(not cpu_extension.load(), reason="no AVX512-BF
 D_OUTS = [40, 16, 24]  # uneven sub-projections: column tiles of 16 end inside a sub-projection
 
 
-def check(pattern, depth, r_max=64, run_len=1, d_in=40, **kwargs):
+def check(pattern, depth, r_max=64, run_len=1, d_in=40, num_tokens=37, **kwargs):
     got, expected = run_case(cpu_bgmv.lora_shrink, cpu_bgmv.lora_expand, pattern, run_len, depth, "gather",
-                             num_tokens=37, d_in=d_in, d_outs=D_OUTS, dtype=torch.bfloat16, r_max=r_max,
+                             num_tokens=num_tokens, d_in=d_in, d_outs=D_OUTS, dtype=torch.bfloat16, r_max=r_max,
                              ranks=[min(r, r_max) for r in RANKS], **kwargs)
     # x, the slots and y are bfloat16: h and y are each rounded once
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=3e-2)
@@ -68,14 +68,27 @@ def test_prefill_segments_match_the_loop(pattern):
 
 
 @needs_kernel
-@pytest.mark.parametrize("run_len", [1, 5])
+@pytest.mark.parametrize("pattern", ["all_distinct", "zipf", "with_base_tokens"])
+@pytest.mark.parametrize("r_max", [8, 16, 64])
+def test_long_segments_multiply_a_packed_a_and_match_the_loop(pattern, r_max):
+    """Segments of 16 tokens or more (prefill) multiply a packed copy of their slot's A in tiles of 8 tokens
+    (the last one short), up to 3 vectors of 16 outputs at a time; h's width ends inside a vector at r_max 8.
+    An odd d_in cannot be packed in pairs and keeps the row-by-row dot products."""
+    check(pattern, 2, r_max=r_max, run_len=21, num_tokens=90)
+    check(pattern, 1, r_max=r_max, run_len=40, num_tokens=90, inert=True, inactive=(2,))
+    check(pattern, 1, r_max=r_max, run_len=40, num_tokens=90, d_in=41)
+
+
+@needs_kernel
+@pytest.mark.parametrize("run_len", [1, 5, 20])
 @pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("r_max", [16, 64])
 def test_mor_rows_scale_the_shared_slot_by_their_pool_rows(run_len, flat, r_max):
     """MoR experts as rows of one shared slot, each token's rows with their own λ_A / λ_B pool rows (one of
     them -1), beside plain rows, inert rows and an inactive slot. Flat levels hold a MoR token's rows in one
-    level: the shrink computes their A . x once and the expand sums them before adding them to y."""
-    num_tokens, d_in, num_rows, experts, shared = 29, 72, 9, 8, 2
+    level: the shrink computes their A . x once and the expand sums them before adding them to y. Runs of 20
+    tokens take the shrink's packed path."""
+    num_tokens, d_in, num_rows, experts, shared = max(29, 4 * run_len), 72, 9, 8, 2
     ranks = [min(r, r_max) for r in RANKS]
     a, b, scales, subs = fused_pool(ranks, r_max, d_in, D_OUTS, seed=3)
     runs = mor_runs(num_tokens, run_len, ranks, shared_slot=shared, num_rows=num_rows, seed=4, experts=experts)

@@ -14,10 +14,11 @@
 // streams each used slot's A and B once.
 // Consecutive live rows of one slot (for the shrink also of one rank range) are a run (`RowOrder`): a prefill
 // segment, a MoR composite's experts. The shrink computes A . x once per distinct token of a run, up to
-// kGroup tokens sharing each load of A's lines, and its threads split those groups of tokens. The expand
+// kGroup tokens sharing each load of A's lines (a run of kPackedMinTokens or more multiplies a packed copy of
+// A instead, kTokenTile tokens at a time), and its threads split those groups of tokens. The expand
 // transposes each B tile once per run and sums a token's rows of the run (a flat level's repeated tokens) in
-// float32 before adding them to y; its threads split the runs where no token has rows in two of them (a
-// decode level), else the column tiles, so no two write one element.
+// float32 before adding them to y, kInterleaved single-row tokens at a time; its threads split the runs where
+// no token has rows in two of them (a decode level), else the column tiles, so no two write one element.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -94,6 +96,69 @@ inline void dot_group(const uint16_t* a_row, int64_t d_in, const uint16_t* const
     case 2: return dot_rows<2>(a_row, d_in, x_rows, out);
     case 3: return dot_rows<3>(a_row, d_in, x_rows, out);
     default: return dot_rows<4>(a_row, d_in, x_rows, out);
+  }
+}
+
+// A run of many tokens (a prefill segment) computes its sums as a small GEMM instead, with no horizontal sums:
+// its slot's A [width, d_in] is packed transposed as pairs, packed[p, c] = (A[c, 2p], A[c, 2p + 1]) for c below
+// width rounded up to 16 (zeros past width), so one vector holds a pair of inputs for 16 outputs; each token's
+// pair of x is broadcast and one vdpbf16ps adds 32 products into 16 sums. kTokenTile tokens by up to
+// kPackedGroups vectors of outputs stay in registers over all of d_in.
+constexpr int kTokenTile = 8;
+constexpr int kPackedGroups = 3;
+constexpr int64_t kPackedMinTokens = 16;  // below this the packing costs more than it saves (decode: 1 token)
+
+void pack_transposed(const uint16_t* a, int64_t width, int64_t d_in, int64_t packed_width, uint32_t* packed) {
+  const int64_t pairs = d_in / 2;
+  for (int64_t c = 0; c < packed_width; ++c) {
+    if (c >= width) {
+      for (int64_t p = 0; p < pairs; ++p) packed[p * packed_width + c] = 0;
+      continue;
+    }
+    const uint16_t* row = a + c * d_in;
+    for (int64_t p = 0; p < pairs; ++p) std::memcpy(&packed[p * packed_width + c], row + 2 * p, sizeof(uint32_t));
+  }
+}
+
+// sums[j, g0*16 : (g0+G)*16] (cut at width) = the packed A's columns times x_rows[j], for kTokenTile tokens.
+template <int G>
+inline void packed_sums_groups(const uint32_t* packed, int64_t packed_width, int64_t width, int64_t pairs,
+                               const uint16_t* const* x_rows, int64_t g0, float* sums) {
+  __m512 acc[kTokenTile][G];
+#pragma GCC unroll 8
+  for (int j = 0; j < kTokenTile; ++j)
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) acc[j][g] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh a[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) a[g] = as_bh(_mm512_loadu_si512(packed + p * packed_width + (g0 + g) * 16));
+#pragma GCC unroll 8
+    for (int j = 0; j < kTokenTile; ++j) {
+      uint32_t pair;
+      std::memcpy(&pair, x_rows[j] + 2 * p, sizeof(pair));
+      const __m512bh xb = as_bh(_mm512_set1_epi32(static_cast<int>(pair)));
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[j][g] = _mm512_dpbf16_ps(acc[j][g], a[g], xb);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < kTokenTile; ++j)
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+      _mm512_mask_storeu_ps(sums + j * width + (g0 + g) * 16, lane_mask(width - (g0 + g) * 16), acc[j][g]);
+}
+
+// sums[j, :width] for the kTokenTile tokens x_rows (sums: [kTokenTile, width]).
+inline void packed_sums(const uint32_t* packed, int64_t packed_width, int64_t width, int64_t pairs,
+                        const uint16_t* const* x_rows, float* sums) {
+  const int64_t groups = packed_width / 16;
+  for (int64_t g0 = 0; g0 < groups; g0 += kPackedGroups) {
+    switch (std::min<int64_t>(kPackedGroups, groups - g0)) {
+      case 1: packed_sums_groups<1>(packed, packed_width, width, pairs, x_rows, g0, sums); break;
+      case 2: packed_sums_groups<2>(packed, packed_width, width, pairs, x_rows, g0, sums); break;
+      default: packed_sums_groups<3>(packed, packed_width, width, pairs, x_rows, g0, sums); break;
+    }
   }
 }
 
@@ -162,25 +227,53 @@ void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& coe
   auto* h_p = h.data_ptr<at::BFloat16>();
   const int64_t *lo_p = rank_lo.data_ptr<int64_t>(), *hi_p = rank_hi.data_ptr<int64_t>();
   const float* coeff_p = coeff.data_ptr<float>();
-  // units of work of about one size: up to kGroup tokens of one run (a MoR run's tokens spread over threads)
-  std::vector<std::pair<const SlotRun*, int64_t>> units;
-  for (const SlotRun& run : order.runs)
-    for (int64_t k = run.begin; k < run.end; k += kGroup) units.emplace_back(&run, k);
+  // Runs of at least kPackedMinTokens tokens (prefill segments) take the packed path: their slot's A is
+  // packed once per call (`pack_transposed`), in parallel over those runs.
+  const bool packable = d_in % 2 == 0;
+  const int64_t packed_width = (width + 15) / 16 * 16, packed_size = d_in / 2 * packed_width;
+  std::vector<int64_t> packed_at(order.runs.size(), -1);  // run -> offset of its packed A in `packed`
+  int64_t num_packed = 0;
+  for (size_t r = 0; r < order.runs.size(); ++r)
+    if (packable && order.runs[r].end - order.runs[r].begin >= kPackedMinTokens)
+      packed_at[r] = num_packed++ * packed_size;
+  std::unique_ptr<uint32_t[]> packed(new uint32_t[num_packed * packed_size]);  // every element is written
+  if (num_packed > 0) {
+    at::parallel_for(0, static_cast<int64_t>(order.runs.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        if (packed_at[r] >= 0)
+          pack_transposed(a_p + order.runs[r].slot * width * d_in, width, d_in, packed_width, &packed[packed_at[r]]);
+    });
+  }
+  // units of work of about one size: up to kGroup tokens of one run, or kTokenTile of a packed run (a MoR
+  // run's tokens spread over threads)
+  struct Unit {
+    int64_t run, first;
+  };
+  std::vector<Unit> units;
+  for (int64_t r = 0; r < static_cast<int64_t>(order.runs.size()); ++r)
+    for (int64_t k = order.runs[r].begin; k < order.runs[r].end; k += packed_at[r] >= 0 ? kTokenTile : kGroup)
+      units.push_back({r, k});
   h.zero_();
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sums(kGroup * width);  // [kGroup, width]: A . x of each token, before coeff and λ_A
+    std::vector<float> sums(kTokenTile * width);  // [tokens, width]: A . x of each token, before coeff and λ_A
     for (int64_t u = begin; u < end; ++u) {
-      const auto [run, first] = units[u];
-      const int count = static_cast<int>(std::min<int64_t>(kGroup, run->end - first));
+      const SlotRun* run = &order.runs[units[u].run];
+      const int64_t first = units[u].first;
+      const bool is_packed = packed_at[units[u].run] >= 0;
+      const int count = static_cast<int>(std::min<int64_t>(is_packed ? kTokenTile : kGroup, run->end - first));
       const int64_t some_row = order.rows[order.tokens[first].begin];  // the run's rows share the rank range
       const int64_t lo = std::max<int64_t>(lo_p[some_row], 0), hi = std::min(hi_p[some_row], r_max);
-      const uint16_t* x_rows[kGroup];
-      for (int j = 0; j < count; ++j) x_rows[j] = x_p + order.tokens[first + j].token * d_in;
-      float out[kGroup];
-      for (int64_t i = 0; i < num_subs; ++i) {
-        for (int64_t r = lo; r < hi; ++r) {  // a rank range's rows are one sequential stream of A
-          dot_group(a_p + (run->slot * width + i * r_max + r) * d_in, d_in, x_rows, count, out);
-          for (int j = 0; j < count; ++j) sums[j * width + i * r_max + r] = out[j];
+      const uint16_t* x_rows[kTokenTile];
+      for (int j = 0; j < kTokenTile; ++j) x_rows[j] = x_p + order.tokens[first + std::min(j, count - 1)].token * d_in;
+      if (is_packed) {
+        packed_sums(&packed[packed_at[units[u].run]], packed_width, width, d_in / 2, x_rows, sums.data());
+      } else {
+        float out[kGroup];
+        for (int64_t i = 0; i < num_subs; ++i) {
+          for (int64_t r = lo; r < hi; ++r) {  // a rank range's rows are one sequential stream of A
+            dot_group(a_p + (run->slot * width + i * r_max + r) * d_in, d_in, x_rows, count, out);
+            for (int j = 0; j < count; ++j) sums[j * width + i * r_max + r] = out[j];
+          }
         }
       }
       for (int j = 0; j < count; ++j) {
@@ -237,6 +330,36 @@ inline __m512 tile_product(const __m512i* t, const uint16_t* h_block) {
   return _mm512_add_ps(acc[0], acc[1]);
 }
 
+// Whether tokens k .. k + kInterleaved - 1 of the order have one row each, not scaled by λ_B.
+constexpr int kInterleaved = 4;
+inline bool plain_tokens(const RowOrder& order, int64_t k, const uint16_t* out_scale, const int64_t* scale_idx) {
+  for (int j = 0; j < kInterleaved; ++j) {
+    const TokenRows& rows = order.tokens[k + j];
+    if (rows.end - rows.begin != 1 || (out_scale != nullptr && scale_idx[order.rows[rows.begin]] >= 0)) return false;
+  }
+  return true;
+}
+
+// tile_product for the single rows of kInterleaved tokens from k on, interleaved: a token's M vdpbf16ps form
+// one dependency chain, and one token at a time left the core waiting on it.
+template <int M>
+inline void tile_products(const __m512i* t, const uint16_t* h, const RowOrder& order, int64_t k, int64_t width,
+                          int64_t h_col, __m512* out) {
+  const uint16_t* h_blocks[kInterleaved];
+  for (int j = 0; j < kInterleaved; ++j) h_blocks[j] = h + order.rows[order.tokens[k + j].begin] * width + h_col;
+#pragma GCC unroll 4
+  for (int j = 0; j < kInterleaved; ++j) out[j] = _mm512_setzero_ps();
+#pragma GCC unroll 64
+  for (int p = 0; p < M; ++p) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kInterleaved; ++j) {
+      uint32_t pair;
+      std::memcpy(&pair, h_blocks[j] + 2 * p, sizeof(pair));
+      out[j] = _mm512_dpbf16_ps(out[j], as_bh(t[p]), as_bh(_mm512_set1_epi32(static_cast<int>(pair))));
+    }
+  }
+}
+
 // y_row[0:cols] (bfloat16) += delta, rounded once.
 inline void add_to_row(at::BFloat16* y_row, __m512 delta, int cols) {
   const __mmask16 mask = lane_mask(cols);
@@ -271,6 +394,16 @@ void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const 
     load_transposed_tile<M>(b_p + (run.slot * d_total + tile.col) * R, tile.cols, t);
     for (int64_t k = run.begin; k < run.end; ++k) {
       const TokenRows& rows = order.tokens[k];
+      if (k + kInterleaved <= run.end && plain_tokens(order, k, out_scale, scale_idx)) {
+        // a prefill segment's tokens, kInterleaved at a time: independent chains of vdpbf16ps
+        __m512 delta[kInterleaved];
+        tile_products<M>(t, h_p, order, k, width, tile.sub * R, delta);
+#pragma GCC unroll 4
+        for (int j = 0; j < kInterleaved; ++j)
+          add_to_row(y_p + order.tokens[k + j].token * d_total + tile.col, delta[j], tile.cols);
+        k += kInterleaved - 1;
+        continue;
+      }
       __m512 delta = _mm512_setzero_ps();
       for (int64_t j = rows.begin; j < rows.end; ++j) {
         const int64_t n = order.rows[j];
