@@ -188,3 +188,31 @@ def test_rows_that_index_outside_the_slots_or_tokens_are_refused_not_read():
     with pytest.raises(RuntimeError, match="token 4 of 4"):
         ops.expand(torch.zeros(4, 24, dtype=torch.bfloat16), b, h, active, level.slot_idx, level.token_idx + 1, [0],
                    None, None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("run_len", [1, 20])
+def test_apply_gives_what_shrink_then_expand_give(run_len):
+    """The backend's one call per level (`LoraBackend.apply` through `cpu_bgmv.lora_apply`) against its two ops,
+    with MoR rows scaled by both pools, inert rows and an inactive slot; and on a level torch's ops take."""
+    backend = select_lora_backend("auto", torch.device("cpu"), torch.bfloat16, r_max=16)
+    assert backend.fused is cpu_bgmv.lora_apply
+    num_tokens, d_in, num_rows, ranks = 4 * run_len + 9, 72, 9, [min(r, 16) for r in RANKS]
+    a, b, scales, _ = fused_pool(ranks, 16, d_in, D_OUTS, seed=3)
+    a, b = a.bfloat16(), b.bfloat16()
+    pools = [pool.bfloat16() for pool in random_scale_pools(num_rows, len(D_OUTS) * 16, sum(D_OUTS), seed=5)]
+    x = torch.randn(num_tokens, d_in, generator=torch.Generator().manual_seed(6)).bfloat16()
+    active = torch.tensor([s != 5 for s in range(len(ranks))], dtype=torch.int32)
+    runs = mor_runs(num_tokens, run_len, ranks, shared_slot=2, num_rows=num_rows, seed=4)
+    levels = [with_inert_rows(level, [0, num_tokens - 1], 16) for level in plan_for(runs, scales, 16).levels]
+    [alone] = plan_for([(0, cpu_bgmv.TORCH_MIN_AVG_ROWS, [(1, 0.7, 0, 16)])], scales, 16).levels
+    long_x = torch.randn(cpu_bgmv.TORCH_MIN_AVG_ROWS, d_in).bfloat16()
+    assert not cpu_bgmv.runs_level(long_x, a, 16, alone)
+    for level, inputs in [(level, x) for level in levels] + [(alone, long_x)]:
+        base = torch.randn(inputs.shape[0], sum(D_OUTS), generator=torch.Generator().manual_seed(7)).bfloat16()
+        fused, separate = base.clone(), base.clone()
+        backend.apply(inputs, fused, a, b, active, level, sub_starts(D_OUTS), *pools)
+        h = backend.shrink(inputs, a, active, level, len(D_OUTS), pools[0])
+        backend.expand(separate, b, h, active, level, sub_starts(D_OUTS), pools[1])
+        assert not torch.equal(fused, base)
+        assert torch.equal(fused, separate)

@@ -120,6 +120,6 @@ class LoraLinear(nn.Module):
         if plan.targets is not None and plan.targets.isdisjoint(self.sub_names):
             return y  # no adapter of the step targets this projection: launch nothing
         for level in plan.levels:
-            h = self.backend.shrink(x, self.lora_a, self.slot_active, level, len(self.sub_names), self.rank_scale)
-            self.backend.expand(y, self.lora_b, h, self.slot_active, level, self.sub_offsets, self.out_scale)
+            self.backend.apply(x, y, self.lora_a, self.lora_b, self.slot_active, level, self.sub_offsets,
+                               self.rank_scale, self.out_scale)
         return y

@@ -30,6 +30,8 @@ class LoraBackend:
         (`build_lora_plan(mode_tensors=...)`), not only the per-row tensors.
     float32_slots_on_cpu: the slot tensors of a CPU model are float32 whatever its
         dtype (torch's decode GEMMs, see `LoraLinear.slot_dtype`); False: the model's dtype.
+    fused: shrink then expand of one level in one call (`apply`'s signature), where the
+        backend has one; None: `apply` calls the two.
     """
 
     name: str
@@ -39,6 +41,17 @@ class LoraBackend:
     takes_flat_plans: bool = False
     reads_mode_tensors: bool = False
     float32_slots_on_cpu: bool = True
+    fused: Callable[..., None] | None = None
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+              slot_active: torch.Tensor, level: LoraPlanLevel, sub_starts: tuple[int, ...],
+              rank_scale: torch.Tensor | None, out_scale: torch.Tensor | None) -> None:
+        """y [T, d_out_total] += the level's LoRA deltas of x [T, d_in] (one fused linear's slot tensors)."""
+        if self.fused is not None:
+            self.fused(x, y, lora_a, lora_b, slot_active, level, sub_starts, rank_scale, out_scale)
+            return
+        h = self.shrink(x, lora_a, slot_active, level, len(sub_starts), rank_scale)
+        self.expand(y, lora_b, h, slot_active, level, sub_starts, out_scale)
 
 
 TORCH_BACKEND = LoraBackend("torch", torch_ref.lora_shrink, torch_ref.lora_expand, torch_ref.warm_up,
@@ -55,7 +68,8 @@ def select_lora_backend(requested: str, device: torch.device, dtype: torch.dtype
 
         if cpu_extension.serves(device, dtype):  # builds the kernels on a machine's first use
             return LoraBackend("torch+cpu-bgmv", cpu_bgmv.lora_shrink, cpu_bgmv.lora_expand, torch_ref.warm_up,
-                               takes_flat_plans=True, reads_mode_tensors=True, float32_slots_on_cpu=False)
+                               takes_flat_plans=True, reads_mode_tensors=True, float32_slots_on_cpu=False,
+                               fused=cpu_bgmv.lora_apply)
     if requested == "torch" or (requested == "auto" and device.type != "cuda"):
         return TORCH_BACKEND
     try:

@@ -527,6 +527,18 @@ void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const a
   }
 }
 
+// shrink then expand in one call: a decode step runs 120 of these (4 linears x 30 layers at SmolLM2's
+// shapes), and a second dispatch, row check and Python wrapper per linear cost about 1.4 ms of a 62 ms step.
+void lora_apply(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& slot_active, const at::Tensor& slot, const at::Tensor& token, const at::Tensor& coeff,
+                const at::Tensor& rank_lo, const at::Tensor& rank_hi, at::IntArrayRef sub_starts,
+                const std::optional<at::Tensor>& rank_scale, const std::optional<at::Tensor>& out_scale,
+                const std::optional<at::Tensor>& scale_idx) {
+  const at::Tensor h = lora_shrink(x, a, slot_active, slot, token, coeff, rank_lo, rank_hi,
+                                   static_cast<int64_t>(sub_starts.size()), rank_scale, scale_idx);
+  lora_expand(y, b, h, slot_active, slot, token, sub_starts, out_scale, scale_idx);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loramux_cpu_bgmv, m) {
@@ -534,6 +546,10 @@ TORCH_LIBRARY(loramux_cpu_bgmv, m) {
         "Tensor rank_lo, Tensor rank_hi, int num_subs, Tensor? rank_scale, Tensor? scale_idx) -> Tensor");
   m.def("expand(Tensor(a!) y, Tensor b, Tensor h, Tensor slot_active, Tensor slot, Tensor token, "
         "int[] sub_starts, Tensor? out_scale, Tensor? scale_idx) -> ()");
+  m.def("apply(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor slot_active, Tensor slot, Tensor token, "
+        "Tensor coeff, Tensor rank_lo, Tensor rank_hi, int[] sub_starts, Tensor? rank_scale, Tensor? out_scale, "
+        "Tensor? scale_idx) -> ()");
   m.impl("shrink", c10::DispatchKey::CPU, TORCH_FN(lora_shrink));
+  m.impl("apply", c10::DispatchKey::CPU, TORCH_FN(lora_apply));
   m.impl("expand", c10::DispatchKey::CPU, TORCH_FN(lora_expand));
 }

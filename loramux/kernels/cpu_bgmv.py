@@ -57,3 +57,18 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
         return
     torch.ops.loramux_cpu_bgmv.expand(y, lora_b, h, slot_active, level.slot_idx, level.token_idx, list(sub_starts),
                                       *_scaling(out_scale, level))
+
+
+def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+               slot_active: torch.Tensor, level: LoraPlanLevel, sub_starts: tuple[int, ...] = (0,),
+               rank_scale: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> None:
+    """`lora_shrink` then `lora_expand` on one level; a kernel level is one call (one decision, one dispatch)."""
+    num_subs = len(sub_starts)
+    if not runs_level(x, lora_a, lora_a.shape[1] // num_subs, level):
+        h = torch_ref.lora_shrink(x, lora_a, slot_active, level, num_subs, rank_scale)
+        torch_ref.lora_expand(y, lora_b, h, slot_active, level, sub_starts, out_scale)
+        return
+    # each op skips the scaling where its pool or the level's scale_idx is None, as `_scaling` says
+    torch.ops.loramux_cpu_bgmv.apply(y, x.contiguous(), lora_a, lora_b, slot_active, level.slot_idx,
+                                     level.token_idx, level.coeff, level.rank_lo, level.rank_hi, list(sub_starts),
+                                     rank_scale, out_scale, level.scale_idx)
