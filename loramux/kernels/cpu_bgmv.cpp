@@ -298,7 +298,7 @@ void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& coe
 // row's product is M vdpbf16ps into one vector of 16 column sums, with h's pairs broadcast. The transpose
 // (log2(M) passes of deinterleaving, M permutes each) is paid once per tile for a group's rows.
 template <int M>
-inline void load_transposed_tile(const uint16_t* b_tile, int cols, __m512i* t) {
+__attribute__((always_inline)) inline void load_transposed_tile(const uint16_t* b_tile, int cols, __m512i* t) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   const int64_t valid = static_cast<int64_t>(cols) * 2 * M;
@@ -320,7 +320,7 @@ inline void load_transposed_tile(const uint16_t* b_tile, int cols, __m512i* t) {
 
 // The transposed tile times one row's h block (R bfloat16, read as M pairs): the row's 16 column sums.
 template <int M>
-inline __m512 tile_product(const __m512i* t, const uint16_t* h_block) {
+__attribute__((always_inline)) inline __m512 tile_product(const __m512i* t, const uint16_t* h_block) {
   uint32_t pairs[M];
   std::memcpy(pairs, h_block, sizeof(pairs));
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains of vdpbf16ps
@@ -388,8 +388,11 @@ void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const 
   const auto* b_p = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
   const auto* h_p = reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>());
   auto* y_p = y.data_ptr<at::BFloat16>();
-  // every token's sum over one tile of one run, added to y by one thread
-  auto expand_tile = [&](const SlotRun& run, const Tile& tile, __m512i* t) {
+  // every token's sum over one tile of one run, added to y by one thread; the transposed tile t is the
+  // lambda's own, inlined, so it stays in registers (handed in from the caller, it went through the stack
+  // on every tile: decode expands from L3 ran at half this speed)
+  auto expand_tile = [&](const SlotRun& run, const Tile& tile) __attribute__((always_inline)) {
+    __m512i t[M];
     const __mmask16 mask = lane_mask(tile.cols);
     load_transposed_tile<M>(b_p + (run.slot * d_total + tile.col) * R, tile.cols, t);
     for (int64_t k = run.begin; k < run.end; ++k) {
@@ -422,17 +425,15 @@ void expand_rows(at::Tensor& y, const at::Tensor& b, const at::Tensor& h, const 
     // every slot's B, short streams across page ends: a decode step's expands at SmolLM2's shapes, 32
     // adapters, took 13.1 ms on two threads, split by runs 7.2-9.0 ms)
     at::parallel_for(0, num_runs, 1, [&](int64_t begin, int64_t end) {
-      __m512i t[M];
       for (int64_t r = begin; r < end; ++r)
-        for (const Tile& tile : tiles) expand_tile(order.runs[r], tile, t);
+        for (const Tile& tile : tiles) expand_tile(order.runs[r], tile);
     });
     return;
   }
   // threads split the column tiles; inside a tile every token's sum is added by one thread
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    __m512i t[M];
     for (const SlotRun& run : order.runs)
-      for (int64_t i = begin; i < end; ++i) expand_tile(run, tiles[i], t);
+      for (int64_t i = begin; i < end; ++i) expand_tile(run, tiles[i]);
   });
 }
 
