@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.kernels import cpu_bgmv, cpu_extension, select_lora_backend
+from loramux.kernels import cpu_bgmv, cpu_extension, select_lora_backend, torch_ref
 from loramux.kernels.plan import with_mode
 from tests.lora_cases import (POPULARITY, RANKS, fused_pool, mor_runs, plan_for, random_runs, random_scale_pools,
                               run_case, scaled_reference, sub_starts, with_inert_rows)
@@ -69,14 +69,34 @@ def test_prefill_segments_match_the_loop(pattern):
 
 @needs_kernel
 @pytest.mark.parametrize("pattern", ["all_distinct", "zipf", "with_base_tokens"])
-@pytest.mark.parametrize("r_max", [8, 16, 64])
-def test_long_segments_multiply_a_packed_a_and_match_the_loop(pattern, r_max):
-    """Segments of 16 tokens or more (prefill) multiply a packed copy of their slot's A in tiles of 8 tokens
-    (the last one short), up to 3 vectors of 16 outputs at a time; h's width ends inside a vector at r_max 8.
-    An odd d_in cannot be packed in pairs and keeps the row-by-row dot products."""
+@pytest.mark.parametrize("r_max", [4, 8, 16, 64])
+def test_long_segments_multiply_a_transposed_as_pairs_and_match_the_loop(pattern, r_max):
+    """Segments of 16 tokens or more (prefill) multiply the A rows they read, transposed as pairs, in tiles of
+    8 tokens (the last one short), up to 3 vectors of 16 outputs at a time (one at r_max 4); the used columns
+    end inside a vector. An odd d_in cannot be read in pairs and keeps the row-by-row dot products."""
     check(pattern, 2, r_max=r_max, run_len=21, num_tokens=90)
     check(pattern, 1, r_max=r_max, run_len=40, num_tokens=90, inert=True, inactive=(2,))
     check(pattern, 1, r_max=r_max, run_len=40, num_tokens=90, d_in=41)
+
+
+@needs_kernel
+def test_long_runs_read_only_their_rank_range():
+    """MoRE-style rank ranges on runs of 20 tokens or more: each run transposes and multiplies only the A rows
+    of its range, against torch's ops in float32 on the same bfloat16 values."""
+    ranks = [min(r, 16) for r in RANKS]
+    a, b, scales, _ = fused_pool(ranks, 16, 40, D_OUTS, seed=11)
+    a, b = a.bfloat16(), b.bfloat16()
+    runs = [(0, 20, [(2, 1.0, 4, 12)]), (20, 20, [(2, 0.5, 0, 4)]), (40, 24, [(6, 1.0, 2, 16)])]
+    [level] = plan_for(runs, scales, 16).levels
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(12)).bfloat16()
+    active = torch.ones(len(ranks), dtype=torch.int32)
+    y = torch.zeros(64, sum(D_OUTS), dtype=torch.bfloat16)
+    cpu_bgmv.lora_apply(x, y, a, b, active, level, sub_starts(D_OUTS))
+    expected = torch.zeros(64, sum(D_OUTS))
+    h = torch_ref.lora_shrink(x.float(), a.float(), active, level, len(D_OUTS))
+    torch_ref.lora_expand(expected, b.float(), h, active, level, sub_starts(D_OUTS))
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=3e-2)
 
 
 @needs_kernel
@@ -103,7 +123,7 @@ def test_mor_rows_scale_the_shared_slot_by_their_pool_rows(run_len, flat, r_max)
     assert levels[0].scale_idx is not None and len(levels) == (1 if flat else experts)
     for level in levels:
         level = with_inert_rows(level, [0, 3, num_tokens - 1], r_max)
-        assert cpu_bgmv.runs_level(x, a_bf, r_max, level)
+        assert cpu_bgmv.kernel_takes(x, a_bf, r_max)
         h = cpu_bgmv.lora_shrink(x, a_bf, active, level, len(D_OUTS), rank_scale)
         cpu_bgmv.lora_expand(y, b_bf, h, active, level, sub_starts(D_OUTS), out_scale)
     live_runs = [(start, count, [c for c in assignments if c[0] != inactive]) for start, count, assignments in runs]
@@ -115,17 +135,13 @@ def test_mor_rows_scale_the_shared_slot_by_their_pool_rows(run_len, flat, r_max)
 
 
 @needs_kernel
-def test_segments_of_hundreds_of_rows_take_torchs_gemms():
-    """A long prompt alone runs torch's segment GEMMs (bfloat16 slots, no cast), with the same result."""
-    long = cpu_bgmv.TORCH_MIN_AVG_ROWS
-    x, a = torch.zeros(long, 8, dtype=torch.bfloat16), torch.zeros(2, 16, 8, dtype=torch.bfloat16)
-    [alone] = plan_for([(0, long, [(1, 1.0, 0, 16)])], torch.ones(2), 16).levels
-    [batch] = plan_for([(0, long - 1, [(1, 1.0, 0, 16)]), (long - 1, 1, [(0, 1.0, 0, 16)])], torch.ones(2),
-                       16).levels
-    assert not cpu_bgmv.runs_level(x, a, 16, alone) and cpu_bgmv.runs_level(x, a, 16, batch)
-    got, expected = run_case(cpu_bgmv.lora_shrink, cpu_bgmv.lora_expand, "zipf", long, 1, "segments",
-                             num_tokens=long, d_in=40, d_outs=D_OUTS, dtype=torch.bfloat16)
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=3e-2)
+def test_a_long_prompt_alone_takes_the_kernel():
+    """One segment of hundreds of rows (a long prompt alone) runs the kernel's paired path: 8-token tiles over
+    all of it, the output columns split over the threads."""
+    x, a = torch.zeros(600, 8, dtype=torch.bfloat16), torch.zeros(2, 16, 8, dtype=torch.bfloat16)
+    assert cpu_bgmv.kernel_takes(x, a, 16)
+    check("zipf", 1, r_max=16, run_len=600, num_tokens=600)
+    check("all_same", 2, r_max=64, run_len=300, num_tokens=600, inert=True)
 
 
 @needs_kernel
@@ -194,7 +210,8 @@ def test_rows_that_index_outside_the_slots_or_tokens_are_refused_not_read():
 @pytest.mark.parametrize("run_len", [1, 20])
 def test_apply_gives_what_shrink_then_expand_give(run_len):
     """The backend's one call per level (`LoraBackend.apply` through `cpu_bgmv.lora_apply`) against its two ops,
-    with MoR rows scaled by both pools, inert rows and an inactive slot; and on a level torch's ops take."""
+    with MoR rows scaled by both pools, inert rows and an inactive slot; and with slots of a rank the kernel is
+    not compiled for, which torch's ops take."""
     backend = select_lora_backend("auto", torch.device("cpu"), torch.bfloat16, r_max=16)
     assert backend.fused is cpu_bgmv.lora_apply
     num_tokens, d_in, num_rows, ranks = 4 * run_len + 9, 72, 9, [min(r, 16) for r in RANKS]
@@ -205,14 +222,16 @@ def test_apply_gives_what_shrink_then_expand_give(run_len):
     active = torch.tensor([s != 5 for s in range(len(ranks))], dtype=torch.int32)
     runs = mor_runs(num_tokens, run_len, ranks, shared_slot=2, num_rows=num_rows, seed=4)
     levels = [with_inert_rows(level, [0, num_tokens - 1], 16) for level in plan_for(runs, scales, 16).levels]
-    [alone] = plan_for([(0, cpu_bgmv.TORCH_MIN_AVG_ROWS, [(1, 0.7, 0, 16)])], scales, 16).levels
-    long_x = torch.randn(cpu_bgmv.TORCH_MIN_AVG_ROWS, d_in).bfloat16()
-    assert not cpu_bgmv.runs_level(long_x, a, 16, alone)
-    for level, inputs in [(level, x) for level in levels] + [(alone, long_x)]:
-        base = torch.randn(inputs.shape[0], sum(D_OUTS), generator=torch.Generator().manual_seed(7)).bfloat16()
+    a24, b24, scales24, _ = fused_pool(ranks, 24, d_in, D_OUTS, seed=8)
+    a24, b24 = a24.bfloat16(), b24.bfloat16()
+    assert not cpu_bgmv.kernel_takes(x, a24, 24)
+    [level24] = plan_for([(0, num_tokens, [(1, 0.7, 0, 16)])], scales24, 24).levels
+    cases = [(level, a, b, pools) for level in levels] + [(level24, a24, b24, (None, None))]
+    for level, slots_a, slots_b, (rank_scale, out_scale) in cases:
+        base = torch.randn(num_tokens, sum(D_OUTS), generator=torch.Generator().manual_seed(7)).bfloat16()
         fused, separate = base.clone(), base.clone()
-        backend.apply(inputs, fused, a, b, active, level, sub_starts(D_OUTS), *pools)
-        h = backend.shrink(inputs, a, active, level, len(D_OUTS), pools[0])
-        backend.expand(separate, b, h, active, level, sub_starts(D_OUTS), pools[1])
+        backend.apply(x, fused, slots_a, slots_b, active, level, sub_starts(D_OUTS), rank_scale, out_scale)
+        h = backend.shrink(x, slots_a, active, level, len(D_OUTS), rank_scale)
+        backend.expand(separate, slots_b, h, active, level, sub_starts(D_OUTS), out_scale)
         assert not torch.equal(fused, base)
         assert torch.equal(fused, separate)

@@ -14,11 +14,12 @@
 // streams each used slot's A and B once.
 // Consecutive live rows of one slot (for the shrink also of one rank range) are a run (`RowOrder`): a prefill
 // segment, a MoR composite's experts. The shrink computes A . x once per distinct token of a run, up to
-// kGroup tokens sharing each load of A's lines (a run of kPackedMinTokens or more multiplies a packed copy of
-// A instead, kTokenTile tokens at a time), and its threads split those groups of tokens. The expand
-// transposes each B tile once per run and sums a token's rows of the run (a flat level's repeated tokens) in
-// float32 before adding them to y, kInterleaved single-row tokens at a time; its threads split the runs where
-// no token has rows in two of them (a decode level), else the column tiles, so no two write one element.
+// kGroup tokens sharing each load of A's lines (a run of kPairedMinTokens or more multiplies its A rows
+// transposed as pairs instead, kTokenTile tokens at a time), and its threads split those groups of tokens.
+// The expand transposes each B tile once per run and sums a token's rows of the run (a flat level's repeated
+// tokens) in float32 before adding them to y, kInterleaved single-row tokens at a time; its threads split the
+// runs where no token has rows in two of them (a decode level), else the column tiles, so no two write one
+// element. `apply` is the shrink then the expand in one call.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -100,64 +101,71 @@ inline void dot_group(const uint16_t* a_row, int64_t d_in, const uint16_t* const
 }
 
 // A run of many tokens (a prefill segment) computes its sums as a small GEMM instead, with no horizontal sums:
-// its slot's A [width, d_in] is packed transposed as pairs, packed[p, c] = (A[c, 2p], A[c, 2p + 1]) for c below
-// width rounded up to 16 (zeros past width), so one vector holds a pair of inputs for 16 outputs; each token's
-// pair of x is broadcast and one vdpbf16ps adds 32 products into 16 sums. kTokenTile tokens by up to
-// kPackedGroups vectors of outputs stay in registers over all of d_in.
+// the rows of its slot's A that its rank range reads (`columns`: row i*r_max + r for r in [lo, hi) of every
+// sub-projection i) are transposed as pairs, a_pairs[p, c] = (A[row c, 2p], A[row c, 2p + 1]), zeros past the
+// used columns to a multiple of 16, so one vector holds a pair of inputs for 16 outputs; each token's pair of
+// x is broadcast and one vdpbf16ps adds 32 products into 16 sums. kTokenTile tokens by up to kPairedVectors
+// vectors of outputs stay in registers over all of d_in.
 constexpr int kTokenTile = 8;
-constexpr int kPackedGroups = 3;
-constexpr int64_t kPackedMinTokens = 16;  // below this the packing costs more than it saves (decode: 1 token)
+constexpr int kPairedVectors = 3;
+constexpr int64_t kPairedMinTokens = 16;  // below this the transpose costs more than it saves (decode: 1 token)
 
-void pack_transposed(const uint16_t* a, int64_t width, int64_t d_in, int64_t packed_width, uint32_t* packed) {
+// The A rows a run reads: `count` of them, row(c) = (c / per_sub) * r_max + lo + c % per_sub.
+struct PairedColumns {
+  int64_t lo, per_sub, r_max, count, stride;  // stride: count rounded up to 16
+  int64_t row(int64_t c) const { return (c / per_sub) * r_max + lo + c % per_sub; }
+};
+
+void transpose_to_pairs(const uint16_t* a, int64_t d_in, const PairedColumns& columns, uint32_t* a_pairs) {
   const int64_t pairs = d_in / 2;
-  for (int64_t c = 0; c < packed_width; ++c) {
-    if (c >= width) {
-      for (int64_t p = 0; p < pairs; ++p) packed[p * packed_width + c] = 0;
+  for (int64_t c = 0; c < columns.stride; ++c) {
+    if (c >= columns.count) {
+      for (int64_t p = 0; p < pairs; ++p) a_pairs[p * columns.stride + c] = 0;
       continue;
     }
-    const uint16_t* row = a + c * d_in;
-    for (int64_t p = 0; p < pairs; ++p) std::memcpy(&packed[p * packed_width + c], row + 2 * p, sizeof(uint32_t));
+    const uint16_t* row = a + columns.row(c) * d_in;
+    for (int64_t p = 0; p < pairs; ++p) std::memcpy(&a_pairs[p * columns.stride + c], row + 2 * p, sizeof(uint32_t));
   }
 }
 
-// sums[j, g0*16 : (g0+G)*16] (cut at width) = the packed A's columns times x_rows[j], for kTokenTile tokens.
-template <int G>
-inline void packed_sums_groups(const uint32_t* packed, int64_t packed_width, int64_t width, int64_t pairs,
-                               const uint16_t* const* x_rows, int64_t g0, float* sums) {
-  __m512 acc[kTokenTile][G];
+// out[j, v0*16 : (v0+V)*16] (cut at `count`) = the paired columns times x_rows[j], for kTokenTile tokens.
+template <int V>
+inline void paired_sums_vectors(const uint32_t* a_pairs, int64_t stride, int64_t count, int64_t pairs,
+                                const uint16_t* const* x_rows, int64_t v0, float* out) {
+  __m512 acc[kTokenTile][V];
 #pragma GCC unroll 8
   for (int j = 0; j < kTokenTile; ++j)
 #pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) acc[j][g] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh a[G];
+    __m512bh a[V];
 #pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) a[g] = as_bh(_mm512_loadu_si512(packed + p * packed_width + (g0 + g) * 16));
+    for (int v = 0; v < V; ++v) a[v] = as_bh(_mm512_loadu_si512(a_pairs + p * stride + (v0 + v) * 16));
 #pragma GCC unroll 8
     for (int j = 0; j < kTokenTile; ++j) {
       uint32_t pair;
       std::memcpy(&pair, x_rows[j] + 2 * p, sizeof(pair));
       const __m512bh xb = as_bh(_mm512_set1_epi32(static_cast<int>(pair)));
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) acc[j][g] = _mm512_dpbf16_ps(acc[j][g], a[g], xb);
+      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], a[v], xb);
     }
   }
 #pragma GCC unroll 8
   for (int j = 0; j < kTokenTile; ++j)
 #pragma GCC unroll 4
-    for (int g = 0; g < G; ++g)
-      _mm512_mask_storeu_ps(sums + j * width + (g0 + g) * 16, lane_mask(width - (g0 + g) * 16), acc[j][g]);
+    for (int v = 0; v < V; ++v)
+      _mm512_mask_storeu_ps(out + j * count + (v0 + v) * 16, lane_mask(count - (v0 + v) * 16), acc[j][v]);
 }
 
-// sums[j, :width] for the kTokenTile tokens x_rows (sums: [kTokenTile, width]).
-inline void packed_sums(const uint32_t* packed, int64_t packed_width, int64_t width, int64_t pairs,
-                        const uint16_t* const* x_rows, float* sums) {
-  const int64_t groups = packed_width / 16;
-  for (int64_t g0 = 0; g0 < groups; g0 += kPackedGroups) {
-    switch (std::min<int64_t>(kPackedGroups, groups - g0)) {
-      case 1: packed_sums_groups<1>(packed, packed_width, width, pairs, x_rows, g0, sums); break;
-      case 2: packed_sums_groups<2>(packed, packed_width, width, pairs, x_rows, g0, sums); break;
-      default: packed_sums_groups<3>(packed, packed_width, width, pairs, x_rows, g0, sums); break;
+// out[j, :count] for the kTokenTile tokens x_rows (out: [kTokenTile, count], the paired columns' order).
+inline void paired_sums(const uint32_t* a_pairs, const PairedColumns& columns, int64_t pairs,
+                        const uint16_t* const* x_rows, float* out) {
+  const int64_t vectors = columns.stride / 16;
+  for (int64_t v0 = 0; v0 < vectors; v0 += kPairedVectors) {
+    switch (std::min<int64_t>(kPairedVectors, vectors - v0)) {
+      case 1: paired_sums_vectors<1>(a_pairs, columns.stride, columns.count, pairs, x_rows, v0, out); break;
+      case 2: paired_sums_vectors<2>(a_pairs, columns.stride, columns.count, pairs, x_rows, v0, out); break;
+      default: paired_sums_vectors<3>(a_pairs, columns.stride, columns.count, pairs, x_rows, v0, out); break;
     }
   }
 }
@@ -227,46 +235,60 @@ void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& coe
   auto* h_p = h.data_ptr<at::BFloat16>();
   const int64_t *lo_p = rank_lo.data_ptr<int64_t>(), *hi_p = rank_hi.data_ptr<int64_t>();
   const float* coeff_p = coeff.data_ptr<float>();
-  // Runs of at least kPackedMinTokens tokens (prefill segments) take the packed path: their slot's A is
-  // packed once per call (`pack_transposed`), in parallel over those runs.
-  const bool packable = d_in % 2 == 0;
-  const int64_t packed_width = (width + 15) / 16 * 16, packed_size = d_in / 2 * packed_width;
-  std::vector<int64_t> packed_at(order.runs.size(), -1);  // run -> offset of its packed A in `packed`
-  int64_t num_packed = 0;
-  for (size_t r = 0; r < order.runs.size(); ++r)
-    if (packable && order.runs[r].end - order.runs[r].begin >= kPackedMinTokens)
-      packed_at[r] = num_packed++ * packed_size;
-  std::unique_ptr<uint32_t[]> packed(new uint32_t[num_packed * packed_size]);  // every element is written
-  if (num_packed > 0) {
+  // the rank range of a run (its rows share it)
+  auto run_ranks = [&](const SlotRun& run) {
+    const int64_t some_row = order.rows[order.tokens[run.begin].begin];
+    return std::pair<int64_t, int64_t>{std::max<int64_t>(lo_p[some_row], 0), std::min(hi_p[some_row], r_max)};
+  };
+  // Runs of at least kPairedMinTokens tokens (prefill segments) take the paired path: the A rows each reads
+  // are transposed once per call (`transpose_to_pairs`), in parallel over those runs.
+  std::vector<PairedColumns> columns(order.runs.size());
+  std::vector<int64_t> pairs_at(order.runs.size(), -1);  // run -> offset of its pairs in `a_pairs`
+  int64_t pairs_size = 0;
+  for (size_t r = 0; r < order.runs.size(); ++r) {
+    const auto [lo, hi] = run_ranks(order.runs[r]);
+    if (d_in % 2 != 0 || hi <= lo || order.runs[r].end - order.runs[r].begin < kPairedMinTokens) continue;
+    const int64_t count = num_subs * (hi - lo);
+    columns[r] = {lo, hi - lo, r_max, count, (count + 15) / 16 * 16};
+    pairs_at[r] = pairs_size;
+    pairs_size += d_in / 2 * columns[r].stride;
+  }
+  std::unique_ptr<uint32_t[]> a_pairs(new uint32_t[pairs_size]);  // every element is written
+  if (pairs_size > 0) {
     at::parallel_for(0, static_cast<int64_t>(order.runs.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        if (packed_at[r] >= 0)
-          pack_transposed(a_p + order.runs[r].slot * width * d_in, width, d_in, packed_width, &packed[packed_at[r]]);
+        if (pairs_at[r] >= 0)
+          transpose_to_pairs(a_p + order.runs[r].slot * width * d_in, d_in, columns[r], &a_pairs[pairs_at[r]]);
     });
   }
-  // units of work of about one size: up to kGroup tokens of one run, or kTokenTile of a packed run (a MoR
+  // units of work of about one size: up to kGroup tokens of one run, or kTokenTile of a paired run (a MoR
   // run's tokens spread over threads)
   struct Unit {
     int64_t run, first;
   };
   std::vector<Unit> units;
   for (int64_t r = 0; r < static_cast<int64_t>(order.runs.size()); ++r)
-    for (int64_t k = order.runs[r].begin; k < order.runs[r].end; k += packed_at[r] >= 0 ? kTokenTile : kGroup)
+    for (int64_t k = order.runs[r].begin; k < order.runs[r].end; k += pairs_at[r] >= 0 ? kTokenTile : kGroup)
       units.push_back({r, k});
   h.zero_();
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sums(kTokenTile * width);  // [tokens, width]: A . x of each token, before coeff and λ_A
+    std::vector<float> paired(kTokenTile * width);  // [tokens, count]: the same in the paired columns' order
     for (int64_t u = begin; u < end; ++u) {
       const SlotRun* run = &order.runs[units[u].run];
       const int64_t first = units[u].first;
-      const bool is_packed = packed_at[units[u].run] >= 0;
-      const int count = static_cast<int>(std::min<int64_t>(is_packed ? kTokenTile : kGroup, run->end - first));
-      const int64_t some_row = order.rows[order.tokens[first].begin];  // the run's rows share the rank range
-      const int64_t lo = std::max<int64_t>(lo_p[some_row], 0), hi = std::min(hi_p[some_row], r_max);
+      const bool is_paired = pairs_at[units[u].run] >= 0;
+      const int count = static_cast<int>(std::min<int64_t>(is_paired ? kTokenTile : kGroup, run->end - first));
+      const auto [lo, hi] = run_ranks(*run);
       const uint16_t* x_rows[kTokenTile];
       for (int j = 0; j < kTokenTile; ++j) x_rows[j] = x_p + order.tokens[first + std::min(j, count - 1)].token * d_in;
-      if (is_packed) {
-        packed_sums(&packed[packed_at[units[u].run]], packed_width, width, d_in / 2, x_rows, sums.data());
+      if (is_paired) {
+        const PairedColumns& used = columns[units[u].run];
+        paired_sums(&a_pairs[pairs_at[units[u].run]], used, d_in / 2, x_rows, paired.data());
+        for (int j = 0; j < count; ++j)
+          for (int64_t i = 0; i < num_subs; ++i)
+            std::memcpy(&sums[j * width + i * r_max + lo], &paired[j * used.count + i * used.per_sub],
+                        used.per_sub * sizeof(float));
       } else {
         float out[kGroup];
         for (int64_t i = 0; i < num_subs; ++i) {
@@ -530,7 +552,7 @@ void lora_expand(at::Tensor y, const at::Tensor& b, const at::Tensor& h, const a
 
 // shrink then expand in one call: a decode step runs 120 of these (4 linears x 30 layers at SmolLM2's
 // shapes), and a second dispatch, row check and Python wrapper per linear cost about 1 ms of a 65 ms step.
-void lora_apply(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+void lora_apply(const at::Tensor& x, at::Tensor y, const at::Tensor& a, const at::Tensor& b,
                 const at::Tensor& slot_active, const at::Tensor& slot, const at::Tensor& token, const at::Tensor& coeff,
                 const at::Tensor& rank_lo, const at::Tensor& rank_hi, at::IntArrayRef sub_starts,
                 const std::optional<at::Tensor>& rank_scale, const std::optional<at::Tensor>& out_scale,
@@ -547,7 +569,7 @@ TORCH_LIBRARY(loramux_cpu_bgmv, m) {
         "Tensor rank_lo, Tensor rank_hi, int num_subs, Tensor? rank_scale, Tensor? scale_idx) -> Tensor");
   m.def("expand(Tensor(a!) y, Tensor b, Tensor h, Tensor slot_active, Tensor slot, Tensor token, "
         "int[] sub_starts, Tensor? out_scale, Tensor? scale_idx) -> ()");
-  m.def("apply(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor slot_active, Tensor slot, Tensor token, "
+  m.def("apply(Tensor x, Tensor(a!) y, Tensor a, Tensor b, Tensor slot_active, Tensor slot, Tensor token, "
         "Tensor coeff, Tensor rank_lo, Tensor rank_hi, int[] sub_starts, Tensor? rank_scale, Tensor? out_scale, "
         "Tensor? scale_idx) -> ()");
   m.impl("shrink", c10::DispatchKey::CPU, TORCH_FN(lora_shrink));

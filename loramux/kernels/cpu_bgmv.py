@@ -1,14 +1,16 @@
-"""The CPU backend for bfloat16 models: a C++ BGMV kernel (AVX512-BF16) for decode levels, torch's ops otherwise.
+"""The CPU backend for bfloat16 models: a C++ BGMV kernel (AVX512-BF16) for every level it can take.
 
 At decode, LoRA on the CPU is bound by reading each row's slot tensors; torch's
 bfloat16 batched GEMMs at those shapes (1-2 rows per slot, rank 16) run slower
 than float32 ones, so the torch backend keeps the slots in float32 and reads
 twice the bytes. `cpu_bgmv.cpp` streams bfloat16 slots once with float32 sums,
 so with it the slots stay in the model's dtype (`LoraBackend.float32_slots_on_cpu`).
-Prefill levels of many segments take the kernel too (torch's ops cost ~100 us of
-launches per segment and projection); levels whose segments average
-TORCH_MIN_AVG_ROWS rows or more (a long prompt alone) run torch's segment GEMMs,
-which are faster per row.
+Prefill levels take the kernel too, a long prompt alone included: its runs of 16
+tokens or more multiply their A rows transposed as pairs, which beat torch's
+segment GEMMs at every length measured (one segment of 256-4,096 tokens at
+SmolLM2's projections, two threads: 6.6 vs 15.3 ms ... 86 vs 100 ms for 8 layers).
+Levels the kernel cannot take (another dtype, a slot rank it is not compiled
+for) run torch's ops.
 
 The kernel is built on first use (`cpu_extension`); where it cannot be, the torch ops serve with float32 slots.
 """
@@ -20,17 +22,11 @@ import torch
 from loramux.kernels import CPU_KERNEL_RANKS, torch_ref
 from loramux.kernels.plan import LoraPlanLevel
 
-# From about this many rows per segment torch's GEMMs beat the kernel (loadtest/bench_lora_ops.py, prefill
-# 1 x 2048 vs 32 x 128 tokens, one thread, SmolLM2's projections: even at roughly 400-900 rows).
-TORCH_MIN_AVG_ROWS = 512
-
-
-def runs_level(activations: torch.Tensor, slots: torch.Tensor, r_max: int, level: LoraPlanLevel) -> bool:
-    """The kernel takes this level: bfloat16 activations and slot tensors on the CPU, a compiled r_max, and
-    segments shorter than TORCH_MIN_AVG_ROWS on average. The shrink and the expand decide alike (h is the
-    kernel's own layout)."""
+def kernel_takes(activations: torch.Tensor, slots: torch.Tensor, r_max: int) -> bool:
+    """The kernel takes the ops: bfloat16 activations and slot tensors on the CPU and a compiled r_max. The
+    shrink and the expand decide alike (h is the kernel's own layout)."""
     return (activations.device.type == "cpu" and activations.dtype == slots.dtype == torch.bfloat16
-            and r_max in CPU_KERNEL_RANKS and level.num_rows < TORCH_MIN_AVG_ROWS * len(level.segments))
+            and r_max in CPU_KERNEL_RANKS)
 
 
 def _scaling(pool: torch.Tensor | None, level: LoraPlanLevel) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -41,7 +37,7 @@ def _scaling(pool: torch.Tensor | None, level: LoraPlanLevel) -> tuple[torch.Ten
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_active: torch.Tensor, level: LoraPlanLevel,
                 num_subs: int = 1, rank_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`torch_ref.lora_shrink`'s semantics; on a kernel level h is [N, num_subs * r_max], one row per plan row."""
-    if not runs_level(x, lora_a, lora_a.shape[1] // num_subs, level):
+    if not kernel_takes(x, lora_a, lora_a.shape[1] // num_subs):
         return torch_ref.lora_shrink(x, lora_a, slot_active, level, num_subs, rank_scale)
     return torch.ops.loramux_cpu_bgmv.shrink(x.contiguous(), lora_a, slot_active, level.slot_idx, level.token_idx,
                                              level.coeff, level.rank_lo, level.rank_hi, num_subs,
@@ -52,7 +48,7 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
                 level: LoraPlanLevel, sub_starts: tuple[int, ...] = (0,), out_scale: torch.Tensor | None = None
                 ) -> None:
     """`torch_ref.lora_expand`'s semantics, on h from this module's `lora_shrink` on the same level."""
-    if not runs_level(y, lora_b, lora_b.shape[2], level):
+    if not kernel_takes(y, lora_b, lora_b.shape[2]):
         torch_ref.lora_expand(y, lora_b, h, slot_active, level, sub_starts, out_scale)
         return
     torch.ops.loramux_cpu_bgmv.expand(y, lora_b, h, slot_active, level.slot_idx, level.token_idx, list(sub_starts),
@@ -62,13 +58,15 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, h: torch.Tensor, slot_act
 def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                slot_active: torch.Tensor, level: LoraPlanLevel, sub_starts: tuple[int, ...] = (0,),
                rank_scale: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> None:
-    """`lora_shrink` then `lora_expand` on one level; a kernel level is one call (one decision, one dispatch)."""
+    """`lora_shrink` then `lora_expand` on one level (`LoraBackend.apply`): y [T, d_out_total] += the deltas of
+    x [T, d_in] through lora_a [S, num_subs * r_max, d_in] and lora_b [S, d_out_total, r_max]; a kernel level
+    is one call (one decision, one dispatch)."""
     num_subs = len(sub_starts)
-    if not runs_level(x, lora_a, lora_a.shape[1] // num_subs, level):
+    if not kernel_takes(x, lora_a, lora_a.shape[1] // num_subs):
         h = torch_ref.lora_shrink(x, lora_a, slot_active, level, num_subs, rank_scale)
         torch_ref.lora_expand(y, lora_b, h, slot_active, level, sub_starts, out_scale)
         return
     # each op skips the scaling where its pool or the level's scale_idx is None, as `_scaling` says
-    torch.ops.loramux_cpu_bgmv.apply(y, x.contiguous(), lora_a, lora_b, slot_active, level.slot_idx,
+    torch.ops.loramux_cpu_bgmv.apply(x.contiguous(), y, lora_a, lora_b, slot_active, level.slot_idx,
                                      level.token_idx, level.coeff, level.rank_lo, level.rank_hi, list(sub_starts),
                                      rank_scale, out_scale, level.scale_idx)
