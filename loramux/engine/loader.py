@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
@@ -55,14 +56,17 @@ def default_cache_dir() -> Path:
 
 
 def _gguf_cache_folder(path: Path, cache_dir: Path) -> Path:
-    """The conversion's folder, keyed by the file's bytes (about 0.15 s for SmolLM2's 98 MB).
+    """The conversion's folder, keyed by the file's bytes (about 0.15 s for SmolLM2's 98 MB) and the
+    transformers version that converts it (its saved tokenizer may not load in an older one).
 
     Keyed by path and mtime instead, every fresh virtualenv or clone holding
     the same package made another 0.6 GB conversion.
     """
+    digest = hashlib.blake2b(transformers.__version__.encode())
     with path.open("rb") as file:
-        key = hashlib.file_digest(file, "blake2b").hexdigest()[:16]
-    return cache_dir / f"{path.stem}-{key}"
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            digest.update(chunk)
+    return cache_dir / f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
 def _convert_gguf(path: Path, folder: Path) -> None:
@@ -85,7 +89,12 @@ def _convert_gguf(path: Path, folder: Path) -> None:
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "model.safetensors").exists():
+                raise
+            logger.info("another process converted %s first; using its folder", path)  # the same bytes
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("converted %s into %s", path, folder)
