@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def machine_description(device: str) -> str:
@@ -22,11 +26,29 @@ def machine_description(device: str) -> str:
     return text
 
 
+_failed = False  # the script ended in an uncaught exception
+
+
+def _note_failure(kind, value, traceback) -> None:
+    global _failed
+    _failed = True
+    sys.__excepthook__(kind, value, traceback)
+
+
+def _remove_unless_failed(folder: Path) -> None:
+    if _failed:
+        logger.error("kept %s for its logs (the run failed); remove it when done", folder)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def scratch_dir(prefix: str) -> Path:
-    """A temporary folder removed when the script exits, error or not (the random adapters of one run
-    take hundreds of MB, and left behind they fill /tmp run after run)."""
+    """A temporary folder removed when the script exits (the random adapters of one run take hundreds of MB,
+    and left behind they fill /tmp run after run). After an uncaught exception it is kept and named in the
+    log, since the servers' logs in it say why; a killed process (SIGKILL) leaves it behind."""
     folder = Path(tempfile.mkdtemp(prefix=prefix))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    sys.excepthook = _note_failure
+    atexit.register(_remove_unless_failed, folder)
     return folder
 
 
