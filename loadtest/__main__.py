@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from loadtest.client import mark_cold, run_closed_loop, run_open_loop, send, send_openai
 from loadtest.report import SLO, format_table, summarize
-from loadtest.server_metrics import scrape, server_view
+from loadtest.server_metrics import scrape, scrape_when_counted, server_view
 from loadtest.traffic import LengthSpec, TrafficSpec, plan_requests, poisson_arrivals
 
 logger = logging.getLogger("loadtest")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, rate, users in levels:
             before = scrape(control)
             results, elapsed = asyncio.run(run_level(args, spec, rate, users, rng))
-            server = server_view(before, scrape(control))
+            server = server_view(before, scrape_when_counted(control, before, len(results)))
             summary = summarize(results, elapsed, slo)
             rows.append((label, summary))
             runs.append((label, results))

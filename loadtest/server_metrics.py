@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,6 +32,20 @@ def scrape(client: httpx.Client) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return samples
+
+
+def scrape_when_counted(client: httpx.Client, before: dict[str, float], requests: int,
+                        timeout_s: float = 5.0) -> dict[str, float]:
+    """`scrape` once the server has counted the run's `requests` in loramux_requests_total (it counts a
+    streamed response as the response closes, just after the client has read its end), or after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = scrape(client)
+        counted = sum(value - before.get(key, 0.0) for key, value in after.items()
+                      if key.startswith("loramux_requests_total{"))
+        if not after or counted >= requests or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
 
 
 def server_view(before: dict[str, float], after: dict[str, float]) -> dict:
