@@ -22,6 +22,7 @@ import torch
 from loramux.kernels import CPU_KERNEL_RANKS, torch_ref
 from loramux.kernels.plan import LoraPlanLevel
 
+
 def kernel_takes(activations: torch.Tensor, slots: torch.Tensor, r_max: int) -> bool:
     """The kernel takes the ops: bfloat16 activations and slot tensors on the CPU and a compiled r_max. The
     shrink and the expand decide alike (h is the kernel's own layout)."""
