@@ -15,7 +15,7 @@
 // Consecutive live rows of one slot (for the shrink also of one rank range) are a run (`RowOrder`): a prefill
 // segment, a MoR composite's experts. The shrink computes A . x once per distinct token of a run, up to
 // kGroup tokens sharing each load of A's lines (a run of kPairedMinTokens or more multiplies its A rows
-// transposed as pairs instead, kTokenTile tokens at a time), and its threads split those groups of tokens.
+// transposed as pairs instead, kPairedTokens tokens at a time), and its threads split those groups of tokens.
 // The expand transposes each B tile once per run and sums a token's rows of the run (a flat level's repeated
 // tokens) in float32 before adding them to y, kInterleaved single-row tokens at a time; its threads split the
 // runs where no token has rows in two of them (a decode level), else the column tiles, so no two write one
@@ -104,9 +104,9 @@ inline void dot_group(const uint16_t* a_row, int64_t d_in, const uint16_t* const
 // the rows of its slot's A that its rank range reads (`columns`: row i*r_max + r for r in [lo, hi) of every
 // sub-projection i) are transposed as pairs, a_pairs[p, c] = (A[row c, 2p], A[row c, 2p + 1]), zeros past the
 // used columns to a multiple of 16, so one vector holds a pair of inputs for 16 outputs; each token's pair of
-// x is broadcast and one vdpbf16ps adds 32 products into 16 sums. kTokenTile tokens by up to kPairedVectors
+// x is broadcast and one vdpbf16ps adds 32 products into 16 sums. kPairedTokens tokens by up to kPairedVectors
 // vectors of outputs stay in registers over all of d_in.
-constexpr int kTokenTile = 8;
+constexpr int kPairedTokens = 8;
 constexpr int kPairedVectors = 3;
 constexpr int64_t kPairedMinTokens = 16;  // below this the transpose costs more than it saves (decode: 1 token)
 
@@ -128,13 +128,13 @@ void transpose_to_pairs(const uint16_t* a, int64_t d_in, const PairedColumns& co
   }
 }
 
-// out[j, v0*16 : (v0+V)*16] (cut at `count`) = the paired columns times x_rows[j], for kTokenTile tokens.
+// out[j, v0*16 : (v0+V)*16] (cut at `count`) = the paired columns times x_rows[j], for kPairedTokens tokens.
 template <int V>
 inline void paired_sums_vectors(const uint32_t* a_pairs, int64_t stride, int64_t count, int64_t pairs,
                                 const uint16_t* const* x_rows, int64_t v0, float* out) {
-  __m512 acc[kTokenTile][V];
+  __m512 acc[kPairedTokens][V];
 #pragma GCC unroll 8
-  for (int j = 0; j < kTokenTile; ++j)
+  for (int j = 0; j < kPairedTokens; ++j)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
@@ -142,7 +142,7 @@ inline void paired_sums_vectors(const uint32_t* a_pairs, int64_t stride, int64_t
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) a[v] = as_bh(_mm512_loadu_si512(a_pairs + p * stride + (v0 + v) * 16));
 #pragma GCC unroll 8
-    for (int j = 0; j < kTokenTile; ++j) {
+    for (int j = 0; j < kPairedTokens; ++j) {
       uint32_t pair;
       std::memcpy(&pair, x_rows[j] + 2 * p, sizeof(pair));
       const __m512bh xb = as_bh(_mm512_set1_epi32(static_cast<int>(pair)));
@@ -151,13 +151,13 @@ inline void paired_sums_vectors(const uint32_t* a_pairs, int64_t stride, int64_t
     }
   }
 #pragma GCC unroll 8
-  for (int j = 0; j < kTokenTile; ++j)
+  for (int j = 0; j < kPairedTokens; ++j)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v)
       _mm512_mask_storeu_ps(out + j * count + (v0 + v) * 16, lane_mask(count - (v0 + v) * 16), acc[j][v]);
 }
 
-// out[j, :count] for the kTokenTile tokens x_rows (out: [kTokenTile, count], the paired columns' order).
+// out[j, :count] for the kPairedTokens tokens x_rows (out: [kPairedTokens, count], the paired columns' order).
 inline void paired_sums(const uint32_t* a_pairs, const PairedColumns& columns, int64_t pairs,
                         const uint16_t* const* x_rows, float* out) {
   const int64_t vectors = columns.stride / 16;
@@ -261,27 +261,28 @@ void shrink_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& coe
           transpose_to_pairs(a_p + order.runs[r].slot * width * d_in, d_in, columns[r], &a_pairs[pairs_at[r]]);
     });
   }
-  // units of work of about one size: up to kGroup tokens of one run, or kTokenTile of a paired run (a MoR
+  // units of work of about one size: up to kGroup tokens of one run, or kPairedTokens of a paired run (a MoR
   // run's tokens spread over threads)
   struct Unit {
     int64_t run, first;
   };
   std::vector<Unit> units;
   for (int64_t r = 0; r < static_cast<int64_t>(order.runs.size()); ++r)
-    for (int64_t k = order.runs[r].begin; k < order.runs[r].end; k += pairs_at[r] >= 0 ? kTokenTile : kGroup)
+    for (int64_t k = order.runs[r].begin; k < order.runs[r].end; k += pairs_at[r] >= 0 ? kPairedTokens : kGroup)
       units.push_back({r, k});
   h.zero_();
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sums(kTokenTile * width);  // [tokens, width]: A . x of each token, before coeff and λ_A
-    std::vector<float> paired(kTokenTile * width);  // [tokens, count]: the same in the paired columns' order
+    std::vector<float> sums(kPairedTokens * width);  // [tokens, width]: A . x of each token, before coeff and λ_A
+    std::vector<float> paired(kPairedTokens * width);  // [tokens, count]: the same in the paired columns' order
     for (int64_t u = begin; u < end; ++u) {
       const SlotRun* run = &order.runs[units[u].run];
       const int64_t first = units[u].first;
       const bool is_paired = pairs_at[units[u].run] >= 0;
-      const int count = static_cast<int>(std::min<int64_t>(is_paired ? kTokenTile : kGroup, run->end - first));
+      const int count = static_cast<int>(std::min<int64_t>(is_paired ? kPairedTokens : kGroup, run->end - first));
       const auto [lo, hi] = run_ranks(*run);
-      const uint16_t* x_rows[kTokenTile];
-      for (int j = 0; j < kTokenTile; ++j) x_rows[j] = x_p + order.tokens[first + std::min(j, count - 1)].token * d_in;
+      const uint16_t* x_rows[kPairedTokens];
+      for (int j = 0; j < kPairedTokens; ++j)  // a short last unit repeats its last token
+        x_rows[j] = x_p + order.tokens[first + std::min(j, count - 1)].token * d_in;
       if (is_paired) {
         const PairedColumns& used = columns[units[u].run];
         paired_sums(&a_pairs[pairs_at[units[u].run]], used, d_in / 2, x_rows, paired.data());
