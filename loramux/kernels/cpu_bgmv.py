@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from loramux.kernels import CPU_KERNEL_RANKS, torch_ref
+from loramux.kernels import CPU_KERNEL_RANKS, TORCH_BACKEND, torch_ref
 from loramux.kernels.plan import LoraPlanLevel
 
 
@@ -62,10 +62,8 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     """`lora_shrink` then `lora_expand` on one level (`LoraBackend.apply`): y [T, d_out_total] += the deltas of
     x [T, d_in] through lora_a [S, num_subs * r_max, d_in] and lora_b [S, d_out_total, r_max]; a kernel level
     is one call (one decision, one dispatch)."""
-    num_subs = len(sub_starts)
-    if not kernel_takes(x, lora_a, lora_a.shape[1] // num_subs):
-        h = torch_ref.lora_shrink(x, lora_a, slot_active, level, num_subs, rank_scale)
-        torch_ref.lora_expand(y, lora_b, h, slot_active, level, sub_starts, out_scale)
+    if not kernel_takes(x, lora_a, lora_a.shape[1] // len(sub_starts)):
+        TORCH_BACKEND.apply(x, y, lora_a, lora_b, slot_active, level, sub_starts, rank_scale, out_scale)
         return
     # each op skips the scaling where its pool or the level's scale_idx is None, as `_scaling` says
     torch.ops.loramux_cpu_bgmv.apply(x.contiguous(), y, lora_a, lora_b, slot_active, level.slot_idx,
