@@ -9,8 +9,9 @@ One run on the CPU, the bundled SmolLM2-135M, 32 concurrent requests of
 Per run: the prefill step (all 32 prompts, 4,096 tokens, in one step), the
 median decode step (32 rows), and tokens/s over the whole generation.
 GEMM: `F.linear` (in bfloat16 also oneDNN on a prepacked weight, the faster
-of the two, as the model runs it) at exactly the model's projection shapes for that step (M = 4,096 or 32 rows; the LM
-head at the 32 scored rows), weights in the same dtype, each shape's one
+of the two, as the model runs it) at exactly the model's projection shapes
+for that step (M = 4,096 or 32 rows; the LM head at the 32 scored rows),
+weights in the same dtype, each shape's one
 weight timed alone in the same run (so it stays in the CPU's caches, while
 the model streams all of its weights from memory every step).
 Roofline ratio: the step's model FLOPs (projections + LM head + attention)

@@ -38,7 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs for decode")
     g.add_argument("--attention-backend", default=m.attention_backend, choices=list(ATTENTION_BACKENDS),
                    help="triton (paged kernels, CUDA default), cpu (C++ decode kernel, the CPU default for "
-                        "bfloat16 with AVX512-BF16), sdpa (gathers K/V; the CPU default otherwise) or torch (reference)")
+                        "bfloat16 with AVX512-BF16), sdpa (gathers K/V; the CPU default otherwise) or torch "
+                        "(reference)")
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("KV cache and batching")
     g.add_argument("--block-size", type=int, default=c.block_size)
